@@ -1,0 +1,248 @@
+"""EnvCollector: steps the environments between training steps so that the train ratio holds.
+
+The collector owns this rank's vector env. Before every training step it steps the envs with the
+current policy until the fractional credit of training steps reaches one:
+
+    credit += num_envs * train_ratio / (B * T)    per vector step
+    credit -= 1                                   per training step
+
+so that replayed steps / env steps equals train_ratio exactly over a run, at any ratio, and
+the count is per rank (each rank trains on its own replay shard, so the ratio means the same at
+any device count). It never steps an environment inside `training_step`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lit_dreamer.envs import action_dim, action_kind, frames_per_step, make_vector_env
+
+
+class EnvCollector(Callback):
+    """Collects experience into `trainer.datamodule.replay` from a gymnasium vector env.
+
+    Args:
+        env_id: an id accepted by `lit_dreamer.envs.make_env` (gymnasium id, `dmc/walker-walk`, `atari/pong`).
+        total_steps: env steps over all ranks after which training stops (None: never).
+        prefill: env steps over all ranks collected with a uniform random policy before training.
+        train_ratio: replayed steps per env step.
+        env_kwargs: passed to `make_env` (obs, action_repeat, image_size, time_limit).
+    """
+
+    def __init__(self, env_id: str, *, num_envs: int = 1, seed: int = 0, train_ratio: float = 512.0,
+                 prefill: int = 1000, total_steps: int | None = None, asynchronous: bool = False,
+                 **env_kwargs: Any):
+        super().__init__()
+        self.env_id, self.num_envs, self.seed = env_id, num_envs, seed
+        self.train_ratio, self.prefill, self.total_steps = train_ratio, prefill, total_steps
+        self.asynchronous, self.env_kwargs = asynchronous, env_kwargs
+        self.envs = None
+        # Counters of this rank, kept in checkpoints.
+        self.env_steps = 0
+        self.credit = 0.0
+        self.episodes = 0
+        self.train_steps_seen = 0
+        self.nonfinite_actions = 0
+        self.best_return = -math.inf
+        self.last_return = math.nan
+        self.episode_return = MeanMetric()
+        self.episode_length = MeanMetric()
+        self.rank, self.world_size = 0, 1
+        self.env_time = 0.0
+        self._timer_start = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Lightning hooks
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.envs is not None:
+            return
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        self.envs = make_vector_env(self.env_id, self.num_envs, seed=self.env_seed(), asynchronous=self.asynchronous,
+                                    **self.env_kwargs)
+        self.discrete = action_kind(self.envs) == "discrete"
+        self.action_size = action_dim(self.envs)
+        self.frames_per_step = frames_per_step(self.envs)
+        self.rng = np.random.default_rng(self.env_seed())
+        self.episode_return.to(pl_module.device), self.episode_length.to(pl_module.device)
+
+    def env_seed(self) -> int:
+        # Each rank gets its own seeds; each env of a rank gets seed + index inside make_vector_env.
+        return self.seed + 10_000 * self.rank
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not on_train_start: Lightning draws the first batch between the two.
+        self.restore_replay(trainer)
+        self.reset_envs(pl_module)
+        prefill_per_rank = math.ceil(self.prefill / self.world_size)
+        batch_length = trainer.datamodule.batch_length
+        replay = trainer.datamodule.replay
+        while len(replay) < max(prefill_per_rank, self.num_envs * (batch_length + 1)):
+            self.step(trainer, pl_module, random=True)
+        self._timer_start = time.perf_counter()
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        dm = trainer.datamodule
+        credit_per_step = self.num_envs * self.train_ratio / (dm.batch_size * dm.batch_length)
+        while self.credit < 1.0:
+            self.step(trainer, pl_module, random=False)
+            self.credit += credit_per_step
+        self.credit -= 1.0
+        self.train_steps_seen += 1
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        total = self.env_steps * self.world_size
+        # "step" is the x-axis Lightning gives to every metric logged in this batch: env steps.
+        pl_module.log("step", float(total), on_step=True, batch_size=1)
+        metrics = {"train/env_steps": float(total), "train/frames": float(total * self.frames_per_step),
+                   "train/episodes": float(self.episodes * self.world_size),
+                   "train/nonfinite_actions": float(self.nonfinite_actions)}
+        if self.env_time > 0:
+            metrics["perf/env_steps_per_s"] = self.env_steps / self.env_time
+        if self._timer_start is not None:
+            elapsed = time.perf_counter() - self._timer_start
+            metrics["perf/train_steps_per_s"] = self.train_steps_seen / max(elapsed, 1e-9)
+        pl_module.log_dict(metrics, on_step=True, batch_size=1)
+        pl_module.log_dict({"env_steps": float(total), "return": self.last_return}, on_step=True, batch_size=1,
+                           prog_bar=True, logger=False)
+        if self.train_steps_seen % trainer.log_every_n_steps == 0:
+            self.log_episodes(trainer, total)
+        if self.total_steps is not None and total >= self.total_steps:
+            trainer.should_stop = True
+
+    def log_episodes(self, trainer: L.Trainer, env_steps: int) -> None:
+        """Mean return and length of the episodes that ended since the last call, over all ranks.
+
+        Logged straight to the logger against env steps, so that no episode is lost to Lightning's
+        logging interval. Every rank calls compute() (it synchronizes), even with no episodes.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # compute() before update() on a rank without episodes
+            ret, length = self.episode_return.compute(), self.episode_length.compute()
+        self.episode_return.reset(), self.episode_length.reset()
+        if trainer.logger is not None and torch.isfinite(ret):
+            trainer.logger.log_metrics({"train/return": float(ret), "train/length": float(length)}, step=env_steps)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"env_steps": self.env_steps, "credit": self.credit, "episodes": self.episodes,
+                "train_steps_seen": self.train_steps_seen, "nonfinite_actions": self.nonfinite_actions,
+                "best_return": self.best_return, "last_return": self.last_return,
+                "rng": self.rng.bit_generator.state if hasattr(self, "rng") else None}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in ("env_steps", "credit", "episodes", "train_steps_seen", "nonfinite_actions", "best_return",
+                    "last_return"):
+            setattr(self, key, state_dict[key])
+        self._rng_state = state_dict.get("rng")
+
+    # ----------------------------------------------------------------------------------------------
+    # Collection
+
+    def restore_replay(self, trainer: L.Trainer) -> None:
+        """On resume, load this rank's replay saved beside the checkpoint."""
+        if getattr(self, "_rng_state", None) is not None:
+            self.rng.bit_generator.state = self._rng_state
+        ckpt_path = trainer.ckpt_path
+        if not ckpt_path:
+            return
+        path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), f"replay-rank{self.rank}")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint {ckpt_path} has no replay for rank {self.rank} at {path}; "
+                                    "resume with the same number of devices it was saved with")
+        trainer.datamodule.load_replay(path)
+
+    def reset_envs(self, pl_module: L.LightningModule) -> None:
+        obs, _ = self.envs.reset(seed=self.env_seed() + self.env_steps)
+        n = self.num_envs
+        self.obs = obs
+        self.reward = np.zeros(n, np.float32)
+        self.is_first = np.ones(n, bool)
+        self.is_last = np.zeros(n, bool)
+        self.is_terminal = np.zeros(n, bool)
+        self.prev_action = np.zeros((n, self.action_size), np.float32)
+        self.carry = pl_module.initial_carry(n)
+        self.running_return = np.zeros(n, np.float64)
+        self.running_length = np.zeros(n, np.int64)
+
+    def random_actions(self) -> np.ndarray:
+        n = self.num_envs
+        if self.discrete:
+            return np.eye(self.action_size, dtype=np.float32)[self.rng.integers(0, self.action_size, n)]
+        return self.rng.uniform(-1.0, 1.0, (n, self.action_size)).astype(np.float32)
+
+    def policy_actions(self, pl_module: L.LightningModule) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        device = pl_module.device
+        obs = {k: torch.as_tensor(v, device=device) for k, v in self.obs.items()}
+        is_first = torch.as_tensor(self.is_first, device=device)
+        action, self.carry, post = pl_module.act(obs, is_first, self.carry)
+        context = {k: v.cpu().numpy() for k, v in pl_module.context_entries(post).items()}
+        action = action.float().cpu().numpy()
+        bad = ~np.isfinite(action).all(-1)
+        if bad.any():
+            # Never send NaN to an environment: act randomly there and count it.
+            self.nonfinite_actions += int(bad.sum())
+            action[bad] = self.random_actions()[bad]
+        return action, context
+
+    def step(self, trainer: L.Trainer, pl_module: L.LightningModule, random: bool) -> None:
+        """Record the current step into the replay, pick actions, and advance the envs by one step."""
+        if random:
+            action, context = self.random_actions(), None
+        else:
+            action, context = self.policy_actions(pl_module)
+        keep = (~self.is_first)[:, None]
+        step = {**self.obs, "action": self.prev_action * keep, "reward": self.reward, "is_first": self.is_first,
+                "is_last": self.is_last, "is_terminal": self.is_terminal}
+        trainer.datamodule.replay.add(step, context=context)
+        self.track_episodes()
+        env_action = action.argmax(-1) if self.discrete else np.clip(action, -1.0, 1.0)
+        start = time.perf_counter()
+        obs, reward, terminated, truncated, _ = self.envs.step(env_action)
+        self.env_time += time.perf_counter() - start
+        # Gymnasium's NEXT_STEP autoreset: the call after an episode's last step returns the first
+        # observation of the next episode (its action is ignored): that step is_first.
+        self.is_first = self.is_last.copy()
+        self.obs = obs
+        self.reward = np.where(self.is_first, 0.0, reward).astype(np.float32)
+        self.is_terminal = np.asarray(terminated, bool) & ~self.is_first
+        self.is_last = (np.asarray(terminated, bool) | np.asarray(truncated, bool)) & ~self.is_first
+        self.prev_action = action.astype(np.float32)
+        self.env_steps += self.num_envs
+
+    def track_episodes(self) -> None:
+        """Count the step just recorded; close the episodes whose last step it was."""
+        self.running_return += np.where(self.is_first, 0.0, self.reward)
+        self.running_length += 1
+        for i in np.flatnonzero(self.is_last):
+            ret, length = float(self.running_return[i]), int(self.running_length[i])
+            self.episode_return.update(ret)
+            self.episode_length.update(length)
+            self.episodes += 1
+            self.last_return = ret
+            self.best_return = max(self.best_return, ret)
+        self.running_return[self.is_last] = 0.0
+        self.running_length[self.is_last] = 0

@@ -1,0 +1,46 @@
+"""Command line: `python -m lit_dreamer fit [-c FILE ...] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lit_dreamer.config import ConfigError, help_text, load_config
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lit_dreamer", description="DreamerV3 on PyTorch Lightning.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("fit", help="train an agent", description="Train DreamerV3.", epilog=help_text(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    fit.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
+                     help="YAML overlay, a path or a name in configs/ (repeatable, applied in order)")
+    fit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied last")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "fit":
+            from lit_dreamer.train import fit
+            summary = fit(cfg)
+            print_summary(summary)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    print("\n=== lit_dreamer run summary ===")
+    print(f"env steps {summary['env_steps']}, train steps {summary['train_steps']}, "
+          f"episodes {summary['episodes']}, {summary['seconds']:.0f} s")
+    print(f"best episode return {summary['best_return']:.1f}, last {summary['last_return']:.1f}")
+    print(f"MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}")
+    print(f"checkpoint {summary['checkpoint']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

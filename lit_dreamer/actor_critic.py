@@ -1,0 +1,133 @@
+"""Actor, critic and slow critic, learned from imagined rollouts of the world model."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lit_dreamer.agent_config import BehaviorConfig, ModelConfig
+from lit_dreamer.distributions import BoundedNormal, Categorical, TwoHot
+from lit_dreamer.losses import actor_loss, critic_loss, lambda_returns
+from lit_dreamer.nets import Head
+from lit_dreamer.normalizer import ReturnNormalizer
+from lit_dreamer.rssm import State
+from lit_dreamer.world_model import WorldModel
+
+
+class Actor(nn.Module):
+    """Policy head: one-hot categorical with unimix for discrete actions, bounded normal for [-1, 1] boxes."""
+
+    def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int, layers: int,
+                 unimix: float = 0.01, min_std: float = 0.1, max_std: float = 1.0):
+        super().__init__()
+        self.discrete, self.action_dim = discrete, action_dim
+        self.unimix, self.min_std, self.max_std = unimix, min_std, max_std
+        # Output scaled by 0.01 at init: the first policy is close to uniform / zero-mean.
+        self.net = Head(feat_dim, action_dim if discrete else 2 * action_dim, units, layers, out_scale=0.01)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        """feat (..., F) -> raw distribution parameters (..., P)."""
+        return self.net(feat)
+
+    def dist(self, params: Tensor) -> Categorical | BoundedNormal:
+        if self.discrete:
+            return Categorical(params, unimix=self.unimix)
+        mean, std = params.chunk(2, -1)
+        return BoundedNormal(mean, std, self.min_std, self.max_std)
+
+
+class Critic(nn.Module):
+    def __init__(self, feat_dim: int, bins: int, units: int, layers: int):
+        super().__init__()
+        self.net = Head(feat_dim, bins, units, layers, out_scale=0.0)
+
+    def forward(self, feat: Tensor) -> TwoHot:
+        return TwoHot(self.net(feat))
+
+
+class ActorCritic(nn.Module):
+    """Actor, critic, slow critic and return normalizer, with the imagination and replay losses."""
+
+    def __init__(self, feat_dim: int, action_dim: int, discrete: bool, model: ModelConfig,
+                 behavior: BehaviorConfig):
+        super().__init__()
+        model = model.resolved()
+        self.cfg = behavior
+        self.actor = Actor(feat_dim, action_dim, discrete, model.units, model.actor_layers, model.unimix,
+                           behavior.min_std, behavior.max_std)
+        self.critic = Critic(feat_dim, model.bins, model.units, model.critic_layers)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.normalizer = ReturnNormalizer(rate=behavior.retnorm_rate, limit=behavior.retnorm_limit)
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        """slow <- (1 - rate) * slow + rate * critic, every training step."""
+        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
+            slow.lerp_(fast, self.cfg.slow_rate)
+
+    def imagine_loss(self, wm: WorldModel, start: State, start_cont: Tensor, gather: Callable[[Tensor], Tensor] = None
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
+        """Actor and critic losses on rollouts from N start states (gradient already stopped).
+
+        start_cont (N,) = 1 - is_terminal of the replayed start step. Returns losses (N, H) keyed
+        `policy` and `value`, metrics, the lambda returns (N, H), and the normalizer's peeked spread.
+        `gather` collects the returns of all devices for the percentiles (identity on one device).
+        """
+        params = []
+
+        def policy(feat: Tensor) -> Tensor:
+            # The actor's forward inside the rollout keeps its graph, so it is not run twice.
+            p = self.actor(feat.detach())
+            params.append(p)
+            return self.actor.dist(p).sample().detach()
+
+        states, actions = wm.rssm.imagine(start, policy, self.cfg.horizon)
+        feat = states.feat()  # (N, H+1, F), no gradient into the world model
+        policy_dist = self.actor.dist(torch.stack(params, 1))
+        with torch.no_grad():
+            reward = wm.reward(feat).mean()
+            cont = wm.cont(feat).mean()
+            cont = torch.cat([start_cont[:, None].to(cont.dtype), cont[:, 1:]], 1)
+            slow_value = self.slow_critic(feat).mean()
+        value_dist = self.critic(feat)
+        value = value_dist.mean().detach()
+        discount = self.cfg.gamma * cont
+        # Weight of step t: product of the discounts up to it (a terminal start contributes nothing).
+        weight = torch.cumprod(discount, 1) / self.cfg.gamma
+        returns = lambda_returns(reward, discount, value, self.cfg.lam)  # (N, H)
+        spread = self.normalizer.peek(gather(returns) if gather else returns)
+        advantage = (returns - value[:, :-1]) / self.normalizer.scale(spread)
+        log_prob = policy_dist.log_prob(actions)[:, :-1]
+        entropy = policy_dist.entropy()[:, :-1]
+        losses = {
+            "policy": actor_loss(log_prob, entropy, advantage, weight[:, :-1], self.cfg.entropy),
+            "value": critic_loss(TwoHot(value_dist.logits[:, :-1]), returns, slow_value[:, :-1],
+                                 weight[:, :-1], self.cfg.slow_reg),
+        }
+        metrics = {
+            "ac/return": returns.mean(), "ac/value": value.mean(), "ac/advantage": advantage.mean(),
+            "ac/advantage_abs": advantage.abs().mean(), "ac/entropy": entropy.mean(),
+            "ac/reward": reward.mean(), "ac/cont": cont.mean(), "ac/weight": weight.mean(),
+            "ac/return_scale": self.normalizer.scale(spread), "ac/slow_value": slow_value.mean(),
+        }
+        return losses, metrics, returns, spread
+
+    def replay_value_loss(self, post_feat: Tensor, batch: dict[str, Tensor], imagined_returns: Tensor) -> Tensor:
+        """Critic loss on the replayed sequence itself (its gradient reaches the world model).
+
+        post_feat (B, T, F) with gradient; imagined_returns (B, T): the lambda return of the
+        imagined rollout from each replayed step, used as its bootstrap. Lambda returns over real
+        rewards and terminals; the recursion is cut at is_last. Returns (B, T-1).
+        """
+        reward, last = batch["reward"].float(), batch["is_last"].float()
+        discount = self.cfg.gamma * (1.0 - batch["is_terminal"].float())
+        lam = self.cfg.lam * (1.0 - last)
+        returns = lambda_returns(reward, discount, imagined_returns.detach(), lam)
+        value_dist = self.critic(post_feat)
+        with torch.no_grad():
+            slow_value = self.slow_critic(post_feat).mean()
+        return critic_loss(TwoHot(value_dist.logits[:, :-1]), returns, slow_value[:, :-1],
+                           1.0 - last[:, :-1], self.cfg.slow_reg)

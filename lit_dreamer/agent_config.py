@@ -1,0 +1,163 @@
+"""Hyperparameters of the agent with the paper's defaults, and the model size presets.
+
+YAML configs only override these; the docstring of each field is what `fit --help` shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+# Section 6 of the spec: stoch K = 32 everywhere, 8 GRU blocks.
+SIZES: dict[str, dict[str, int]] = {
+    "size1m": dict(deter=512, hidden=64, classes=4, depth=4, units=64),
+    "size12m": dict(deter=2048, hidden=256, classes=16, depth=16, units=256),
+    "size25m": dict(deter=3072, hidden=384, classes=24, depth=24, units=384),
+    "size50m": dict(deter=4096, hidden=512, classes=32, depth=32, units=512),
+    "size100m": dict(deter=6144, hidden=768, classes=48, depth=48, units=768),
+    "size200m": dict(deter=8192, hidden=1024, classes=64, depth=64, units=1024),
+    "size400m": dict(deter=12288, hidden=1536, classes=96, depth=96, units=1536),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Network sizes. `size` picks a preset; any dimension set here overrides the preset."""
+
+    size: str = "size1m"
+    """Preset name: one of size1m, size12m, size25m, size50m, size100m, size200m, size400m."""
+    deter: int | None = None
+    """Deterministic (GRU) state size; None takes the preset's."""
+    hidden: int | None = None
+    """RSSM hidden layer width; None takes the preset's."""
+    classes: int | None = None
+    """Classes C per categorical latent; None takes the preset's."""
+    depth: int | None = None
+    """CNN channel multiplier; None takes the preset's."""
+    units: int | None = None
+    """MLP width of encoder, decoder and heads; None takes the preset's."""
+    stoch: int = 32
+    """Number K of categorical latents."""
+    blocks: int = 8
+    """Blocks of the block-diagonal GRU."""
+    encoder_layers: int = 3
+    """Layers of the vector encoder and decoder MLPs."""
+    reward_layers: int = 1
+    """Hidden layers of the reward head."""
+    cont_layers: int = 1
+    """Hidden layers of the continue head."""
+    actor_layers: int = 3
+    """Hidden layers of the policy."""
+    critic_layers: int = 3
+    """Hidden layers of the critic."""
+    prior_layers: int = 2
+    """Hidden layers of the prior (dynamics predictor)."""
+    post_layers: int = 1
+    """Hidden layers of the posterior (representation model)."""
+    unimix: float = 0.01
+    """Uniform mixture of the categorical latents and the discrete policy."""
+    bins: int = 255
+    """Bins of the two-hot reward and critic heads."""
+    cnn_keys: str = ".*"
+    """Regex: image observation keys (uint8 HxWxC) read by the CNN encoder and decoder."""
+    mlp_keys: str = ".*"
+    """Regex: vector observation keys read by the MLP encoder and decoder."""
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with every None dimension filled in from the preset."""
+        if self.size not in SIZES:
+            raise ValueError(f"unknown model.size {self.size!r}; choose one of {', '.join(SIZES)}")
+        preset = SIZES[self.size]
+        return replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+
+
+@dataclass
+class LossScales:
+    """Weights of the loss terms; keys must match the loss dict exactly."""
+
+    rec: float = 1.0
+    """Reconstruction (every decoded observation key)."""
+    rew: float = 1.0
+    """Reward prediction."""
+    con: float = 1.0
+    """Continue prediction."""
+    dyn: float = 1.0
+    """Dynamics KL (trains the prior)."""
+    rep: float = 0.1
+    """Representation KL (trains the posterior)."""
+    policy: float = 1.0
+    """Actor (REINFORCE) loss."""
+    value: float = 1.0
+    """Critic loss on imagined states."""
+    repval: float = 0.3
+    """Critic loss on replayed states (its gradient reaches the world model)."""
+
+
+@dataclass
+class BehaviorConfig:
+    """Imagination and actor-critic settings."""
+
+    horizon: int = 15
+    """Imagination horizon H."""
+    gamma: float = 1 - 1 / 333
+    """Discount; the per-step discount is gamma times the predicted continue."""
+    lam: float = 0.95
+    """Lambda of the lambda returns."""
+    entropy: float = 3e-4
+    """Actor entropy bonus."""
+    slow_rate: float = 0.02
+    """EMA rate of the slow critic, applied every step."""
+    slow_reg: float = 1.0
+    """Weight of the slow critic regularizer in the critic loss."""
+    retnorm_rate: float = 0.01
+    """EMA rate of the return percentile spread."""
+    retnorm_limit: float = 1.0
+    """Advantages are divided by max(limit, spread)."""
+    free_nats: float = 1.0
+    """Free bits of the KL losses."""
+    min_std: float = 0.1
+    """Minimum std of the bounded-normal policy."""
+    max_std: float = 1.0
+    """Maximum std of the bounded-normal policy."""
+    replay_context: bool = True
+    """Start replayed sequences from the stored posterior of their preceding step (newest recipe)."""
+
+
+@dataclass
+class OptimConfig:
+    """LaProp with adaptive gradient clipping, one optimizer per part with these settings."""
+
+    lr: float = 4e-5
+    """Learning rate of all three parts unless overridden below."""
+    world_model_lr: float | None = None
+    """World model learning rate (None: lr)."""
+    actor_lr: float | None = None
+    """Actor learning rate (None: lr)."""
+    critic_lr: float | None = None
+    """Critic learning rate (None: lr)."""
+    agc: float = 0.3
+    """Clip each tensor's gradient norm to agc * max(||param||, pmin)."""
+    pmin: float = 1e-3
+    """Parameter norm floor of AGC."""
+    eps: float = 1e-20
+    """Epsilon of the RMS scaling."""
+    beta1: float = 0.9
+    """Momentum, applied after the RMS scaling."""
+    beta2: float = 0.999
+    """Decay of the squared-gradient average."""
+    warmup: int = 1000
+    """Linear learning-rate warmup in gradient steps."""
+
+
+@dataclass
+class AgentConfig:
+    """Everything the DreamerModule needs besides the spaces."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss_scales: LossScales = field(default_factory=LossScales)
+    behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def as_dict(obj) -> dict:
+    """Dataclass to a flat-ish dict (for logging), without the dataclasses.asdict deep copy."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}

@@ -1,0 +1,277 @@
+"""Transforms and output distributions of DreamerV3 (spec section 2).
+
+Every head returns an `Output` with one interface (`mean`, `mode`, `sample`, `log_prob`, `loss`,
+`entropy`), so each loss term is one line. Constructors cast their parameters to float32: the networks
+may run under bf16 autocast, but probabilities, logs and losses must not.
+
+Shape letters: K latent variables, C classes per latent, n bins of the two-hot distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def symlog(x: Tensor) -> Tensor:
+    """sign(x) * log(1 + |x|): compresses large magnitudes, identity-like near zero."""
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+def symexp(x: Tensor) -> Tensor:
+    """sign(x) * (exp(|x|) - 1): the inverse of `symlog`."""
+    return torch.sign(x) * torch.expm1(torch.abs(x))
+
+
+def _sum_last(x: Tensor, dims: int) -> Tensor:
+    """Sum over the last `dims` dimensions (none when dims == 0)."""
+    if dims == 0:
+        return x
+    return x.sum(dim=tuple(range(-dims, 0)))
+
+
+class Output:
+    """Interface of every head's output distribution."""
+
+    def mean(self) -> Tensor:
+        raise NotImplementedError
+
+    def mode(self) -> Tensor:
+        raise NotImplementedError
+
+    def sample(self) -> Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, target: Tensor) -> Tensor:
+        """Negative log-likelihood of `target`, one value per event."""
+        return -self.log_prob(target)
+
+    def entropy(self) -> Tensor:
+        raise NotImplementedError
+
+
+def twohot_encode(x: Tensor, bins: Tensor) -> Tensor:
+    """Spread each value of x (...) over its two nearest bins: weights (..., n), summing to 1.
+
+    The weights are linear in the space of `bins` (ascending, shape (n,)). A value exactly on a bin
+    gets a one-hot; values outside [bins[0], bins[-1]] put all their weight on the end bin.
+    """
+    assert bins.ndim == 1, f"bins must be (n,), got {tuple(bins.shape)}"
+    n = bins.numel()
+    x = x.to(bins.dtype).clamp(bins[0], bins[-1])
+    below = (torch.bucketize(x, bins, right=True) - 1).clamp(0, n - 1)
+    above = (below + 1).clamp(max=n - 1)
+    bin_below, bin_above = bins[below], bins[above]
+    # At the top end below == above; the gap of 1 only avoids 0/0, the weight there is then 1.
+    same = below == above
+    gap = torch.where(same, torch.ones_like(x), bin_above - bin_below)
+    weight_below = torch.where(same, torch.ones_like(x), (bin_above - x) / gap)
+    weights = torch.zeros(*x.shape, n, dtype=bins.dtype, device=bins.device)
+    weights.scatter_add_(-1, below.unsqueeze(-1), weight_below.unsqueeze(-1))
+    weights.scatter_add_(-1, above.unsqueeze(-1), (1 - weight_below).unsqueeze(-1))
+    return weights
+
+
+def symmetric_linspace(low: float, high: float, n: int, device=None) -> Tensor:
+    """linspace(low, high, n) in float32, made exactly antisymmetric when low == -high.
+
+    torch.linspace leaves the middle of linspace(-20, 20, 255) at 7e-8 instead of 0 and its pairs off
+    by an ulp, which would keep `TwoHot(zeros).mean()` from being exactly 0.
+    """
+    bins = torch.linspace(low, high, n, dtype=torch.float32, device=device)
+    if low == -high:
+        bins = (bins - bins.flip(0)) / 2
+    return bins
+
+
+class TwoHot(Output):
+    """Two-hot distribution over bins symexp(linspace(low, high, n)), held in symlog space.
+
+    logits: (..., n). Targets are (...) in the original (un-symlogged) space.
+    """
+
+    def __init__(self, logits: Tensor, low: float = -20.0, high: float = 20.0):
+        self.logits = logits.float()
+        self.bins = symmetric_linspace(low, high, self.logits.shape[-1], device=self.logits.device)
+
+    def mean(self) -> Tensor:
+        probs = torch.softmax(self.logits, dim=-1)
+        n = self.bins.numel()
+        half = n // 2
+        # Sum the two halves pairwise from the middle outwards, so that the terms of a symmetric
+        # distribution cancel exactly (a left-to-right sum leaves rounding error, a nonzero bias).
+        lower = (probs[..., :half] * self.bins[:half]).flip(-1)
+        upper = probs[..., n - half:] * self.bins[n - half:]
+        expected = (lower + upper).sum(-1)
+        if n % 2 == 1:
+            expected = expected + probs[..., half] * self.bins[half]
+        return symexp(expected)
+
+    def mode(self) -> Tensor:
+        return self.mean()
+
+    def sample(self) -> Tensor:
+        raise NotImplementedError("TwoHot is used for its mean only")
+
+    def loss(self, target: Tensor) -> Tensor:
+        """Cross-entropy between the logits and the two-hot encoding of symlog(target)."""
+        assert target.shape == self.logits.shape[:-1], (
+            f"target {tuple(target.shape)} must match logits {tuple(self.logits.shape)} without the bin dim")
+        weights = twohot_encode(symlog(target.float()), self.bins)
+        return -(weights * torch.log_softmax(self.logits, dim=-1)).sum(-1)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return -self.loss(x)
+
+
+class SymlogMSE(Output):
+    """Vector decoder output: squared error in symlog space, summed over the last event_dims dims."""
+
+    def __init__(self, pred: Tensor, event_dims: int = 1):
+        self.pred = pred.float()
+        self.event_dims = event_dims
+
+    def mean(self) -> Tensor:
+        return symexp(self.pred)
+
+    def mode(self) -> Tensor:
+        return self.mean()
+
+    def sample(self) -> Tensor:
+        return self.mean()
+
+    def loss(self, target: Tensor) -> Tensor:
+        assert target.shape == self.pred.shape, f"target {tuple(target.shape)} != pred {tuple(self.pred.shape)}"
+        return _sum_last((self.pred - symlog(target.float())) ** 2, self.event_dims)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return -self.loss(x)
+
+
+class MSE(Output):
+    """Image decoder output: pred in [0, 1], squared error summed over the last event_dims (H, W, C)."""
+
+    def __init__(self, pred: Tensor, event_dims: int = 3):
+        self.pred = pred.float()
+        self.event_dims = event_dims
+
+    def mean(self) -> Tensor:
+        return self.pred
+
+    def mode(self) -> Tensor:
+        return self.pred
+
+    def sample(self) -> Tensor:
+        return self.pred
+
+    def loss(self, target: Tensor) -> Tensor:
+        assert target.shape == self.pred.shape, f"target {tuple(target.shape)} != pred {tuple(self.pred.shape)}"
+        return _sum_last((self.pred - target.float()) ** 2, self.event_dims)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return -self.loss(x)
+
+
+class Categorical(Output):
+    """Categorical over the last dim C with `unimix` uniform mixing, one-hot samples.
+
+    logits: (..., C). `event_dims` counts the dims before C that are independent variables of one
+    event (latents: (..., K, C) with event_dims=1); log_prob, entropy and KL are summed over them.
+    """
+
+    def __init__(self, logits: Tensor, unimix: float = 0.01, event_dims: int = 0):
+        logits = logits.float()
+        self.event_dims = event_dims
+        self.classes = logits.shape[-1]
+        if unimix > 0:
+            # The floor unimix / C keeps every class reachable and every KL term finite.
+            self.probs = (1 - unimix) * torch.softmax(logits, dim=-1) + unimix / self.classes
+            self.log_probs = torch.log(self.probs)
+        else:
+            self.log_probs = torch.log_softmax(logits, dim=-1)
+            self.probs = self.log_probs.exp()
+
+    def _straight_through(self, onehot: Tensor) -> Tensor:
+        # Forward value is the one-hot; the gradient is that of the probabilities. The bracket is
+        # exactly 0 in the forward pass, so the one-hot stays exact (onehot + p - p may round).
+        return onehot + (self.probs - self.probs.detach())
+
+    def mean(self) -> Tensor:
+        return self.probs
+
+    def mode(self) -> Tensor:
+        index = self.probs.argmax(dim=-1)
+        return self._straight_through(F.one_hot(index, self.classes).float())
+
+    def sample(self) -> Tensor:
+        flat = self.probs.detach().reshape(-1, self.classes)
+        index = torch.multinomial(flat, 1).reshape(self.probs.shape[:-1])
+        return self._straight_through(F.one_hot(index, self.classes).float())
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """x: one-hot (..., C); returns (...) without C and the event dims."""
+        assert x.shape == self.probs.shape, f"one-hot {tuple(x.shape)} != probs {tuple(self.probs.shape)}"
+        return _sum_last((x.float() * self.log_probs).sum(-1), self.event_dims)
+
+    def entropy(self) -> Tensor:
+        return _sum_last(-(self.probs * self.log_probs).sum(-1), self.event_dims)
+
+
+def kl_divergence(p: Categorical, q: Categorical) -> Tensor:
+    """KL[p || q], summed over the classes and the event dims."""
+    assert p.event_dims == q.event_dims, f"event_dims differ: {p.event_dims} vs {q.event_dims}"
+    assert p.probs.shape == q.probs.shape, f"shapes differ: {tuple(p.probs.shape)} vs {tuple(q.probs.shape)}"
+    return _sum_last((p.probs * (p.log_probs - q.log_probs)).sum(-1), p.event_dims)
+
+
+class Bernoulli(Output):
+    """Bernoulli with the given logits (continue head); one independent variable per element."""
+
+    def __init__(self, logits: Tensor):
+        self.logits = logits.float()
+
+    def mean(self) -> Tensor:
+        return torch.sigmoid(self.logits)
+
+    def mode(self) -> Tensor:
+        return (self.mean() > 0.5).float()
+
+    def sample(self) -> Tensor:
+        return torch.bernoulli(self.mean().detach())
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return -F.binary_cross_entropy_with_logits(self.logits, x.float(), reduction="none")
+
+    def entropy(self) -> Tensor:
+        # H(p) is the cross-entropy of p with itself; the logits form stays stable for large |logits|.
+        return F.binary_cross_entropy_with_logits(self.logits, torch.sigmoid(self.logits), reduction="none")
+
+
+class BoundedNormal(Output):
+    """Normal with mean tanh(mean_raw) and std in [min_std, max_std], independent over the last dim."""
+
+    def __init__(self, mean_raw: Tensor, std_raw: Tensor, min_std: float = 0.1, max_std: float = 1.0):
+        assert mean_raw.shape == std_raw.shape, f"mean {tuple(mean_raw.shape)} != std {tuple(std_raw.shape)}"
+        self.loc = torch.tanh(mean_raw.float())
+        # The +2 starts the std near its upper bound (sigmoid(2) = 0.88) for early exploration.
+        self.std = (max_std - min_std) * torch.sigmoid(std_raw.float() + 2.0) + min_std
+        self.normal = torch.distributions.Normal(self.loc, self.std, validate_args=False)
+
+    def mean(self) -> Tensor:
+        return self.loc
+
+    def mode(self) -> Tensor:
+        return self.loc
+
+    def sample(self) -> Tensor:
+        return self.normal.rsample()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.normal.log_prob(x.float()).sum(-1)
+
+    def entropy(self) -> Tensor:
+        return self.normal.entropy().sum(-1)

@@ -1,0 +1,20 @@
+"""Environments in lit_dreamer's convention: dict observations, Discrete or [-1, 1] Box actions."""
+
+from lit_dreamer.envs.adapters import DictObservation, adapt_action_space
+from lit_dreamer.envs.make import OBS_MODES, ResolvedEnvId, make_env, make_vector_env, resolve_env_id
+from lit_dreamer.envs.spaces import Spec, action_dim, action_kind, frames_per_step, space_spec
+
+__all__ = [
+    "OBS_MODES",
+    "DictObservation",
+    "ResolvedEnvId",
+    "Spec",
+    "action_dim",
+    "action_kind",
+    "adapt_action_space",
+    "frames_per_step",
+    "make_env",
+    "make_vector_env",
+    "resolve_env_id",
+    "space_spec",
+]

@@ -1,0 +1,134 @@
+"""Wrappers that put any gymnasium env into lit_dreamer's observation and action convention.
+
+Observations become a flat ``spaces.Dict`` whose entries the encoders can take: ``uint8`` images of
+shape HxWx{1,3} and ``float32`` vectors of rank 1. Actions become ``Discrete(n)`` with indices
+starting at 0, or ``Box(-1, 1, (A,), float32)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.wrappers import RescaleAction, TransformAction
+
+# Keys that a replay step uses for itself; an observation may not shadow them.
+RESERVED_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal", "index", "context_valid")
+
+ACCEPTED_OBSERVATIONS = (
+    "accepted observations: rank-1 (or scalar) numeric vectors, which become float32, "
+    "and uint8 images of shape HxWx1 or HxWx3, in a Box or a (nested) Dict of Boxes"
+)
+
+
+def _is_image(space: spaces.Box) -> bool:
+    return space.dtype == np.uint8 and len(space.shape) == 3 and space.shape[-1] in (1, 3)
+
+
+def _convert_box(key: str, space: spaces.Space) -> spaces.Box:
+    """The space that one observation entry has in our convention, or a ValueError naming the key."""
+    if not isinstance(space, spaces.Box):
+        raise ValueError(
+            f"observation {key!r} is a {type(space).__name__} space ({space}); {ACCEPTED_OBSERVATIONS}"
+        )
+    if _is_image(space):
+        return space
+    numeric = np.issubdtype(space.dtype, np.number) or space.dtype == np.bool_
+    if numeric and len(space.shape) <= 1:
+        shape = space.shape or (1,)
+        low = np.broadcast_to(space.low, space.shape).reshape(shape).astype(np.float32)
+        high = np.broadcast_to(space.high, space.shape).reshape(shape).astype(np.float32)
+        return spaces.Box(low, high, shape, np.float32)
+    raise ValueError(
+        f"observation {key!r} has shape {space.shape} and dtype {space.dtype}, which no encoder takes; "
+        f"{ACCEPTED_OBSERVATIONS}"
+    )
+
+
+def _flatten_spaces(space: spaces.Space, prefix: str = "") -> dict[str, spaces.Space]:
+    """Nested Dict spaces flattened to one level with '/'-joined keys."""
+    if not isinstance(space, spaces.Dict):
+        return {prefix: space}
+    flat: dict[str, spaces.Space] = {}
+    for name, subspace in space.spaces.items():
+        flat.update(_flatten_spaces(subspace, f"{prefix}{name}" if not prefix else f"{prefix}/{name}"))
+    return flat
+
+
+def _flatten_values(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for name, item in value.items():
+        flat.update(_flatten_values(item, f"{prefix}{name}" if not prefix else f"{prefix}/{name}"))
+    return flat
+
+
+class DictObservation(gym.ObservationWrapper):
+    """Observations as a flat dict: a top-level Box becomes ``image`` (rank 3) or ``vector``.
+
+    Dict observations keep their keys (nested dicts joined with "/"); scalars become shape (1,),
+    numeric vectors float32, uint8 HxWx{1,3} boxes stay images. Anything else raises a ValueError at
+    construction that names the key, its shape and dtype.
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        source = env.observation_space
+        if isinstance(source, spaces.Dict):
+            flat = _flatten_spaces(source)
+        elif isinstance(source, spaces.Box):
+            flat = {"image" if len(source.shape) == 3 else "vector": source}
+        else:
+            flat = {"observation": source}
+        for key in flat:
+            if key in RESERVED_KEYS or key.startswith("context/"):
+                raise ValueError(f"observation key {key!r} clashes with a replay key; rename it")
+        converted = {key: _convert_box(key, space) for key, space in flat.items()}
+        self._top_level_key = None if isinstance(source, spaces.Dict) else next(iter(converted))
+        self.observation_space = spaces.Dict(converted)
+
+    def observation(self, observation: Any) -> dict[str, np.ndarray]:
+        if self._top_level_key is not None:
+            observation = {self._top_level_key: observation}
+        else:
+            observation = _flatten_values(observation)
+        return {
+            key: np.asarray(observation[key], dtype=space.dtype).reshape(space.shape)
+            for key, space in self.observation_space.spaces.items()
+        }
+
+
+def adapt_action_space(env: gym.Env) -> gym.Env:
+    """Discrete actions indexed from 0, or continuous actions in Box(-1, 1, (A,), float32).
+
+    Continuous boxes are rescaled with gymnasium's RescaleAction; the inner env receives its own dtype.
+    """
+    space = env.action_space
+    if isinstance(space, spaces.Discrete):
+        if space.start == 0:
+            return env
+        start = int(space.start)
+        return TransformAction(env, lambda action: action + start, spaces.Discrete(int(space.n)))
+    if not isinstance(space, spaces.Box) or not np.issubdtype(space.dtype, np.floating):
+        raise ValueError(
+            f"action space {space} is not supported; lit_dreamer takes Discrete(n) or a rank-1 float Box"
+        )
+    if len(space.shape) != 1:
+        raise ValueError(f"action space {space} has shape {space.shape}; continuous actions must be rank 1")
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise ValueError(
+            f"action space {space} has infinite bounds, which cannot be rescaled to [-1, 1]; "
+            "wrap the env with gymnasium's ClipAction or give the Box finite bounds"
+        )
+    if not (np.all(space.low == -1) and np.all(space.high == 1)):
+        # Bounds in the box's own dtype: float64 bounds on a float32 box make gymnasium warn.
+        unit = np.ones(space.shape, dtype=space.dtype)
+        env = RescaleAction(env, -unit, unit)
+    if space.dtype == np.float32:
+        return env
+    inner_dtype = space.dtype
+    unit_box = spaces.Box(-1.0, 1.0, space.shape, np.float32)
+    return TransformAction(env, lambda action: np.asarray(action, dtype=inner_dtype), unit_box)

@@ -1,0 +1,192 @@
+"""DreamerModule: the LightningModule that wires world model, actor and critic into one training step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_dreamer.actor_critic import ActorCritic
+from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
+from lit_dreamer.optim import LaProp
+from lit_dreamer.rssm import State
+from lit_dreamer.world_model import WorldModel
+
+ObsSpec = dict[str, tuple[tuple[int, ...], str]]
+
+
+def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
+    """Accept an AgentConfig, a plain nested dict (from a checkpoint or YAML), or None (defaults)."""
+    if config is None:
+        return AgentConfig()
+    if isinstance(config, AgentConfig):
+        return config
+    return AgentConfig(
+        model=ModelConfig(**config.get("model", {})),
+        loss_scales=LossScales(**config.get("loss_scales", {})),
+        behavior=BehaviorConfig(**config.get("behavior", {})),
+        optim=OptimConfig(**config.get("optim", {})),
+    )
+
+
+class DreamerModule(L.LightningModule):
+    """DreamerV3 under manual optimization with three LaProp optimizers (world model, actor, critic).
+
+    obs_spec maps each observation key to (shape, dtype name); action_dim is the one-hot size
+    for discrete actions or the box dimension for continuous ones (in [-1, 1]).
+    """
+
+    def __init__(self, obs_spec: ObsSpec, action_dim: int, discrete: bool, config: AgentConfig | dict | None = None):
+        super().__init__()
+        cfg = agent_config_from(config)
+        obs_spec = {k: (tuple(int(d) for d in shape), str(np.dtype(dtype))) for k, (shape, dtype) in obs_spec.items()}
+        # Plain types only, so checkpoints load with weights_only=True.
+        self.save_hyperparameters({"obs_spec": {k: [list(s), d] for k, (s, d) in obs_spec.items()},
+                                   "action_dim": action_dim, "discrete": discrete, "config": asdict(cfg)})
+        self.automatic_optimization = False
+        self.cfg = cfg
+        self.obs_spec, self.action_dim, self.discrete = obs_spec, action_dim, discrete
+        self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.behavior.free_nats)
+        self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior)
+        self.scales = {f"rec/{k}": cfg.loss_scales.rec for k in self.world_model.decoded_keys}
+        self.scales.update({k: v for k, v in asdict(cfg.loss_scales).items() if k != "rec"})
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------------------
+    # Optimization
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        kwargs = dict(betas=(o.beta1, o.beta2), eps=o.eps, agc=o.agc, pmin=o.pmin, warmup=o.warmup)
+        ac = self.actor_critic
+        return [
+            LaProp(self.world_model.parameters(), lr=o.world_model_lr or o.lr, **kwargs),
+            LaProp(ac.actor.parameters(), lr=o.actor_lr or o.lr, **kwargs),
+            LaProp(ac.critic.parameters(), lr=o.critic_lr or o.lr, **kwargs),
+        ]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        B, T = batch["is_first"].shape
+
+        # 1. World model: reconstruct, predict rewards and continues, KL between posterior and prior.
+        wm_losses, post, metrics = self.world_model.loss(batch, self.replay_context(batch))
+
+        # 2. Imagination: roll out the policy in the prior from every posterior state.
+        start = post.detach().flatten()
+        start_cont = 1.0 - batch["is_terminal"].flatten(0, 1).float()
+        ac_losses, ac_metrics, returns, spread = self.actor_critic.imagine_loss(
+            self.world_model, start, start_cont, gather=self.gather_returns)
+        metrics.update(ac_metrics)
+
+        # 3. Critic on the replayed sequence, bootstrapped from the imagined returns of each step.
+        repval = self.actor_critic.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T))
+
+        losses = {**wm_losses, **ac_losses, "repval": repval}
+        assert losses.keys() == self.scales.keys(), (sorted(losses), sorted(self.scales))
+        means = {k: v.float().mean() for k, v in losses.items()}
+        total = sum(self.scales[k] * v for k, v in means.items())
+        self.optimize(total, means, spread, metrics)
+        self.log_metrics({**{f"loss/{k}": v for k, v in means.items()}, **metrics})
+        return {"context": self.context_entries(post)}
+
+    def optimize(self, total: Tensor, means: dict[str, Tensor], spread: Tensor, metrics: dict) -> None:
+        """One backward over the summed loss, then step all three optimizers (or none)."""
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        norms = {name: grad_norm(part.parameters()) for name, part in self.parts().items()}
+        metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        if not (torch.isfinite(total) and all(torch.isfinite(v) for v in norms.values())):
+            # A non-finite loss or gradient would poison the optimizer moments: skip the update.
+            self.skipped_steps += 1
+            bad = [k for k, v in means.items() if not torch.isfinite(v)]
+            metrics["train/nonfinite_terms"] = torch.tensor(float(len(bad)))
+            return
+        for opt in optimizers:
+            opt.step()
+        self.actor_critic.update_slow_critic()
+        self.actor_critic.normalizer.commit(spread)
+        self.train_steps += 1
+        for name, opt in zip(self.parts(), optimizers):
+            metrics[f"lr/{name}"] = torch.tensor(opt.optimizer.current_lr())
+
+    def gather_returns(self, returns: Tensor) -> Tensor:
+        """All ranks' returns, so that every rank computes the same percentiles (no-op on one device)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return returns
+        return self.all_gather(returns.detach()).flatten()
+
+    def on_train_batch_end(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], batch_idx: int) -> None:
+        datamodule = self.trainer.datamodule
+        if self.cfg.behavior.replay_context and hasattr(datamodule, "update_context"):
+            datamodule.update_context(batch["index"], outputs["context"])
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        return {"world_model": self.world_model, "actor": self.actor_critic.actor,
+                "critic": self.actor_critic.critic}
+
+    def log_metrics(self, metrics: dict[str, Tensor]) -> None:
+        metrics = {k: v.detach().float() if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+        metrics["train/train_steps"] = float(self.train_steps)
+        metrics["train/skipped_steps"] = float(self.skipped_steps)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    # ----------------------------------------------------------------------------------------------
+    # Replay context: start each replayed sequence from the stored posterior of its preceding step.
+
+    def replay_context(self, batch: dict[str, Tensor]) -> State | None:
+        if not self.cfg.behavior.replay_context or "context/deter" not in batch:
+            return None
+        valid = batch["context_valid"].float()[:, None]
+        deter = batch["context/deter"].to(valid.dtype) * valid
+        stoch = F.one_hot(batch["context/stoch"].long(), self.world_model.rssm.classes).to(valid.dtype)
+        return State(deter, stoch * valid[..., None])
+
+    def context_entries(self, post: State) -> dict[str, Tensor]:
+        """Compact per-step latents for the replay: deter as float16, stoch as class indices."""
+        return {"deter": post.deter.detach().to(torch.float16), "stoch": post.stoch.detach().argmax(-1).to(torch.uint8)}
+
+    # ----------------------------------------------------------------------------------------------
+    # Acting (used by the environment collector and by evaluation)
+
+    def initial_carry(self, n: int) -> tuple[State, Tensor]:
+        rssm = self.world_model.rssm
+        return rssm.initial(n, self.device), torch.zeros(n, self.action_dim, device=self.device)
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, Tensor], is_first: Tensor, carry: tuple[State, Tensor], mode: str = "sample"
+            ) -> tuple[Tensor, tuple[State, Tensor], State]:
+        """One policy step for N parallel environments.
+
+        obs values (N, ...), is_first (N,) bool. carry = (posterior state, previous action).
+        Returns the action (N, A) (one-hot or in [-1, 1] before clipping), the new carry, and the
+        posterior of this step (what the replay stores as context).
+        """
+        state, prev_action = carry
+        keep = (~is_first.bool()).float()[:, None]
+        state = State(state.deter * keep, state.stoch * keep[..., None])
+        prev_action = prev_action * keep
+        embed = self.world_model.encode({k: v[:, None] for k, v in obs.items()})[:, 0]
+        rssm = self.world_model.rssm
+        deter = rssm.sequence_step(state, prev_action)
+        logits = rssm.post_logits(deter, embed)
+        post = State(deter, rssm.dist(logits).sample())
+        dist = self.actor_critic.actor.dist(self.actor_critic.actor(post.feat()))
+        action = dist.mode() if mode == "mode" else dist.sample()
+        if not self.discrete:
+            action = action.clamp(-1.0, 1.0)
+        return action, (post, action), post
+
+
+def grad_norm(params) -> Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

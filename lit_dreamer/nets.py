@@ -1,0 +1,212 @@
+"""Network building blocks: norms, MLPs, block-diagonal layers, the block GRU, CNN encoder and decoder.
+
+Plain `nn.Module`s; nothing here knows about Lightning. Every hidden layer is
+Linear (no bias, since a norm follows) -> RMSNorm -> SiLU, initialized with a truncated normal
+scaled by fan-in, as in the DreamerV3 reference code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_dreamer.distributions import symlog
+
+NORM_EPS = 1e-4
+
+
+def trunc_normal_fan_in_(weight: Tensor, fan_in: int, scale: float = 1.0) -> Tensor:
+    """Truncated normal (at 2 std) whose variance is scale / fan_in after truncation."""
+    # A normal truncated at +-2 std has std 0.8796 of the untruncated one: correct for it.
+    std = math.sqrt(scale / fan_in) / 0.87962566103423978
+    with torch.no_grad():
+        return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def linear(in_dim: int, out_dim: int, bias: bool = True, scale: float = 1.0) -> nn.Linear:
+    """nn.Linear with fan-in truncated-normal init; scale=0 gives a zero-initialized layer."""
+    layer = nn.Linear(in_dim, out_dim, bias=bias)
+    if scale == 0.0:
+        nn.init.zeros_(layer.weight)
+    else:
+        trunc_normal_fan_in_(layer.weight, in_dim, scale)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class NormAct(nn.Sequential):
+    """Linear without bias, RMSNorm, SiLU: the hidden layer used everywhere."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(linear(in_dim, out_dim, bias=False), nn.RMSNorm(out_dim, eps=NORM_EPS), nn.SiLU())
+
+
+class MLP(nn.Sequential):
+    """`layers` hidden layers of `units`; output size is `units` (or `in_dim` when layers == 0)."""
+
+    def __init__(self, in_dim: int, units: int, layers: int):
+        dims = [in_dim] + [units] * layers
+        super().__init__(*[NormAct(a, b) for a, b in zip(dims[:-1], dims[1:])])
+        self.out_dim = dims[-1]
+
+
+class Head(nn.Module):
+    """MLP trunk plus an output layer. `out_scale` 0 zero-initializes it (reward, critic)."""
+
+    def __init__(self, in_dim: int, out_dim: int, units: int, layers: int, out_scale: float = 1.0):
+        super().__init__()
+        self.trunk = MLP(in_dim, units, layers)
+        self.out = linear(self.trunk.out_dim, out_dim, scale=out_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.trunk(x))
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear layer: `blocks` independent (in/blocks -> out/blocks) maps.
+
+    Saves a factor `blocks` of parameters and FLOPs over a dense layer of the same width,
+    which is what lets the recurrent state grow to thousands of units.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, blocks: int, bias: bool = True):
+        super().__init__()
+        assert in_dim % blocks == 0 and out_dim % blocks == 0, (in_dim, out_dim, blocks)
+        self.blocks = blocks
+        self.weight = nn.Parameter(torch.empty(blocks, in_dim // blocks, out_dim // blocks))
+        trunc_normal_fan_in_(self.weight, in_dim // blocks)
+        self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks).transpose(0, 1)  # (G, N, in/G)
+        y = torch.bmm(x, self.weight).transpose(0, 1).reshape(*lead, -1)
+        return y if self.bias is None else y + self.bias
+
+
+class BlockGRU(nn.Module):
+    """The DreamerV3 recurrent core: a GRU whose weights are block-diagonal over `blocks` groups.
+
+    Each block sees its own slice of h plus the shared input projections, goes through one
+    normalized hidden layer, then produces its slice of the reset, candidate and update gates.
+    The update gate is sigmoid(u - 1), which biases the cell towards keeping its state.
+    """
+
+    def __init__(self, input_dim: int, deter: int, blocks: int = 8):
+        super().__init__()
+        assert deter % blocks == 0, f"deter={deter} must be divisible by blocks={blocks}"
+        self.deter, self.blocks = deter, blocks
+        block_in = deter // blocks + input_dim
+        self.hidden = BlockLinear(blocks * block_in, deter, blocks, bias=False)
+        self.norm = nn.RMSNorm(deter, eps=NORM_EPS)
+        self.gates = BlockLinear(deter, 3 * deter, blocks)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        """x: (N, input_dim) shared input; h: (N, deter). Returns the next h (N, deter)."""
+        n, g = h.shape[0], self.blocks
+        per_block = torch.cat([h.view(n, g, -1), x.unsqueeze(1).expand(n, g, x.shape[-1])], -1)
+        hidden = F.silu(self.norm(self.hidden(per_block.reshape(n, -1))))
+        reset, cand, update = self.gates(hidden).view(n, g, 3, -1).unbind(2)
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1.0)
+        return (update * cand + (1 - update) * h.view(n, g, -1)).reshape(n, -1)
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMSNorm over the channel axis of an NCHW feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.square().mean(1, keepdim=True) + NORM_EPS)
+        return (x32 * self.weight[:, None, None]).to(x.dtype)
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, bias: bool) -> nn.Conv2d:
+    layer = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=bias)
+    trunc_normal_fan_in_(layer.weight, in_ch * kernel * kernel)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def stage_channels(depth: int, mults: tuple[int, ...]) -> list[int]:
+    return [depth * m for m in mults]
+
+
+class ImageEncoder(nn.Module):
+    """CNN over one or more stacked uint8 HxWxC images: 4 stages of conv 5x5, 2x2 max-pool, RMSNorm, SiLU.
+
+    The reference code pools right after the conv, before norm and activation; we follow it
+    (the spec lists pool last): the result is nearly identical and norm/act run on 4x fewer pixels.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, depth: int, mults=(2, 3, 4, 4), kernel: int = 5):
+        super().__init__()
+        min_size = image_size // 2 ** len(mults)
+        if image_size & (image_size - 1) or min_size < 1:
+            raise ValueError(f"image size {image_size} must be a power of two >= {2 ** len(mults)}")
+        chans = [in_channels] + stage_channels(depth, mults)
+        self.convs = nn.ModuleList(conv(a, b, kernel, bias=False) for a, b in zip(chans[:-1], chans[1:]))
+        self.norms = nn.ModuleList(ChannelRMSNorm(c) for c in chans[1:])
+        self.out_dim = chans[-1] * min_size * min_size
+
+    def forward(self, image: Tensor) -> Tensor:
+        """image: (N, H, W, C) uint8 or float in [0, 255]. Returns (N, out_dim)."""
+        x = image.permute(0, 3, 1, 2).float() / 255.0 - 0.5
+        x = x.to(memory_format=torch.channels_last)
+        for conv_layer, norm in zip(self.convs, self.norms):
+            x = F.max_pool2d(conv_layer(x), 2)
+            x = F.silu(norm(x))
+        return x.flatten(1)
+
+
+class ImageDecoder(nn.Module):
+    """Linear to a (C_last, S/16, S/16) map, then 4 stages of 2x nearest upsample + conv 5x5.
+
+    All but the last stage are followed by RMSNorm + SiLU; the last conv outputs the image
+    channels, squashed by a sigmoid to [0, 1].
+    """
+
+    def __init__(self, feat_dim: int, out_channels: int, image_size: int, depth: int,
+                 mults=(2, 3, 4, 4), kernel: int = 5):
+        super().__init__()
+        chans = stage_channels(depth, mults)
+        self.min_size = image_size // 2 ** len(mults)
+        self.top_channels = chans[-1]
+        self.project = linear(feat_dim, chans[-1] * self.min_size ** 2)
+        ins = chans[::-1]  # e.g. [4d, 4d, 3d, 2d]
+        outs = chans[::-1][1:] + [out_channels]  # e.g. [4d, 3d, 2d, C]
+        self.convs = nn.ModuleList(
+            conv(a, b, kernel, bias=(i == len(ins) - 1)) for i, (a, b) in enumerate(zip(ins, outs)))
+        self.norms = nn.ModuleList(ChannelRMSNorm(c) for c in outs[:-1])
+
+    def forward(self, feat: Tensor) -> Tensor:
+        """feat: (N, F). Returns (N, H, W, C) in [0, 1]."""
+        x = self.project(feat).view(-1, self.top_channels, self.min_size, self.min_size)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for i, conv_layer in enumerate(self.convs):
+            x = conv_layer(F.interpolate(x, scale_factor=2, mode="nearest"))
+            if i < len(self.norms):
+                x = F.silu(self.norms[i](x))
+        return torch.sigmoid(x.float()).permute(0, 2, 3, 1)
+
+
+class VectorEncoder(nn.Module):
+    """Symlog the concatenated vector inputs, then an MLP."""
+
+    def __init__(self, in_dim: int, units: int, layers: int):
+        super().__init__()
+        self.mlp = MLP(in_dim, units, layers)
+        self.out_dim = self.mlp.out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(symlog(x))

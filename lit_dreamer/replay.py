@@ -1,0 +1,374 @@
+"""Replay storage for sequences of environment steps.
+
+Step t of an env stream stores the observation o_t, the action a_{t-1} that *led to* o_t (zero at
+``is_first``), the reward r_t received together with o_t, and the flags of o_t::
+
+    obs:          o0     o1     o2     o3(last)   o0'(first)   o1'
+    action:       0      a0     a1     a2         0            a0'
+    reward:       0      r1     r2     r3         0            r1'
+    is_first:     1      0      0      0          1            0
+    is_last:      0      0      0      1          0            0
+
+``is_terminal`` marks a true end of the MDP (no bootstrap); ``is_last`` also covers truncation.
+
+Layout: every key is a time-major ring buffer of shape (rows, num_envs, *shape) with
+rows = capacity // num_envs; one column per env stream, and all streams advance together under one
+write head. A sequence is T consecutive rows of one column, drawn from the rows that currently hold
+data, so it never reads unwritten slots and never straddles the write head (old and new data never
+mix). It may cross episode boundaries; ``is_first`` marks the resets.
+
+Rows carry an absolute number (0, 1, 2, ... in order of ``add``); the row with absolute number a sits
+at physical row a % rows. The ``index`` that ``sample`` returns is ``absolute * num_envs + stream``,
+so ``update_context`` can tell whether a slot was overwritten since it was sampled.
+
+Replay context (newest DreamerV3 recipe): ``update_context`` stores the model's posterior latent per
+replayed step; ``sample`` returns the latent of the step just before each sequence, so the model can
+start from it instead of zeros. Not thread-safe: guard it with a lock if the collector and the
+learner run in different threads.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from numpy.lib.format import open_memmap
+
+Spec = Mapping[str, tuple[tuple[int, ...], Any]]
+
+SAMPLING_MODES = ("uniform", "recency")
+_RESERVED_KEYS = ("index", "context_valid")
+_COPY_CHUNK_BYTES = 64 << 20
+_FORMAT_VERSION = 1
+
+
+def _file_name(kind: str, position: int, name: str) -> str:
+    return f"{kind}-{position:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy"
+
+
+class Replay:
+    """Time-major ring buffers of env steps, sampled as (B, T) sequences of one env stream each.
+
+    Args:
+        spec: shape (without batch) and dtype of each key of a step, e.g. ``envs.space_spec(env)``.
+        capacity: steps over all streams; each stream keeps ``capacity // num_envs`` steps.
+        num_envs: env streams written together by each ``add``.
+        directory: if given, the buffers are ``.npy`` memmaps in this directory (created fresh:
+            existing buffer files there are overwritten), so capacity is bounded by disk, not RAM.
+        seed: seed of the replay's own generator, which drives all sampling.
+        sampling: ``"uniform"`` over all valid starts, or ``"recency"``: the age of a start is drawn
+            from an exponential truncated to the stored data.
+        recency_half_life: half-life of that exponential in env steps (all streams together).
+    """
+
+    def __init__(
+        self,
+        spec: Spec,
+        capacity: int,
+        num_envs: int,
+        *,
+        directory: str | None = None,
+        seed: int = 0,
+        sampling: str = "uniform",
+        recency_half_life: float = 10000.0,
+    ):
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLING_MODES)}")
+        if num_envs < 1 or capacity < num_envs:
+            raise ValueError(f"need num_envs >= 1 and capacity >= num_envs, got {capacity=} {num_envs=}")
+        if recency_half_life <= 0:
+            raise ValueError(f"recency_half_life must be positive, got {recency_half_life}")
+        self.spec = {key: (tuple(int(size) for size in shape), np.dtype(dtype)) for key, (shape, dtype) in spec.items()}
+        for key in self.spec:
+            if key in _RESERVED_KEYS or key.startswith("context/"):
+                raise ValueError(f"spec key {key!r} is reserved for what sample() returns; rename it")
+        self.num_envs = num_envs
+        self.directory = directory
+        self.sampling = sampling
+        self.recency_half_life = float(recency_half_life)
+        self._rows = capacity // num_envs
+        self._rng = np.random.default_rng(seed)
+        self._rows_added = 0
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+        self._data = {
+            key: self._allocate(_file_name("data", position, key), (self._rows, num_envs, *shape), dtype)
+            for position, (key, (shape, dtype)) in enumerate(self.spec.items())
+        }
+        self._has_context = self._allocate("has_context.npy", (self._rows, num_envs), np.bool_)
+        self._context: dict[str, np.ndarray] = {}
+
+    # ----------------------------------------------------------------------------- storage
+    def _allocate(self, file_name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        if self.directory is None:
+            return np.zeros(shape, dtype)
+        return open_memmap(os.path.join(self.directory, file_name), mode="w+", dtype=dtype, shape=shape)
+
+    def _context_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The buffer of one latent, allocated on first use from the shape and dtype it is given."""
+        if name not in self._context:
+            file_name = _file_name("context", len(self._context), name)
+            self._context[name] = self._allocate(file_name, (self._rows, self.num_envs, *shape), dtype)
+        array = self._context[name]
+        if array.shape[2:] != tuple(shape):
+            raise ValueError(f"context {name!r} has per-step shape {tuple(shape)}, stored ones {array.shape[2:]}")
+        return array
+
+    @property
+    def capacity(self) -> int:
+        return self._rows * self.num_envs
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all buffers (on disk in memmap mode)."""
+        arrays = [*self._data.values(), *self._context.values(), self._has_context]
+        return sum(array.nbytes for array in arrays)
+
+    @property
+    def _filled(self) -> int:
+        """Rows per stream that hold data."""
+        return min(self._rows_added, self._rows)
+
+    def __len__(self) -> int:
+        return self._filled * self.num_envs
+
+    # ----------------------------------------------------------------------------- writing
+    def add(self, step: Mapping[str, np.ndarray], context: Mapping[str, np.ndarray] | None = None) -> None:
+        """Write one vector step: each value shaped (num_envs, *shape); optional latents (num_envs, ...)."""
+        if step.keys() != self.spec.keys():
+            raise ValueError(
+                f"step keys differ from the spec: missing {sorted(self.spec.keys() - step.keys())}, "
+                f"unexpected {sorted(step.keys() - self.spec.keys())}"
+            )
+        values = {key: np.asarray(value) for key, value in step.items()}
+        for key, (shape, _) in self.spec.items():
+            if values[key].shape != (self.num_envs, *shape):
+                raise ValueError(
+                    f"step[{key!r}] has shape {values[key].shape}, expected (num_envs={self.num_envs}, *{shape})"
+                )
+        row = self._rows_added % self._rows
+        for key, value in values.items():
+            self._data[key][row] = value
+        self._has_context[row] = False
+        if context is not None:
+            self._check_context_names(context)
+            for name, value in context.items():
+                value = np.asarray(value)
+                self._context_array(name, value.shape[1:], value.dtype)[row] = value
+            self._has_context[row] = True
+        self._rows_added += 1
+
+    def _check_context_names(self, latents: Mapping[str, Any]) -> None:
+        # One has_context flag covers all latents of a slot, so every write must bring all of them.
+        if self._context and latents.keys() != self._context.keys():
+            raise ValueError(f"context names {sorted(latents)} differ from the stored ones {sorted(self._context)}")
+
+    def update_context(self, index: np.ndarray, latents: Mapping[str, np.ndarray]) -> None:
+        """Store latents (B, T, ...) for the slots ``index`` (B, T) that ``sample`` returned.
+
+        Slots overwritten by ``add`` since they were sampled are skipped.
+        """
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= self._rows_added * self.num_envs):
+            raise ValueError("index holds ids that this replay never returned from sample()")
+        self._check_context_names(latents)
+        absolute, streams = np.divmod(index, self.num_envs)
+        live = absolute >= self._rows_added - self._filled
+        rows, streams = absolute[live] % self._rows, streams[live]
+        for name, value in latents.items():
+            value = np.asarray(value)
+            if value.shape[: index.ndim] != index.shape:
+                raise ValueError(f"latent {name!r} has shape {value.shape}; its leading axes must be {index.shape}")
+            self._context_array(name, value.shape[index.ndim :], value.dtype)[rows, streams] = value[live]
+        self._has_context[rows, streams] = True
+
+    # ----------------------------------------------------------------------------- sampling
+    def sample(self, batch_size: int, length: int) -> dict[str, np.ndarray]:
+        """B sequences of T consecutive steps, each from one env stream: every key as (B, T, ...).
+
+        Also returns ``index`` (B, T) int64 for ``update_context``, ``context_valid`` (B,) and, once
+        latents are stored, ``context/<name>`` (B, ...): the latent of the step before each sequence
+        (zeros where ``context_valid`` is False).
+        """
+        if length > self._rows:
+            raise ValueError(f"length={length} exceeds the {self._rows} steps each env stream can hold")
+        if self._filled < length:
+            raise ValueError(
+                f"the replay holds {self._filled} steps per env stream but sample(length={length}) needs at "
+                f"least {length}; collect more steps before sampling"
+            )
+        num_starts = self._filled - length + 1
+        starts = self._draw_starts(batch_size, num_starts)
+        streams = self._rng.integers(0, self.num_envs, size=batch_size)
+        first = self._rows_added - self._filled + starts
+        absolute = first[:, None] + np.arange(length)
+        rows, columns = absolute % self._rows, streams[:, None]
+        batch = {key: array[rows, columns] for key, array in self._data.items()}
+        batch["index"] = absolute * self.num_envs + columns
+        batch.update(self._gather_context(first - 1, streams, has_previous=starts > 0))
+        return batch
+
+    def _draw_starts(self, batch_size: int, num_starts: int) -> np.ndarray:
+        """Start offsets from the oldest stored row, in [0, num_starts)."""
+        if self.sampling == "uniform":
+            return self._rng.integers(0, num_starts, size=batch_size)
+        # Inverse CDF of an exponential over the age, truncated to [0, num_starts); age 0 is newest.
+        rate = math.log(2.0) / (self.recency_half_life / self.num_envs)
+        mass = -math.expm1(-rate * num_starts)
+        ages = np.floor(-np.log1p(-self._rng.random(batch_size) * mass) / rate).astype(np.int64)
+        return num_starts - 1 - np.minimum(ages, num_starts - 1)
+
+    def _gather_context(self, previous: np.ndarray, streams: np.ndarray, has_previous: np.ndarray) -> dict:
+        if not self._context:
+            return {"context_valid": np.zeros(len(streams), np.bool_)}
+        # The oldest row's predecessor is unwritten or already overwritten: has_previous excludes it.
+        rows = previous % self._rows
+        valid = has_previous & self._has_context[rows, streams]
+        gathered = {"context_valid": valid}
+        for name, array in self._context.items():
+            values = array[rows, streams]
+            values[~valid] = 0
+            gathered[f"context/{name}"] = values
+        return gathered
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and RNG state (plain JSON-able types); the buffers themselves go through save()."""
+        return {"rows_added": self._rows_added, "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._rows_added = int(state["rows_added"])
+        self._rng.bit_generator.state = dict(state["rng"])
+
+    def save(self, path: str) -> None:
+        """Write a complete snapshot into directory ``path``, replacing any previous one atomically.
+
+        The snapshot is built in ``path.tmp-<pid>`` and swapped in by renames, so a crash leaves
+        either the old or the new snapshot in place (or, between the two renames, the old one in
+        ``path.old-<pid>``, where ``load`` finds it).
+        """
+        path = os.path.abspath(path)
+        if self.directory is not None and os.path.realpath(self.directory) == os.path.realpath(path):
+            raise ValueError(f"cannot save into the replay's own storage directory {path!r}")
+        temporary = f"{path}.tmp-{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+        try:
+            files = self._write_arrays(temporary)
+            # meta.json is written last: a directory that has it is a complete snapshot.
+            _write_file(os.path.join(temporary, "meta.json"), json.dumps(self._metadata(files)).encode())
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        previous = f"{path}.old-{os.getpid()}"
+        if os.path.exists(path):
+            os.rename(path, previous)
+        os.rename(temporary, path)
+        _sync_directory(os.path.dirname(path))
+        shutil.rmtree(previous, ignore_errors=True)
+
+    def _write_arrays(self, directory: str) -> dict[str, Any]:
+        # Until the ring wraps, data sits in rows [0, filled); after it, all rows hold data.
+        filled = self._filled
+        files: dict[str, Any] = {"data": {}, "context": {}, "has_context": "has_context.npy"}
+        for position, (key, array) in enumerate(self._data.items()):
+            files["data"][key] = _file_name("data", position, key)
+            _save_array(os.path.join(directory, files["data"][key]), array[:filled])
+        for position, (name, array) in enumerate(self._context.items()):
+            files["context"][name] = _file_name("context", position, name)
+            _save_array(os.path.join(directory, files["context"][name]), array[:filled])
+        _save_array(os.path.join(directory, files["has_context"]), self._has_context[:filled])
+        return files
+
+    def _metadata(self, files: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": _FORMAT_VERSION,
+            "spec": {key: [list(shape), dtype.str] for key, (shape, dtype) in self.spec.items()},
+            "capacity": self.capacity,
+            "num_envs": self.num_envs,
+            "sampling": self.sampling,
+            "recency_half_life": self.recency_half_life,
+            "state": self.state_dict(),
+            "files": files,
+        }
+
+    @classmethod
+    def load(cls, path: str, directory: str | None = None) -> Replay:
+        """Restore a snapshot written by ``save``, into RAM or into memmaps in ``directory``.
+
+        Arrays are read through read-only memmaps and copied in chunks, so RAM never holds the
+        snapshot and the storage at once.
+        """
+        snapshot = _find_snapshot(os.path.abspath(path))
+        if directory is not None and os.path.realpath(directory) == os.path.realpath(snapshot):
+            raise ValueError("load the replay into a directory other than the snapshot it reads")
+        with open(os.path.join(snapshot, "meta.json")) as file:
+            meta = json.load(file)
+        if meta.get("format") != _FORMAT_VERSION:
+            raise ValueError(f"snapshot {snapshot!r} has format {meta.get('format')}, expected {_FORMAT_VERSION}")
+        spec = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in meta["spec"].items()}
+        replay = cls(
+            spec,
+            meta["capacity"],
+            meta["num_envs"],
+            directory=directory,
+            sampling=meta["sampling"],
+            recency_half_life=meta["recency_half_life"],
+        )
+        files = meta["files"]
+        for key, file_name in files["data"].items():
+            _copy_in_chunks(np.load(os.path.join(snapshot, file_name), mmap_mode="r"), replay._data[key])
+        for name, file_name in files["context"].items():
+            source = np.load(os.path.join(snapshot, file_name), mmap_mode="r")
+            _copy_in_chunks(source, replay._context_array(name, source.shape[2:], source.dtype))
+        _copy_in_chunks(np.load(os.path.join(snapshot, files["has_context"]), mmap_mode="r"), replay._has_context)
+        replay.load_state_dict(meta["state"])
+        return replay
+
+
+def _write_file(path: str, payload: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(payload)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as file:
+        np.save(file, array)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _sync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _copy_in_chunks(source: np.ndarray, target: np.ndarray) -> None:
+    """Copy source into the first rows of target, a bounded number of bytes at a time."""
+    row_bytes = max(1, source[0].nbytes) if len(source) else 1
+    step = max(1, _COPY_CHUNK_BYTES // row_bytes)
+    for start in range(0, len(source), step):
+        stop = min(start + step, len(source))
+        target[start:stop] = source[start:stop]
+
+
+def _find_snapshot(path: str) -> str:
+    """``path`` if it holds a complete snapshot, else one left in ``path.old-<pid>`` by a crash."""
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return path
+    leftovers = [old for old in glob.glob(f"{glob.escape(path)}.old-*") if os.path.exists(os.path.join(old, "meta.json"))]
+    if leftovers:
+        return max(leftovers, key=os.path.getmtime)
+    raise FileNotFoundError(f"no replay snapshot at {path!r} (expected {os.path.join(path, 'meta.json')})")

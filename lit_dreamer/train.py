@@ -1,0 +1,151 @@
+"""Build and run a training run from a Config: the code behind `python -m lit_dreamer fit`."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+
+from callbacks import DreamerCheckpoint, EnvCollector, resolve_last
+from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
+from lit_dreamer.data import ReplayDataModule
+from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
+from lit_dreamer.module import DreamerModule
+from lit_dreamer.world_model import NON_OBS_KEYS
+
+
+@dataclass
+class EnvInfo:
+    spec: dict
+    obs_spec: dict
+    action_dim: int
+    discrete: bool
+
+
+def probe_env(cfg: Config) -> EnvInfo:
+    """Make one env to read its spaces (fails fast on an unknown id or an unusable space)."""
+    try:
+        env = make_env(cfg.env.id, obs=cfg.env.obs, action_repeat=cfg.env.action_repeat,
+                       image_size=cfg.env.image_size, time_limit=cfg.env.time_limit)
+    except ValueError as err:
+        raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
+    try:
+        spec = space_spec(env)
+        obs_spec = {k: v for k, v in spec.items() if k not in NON_OBS_KEYS}
+        return EnvInfo(spec, obs_spec, action_dim(env), action_kind(env) == "discrete")
+    finally:
+        env.close()
+
+
+def run_dir(cfg: Config) -> str:
+    return cfg.run.dir or os.path.join("runs", cfg.logger.run_name)
+
+
+def default_run_name(cfg: Config) -> str:
+    env = cfg.env.id.replace("/", "-")
+    return f"{env}-seed{cfg.run.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_ckpt_path(cfg: Config) -> str | None:
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        path = resolve_last(os.path.join(run_dir(cfg), "checkpoints"))
+        if path is None:
+            raise ConfigError(f"ckpt_path=last but {run_dir(cfg)}/checkpoints has no complete checkpoint; "
+                              "set run.dir to the folder of the run to resume")
+        return path
+    if not os.path.isfile(cfg.ckpt_path):
+        raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
+    return cfg.ckpt_path
+
+
+def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
+    """Refuse a checkpoint made for other spaces or another architecture, naming the difference."""
+    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    for key in ("obs_spec", "action_dim", "discrete"):
+        if hparams.get(key) != module.hparams[key]:
+            raise ConfigError(f"checkpoint {path} was made for {key}={hparams.get(key)!r}, but this run has "
+                              f"{key}={module.hparams[key]!r}; use the env settings it was trained with")
+    saved, wanted = hparams.get("config", {}).get("model", {}), module.hparams["config"]["model"]
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if diff:
+        detail = ", ".join(f"model.{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"checkpoint {path} has another model config ({detail})")
+
+
+def make_logger(cfg: Config, directory: str, resuming: bool) -> MLFlowLogger:
+    id_file = os.path.join(directory, "mlflow_run_id")
+    run_id = None
+    if resuming and os.path.isfile(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    logger = MLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
+                          tracking_uri=cfg.logger.tracking_uri, run_id=run_id)
+    return logger
+
+
+def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback], EnvInfo]:
+    """Module, datamodule and callbacks for a Config: the pieces a script would assemble by hand."""
+    info = probe_env(cfg)
+    try:
+        module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent())
+    except ValueError as err:  # e.g. an observation the encoders cannot take
+        raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
+    datamodule = ReplayDataModule(info.spec, num_envs=cfg.env.num_envs, capacity=cfg.replay.capacity,
+                                  batch_size=cfg.run.batch_size, batch_length=cfg.run.batch_length,
+                                  directory=cfg.replay.directory, sampling=cfg.replay.sampling,
+                                  recency_half_life=cfg.replay.recency_half_life, seed=cfg.run.seed)
+    collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
+                             train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
+                             asynchronous=cfg.env.asynchronous, obs=cfg.env.obs,
+                             action_repeat=cfg.env.action_repeat, image_size=cfg.env.image_size,
+                             time_limit=cfg.env.time_limit)
+    checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every)
+    return module, datamodule, [collector, checkpoint], info
+
+
+def fit(cfg: Config) -> dict:
+    """Train as configured; returns a summary dict (also printed by the CLI)."""
+    if cfg.logger.run_name is None:
+        cfg.logger.run_name = default_run_name(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    module, datamodule, callbacks, info = build(cfg)
+    if ckpt_path is not None:
+        check_checkpoint_matches(ckpt_path, module)
+    directory = run_dir(cfg)
+    os.makedirs(directory, exist_ok=True)
+    logger = make_logger(cfg, directory, resuming=ckpt_path is not None)
+    if ckpt_path is None:
+        with open(os.path.join(directory, "mlflow_run_id"), "w") as f:
+            f.write(logger.run_id)
+        config_file = os.path.join(directory, "config.yaml")
+        with open(config_file, "w") as f:
+            f.write(to_yaml(cfg))
+        logger.log_hyperparams({k: v for k, v in to_flat_dict(cfg).items() if k != "ckpt_path"})
+        logger.experiment.log_artifact(logger.run_id, config_file)
+    trainer = L.Trainer(**cfg.trainer, logger=logger, callbacks=callbacks, max_epochs=-1, max_steps=-1,
+                        enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,
+                        num_sanity_val_steps=0, default_root_dir=directory)
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    collector = callbacks[0]
+    summary = {
+        "env_steps": collector.env_steps * trainer.world_size,
+        "train_steps": int(module.train_steps),
+        "episodes": collector.episodes * trainer.world_size,
+        "best_return": collector.best_return,
+        "last_return": collector.last_return,
+        "seconds": time.time() - start,
+        "mlflow_run_id": logger.run_id,
+        "tracking_uri": cfg.logger.tracking_uri,
+        "checkpoint": resolve_last(os.path.join(directory, "checkpoints")),
+        "run_dir": directory,
+    }
+    return summary

@@ -1,0 +1,139 @@
+"""World model: encoder, RSSM, decoder, reward and continue heads, and its loss."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lit_dreamer.agent_config import ModelConfig
+from lit_dreamer.distributions import MSE, Bernoulli, SymlogMSE, TwoHot, kl_divergence
+from lit_dreamer.losses import kl_losses
+from lit_dreamer.nets import MLP, Head, ImageDecoder, ImageEncoder, VectorEncoder, linear
+from lit_dreamer.rssm import RSSM, State
+
+# Keys of a replay step that are not observations.
+NON_OBS_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
+
+
+def split_obs_keys(obs_spec: dict[str, tuple[tuple[int, ...], np.dtype]], cnn_keys: str = ".*",
+                   mlp_keys: str = ".*") -> tuple[list[str], list[str]]:
+    """Pick image keys (uint8 rank 3) for the CNN and vector keys (rank 1) for the MLP.
+
+    Keys are chosen by rank and dtype, then filtered by the two regexes. Anything else is an
+    error that names the key, because silently ignoring an observation hides bugs.
+    """
+    images, vectors = [], []
+    for key, (shape, dtype) in obs_spec.items():
+        if key in NON_OBS_KEYS or key.startswith("log_") or key.startswith("context/"):
+            continue
+        if len(shape) == 3 and np.dtype(dtype) == np.uint8 and shape[-1] in (1, 3, 4):
+            if re.fullmatch(cnn_keys, key):
+                images.append(key)
+        elif len(shape) == 1 and np.issubdtype(np.dtype(dtype), np.floating):
+            if re.fullmatch(mlp_keys, key):
+                vectors.append(key)
+        else:
+            raise ValueError(
+                f"observation {key!r} with shape {tuple(shape)} and dtype {np.dtype(dtype)} cannot be encoded: "
+                "the encoders take uint8 images HxWxC (C in 1, 3, 4) and rank-1 float vectors; "
+                "reshape or wrap the environment's observation")
+    if not images and not vectors:
+        raise ValueError(f"no observation key matches model.cnn_keys={cnn_keys!r} or model.mlp_keys={mlp_keys!r} "
+                         f"among {sorted(k for k in obs_spec if k not in NON_OBS_KEYS)}")
+    return images, vectors
+
+
+class WorldModel(nn.Module):
+    def __init__(self, obs_spec: dict[str, tuple[tuple[int, ...], np.dtype]], action_dim: int, cfg: ModelConfig,
+                 free_nats: float = 1.0):
+        super().__init__()
+        cfg = cfg.resolved()
+        self.image_keys, self.vector_keys = split_obs_keys(obs_spec, cfg.cnn_keys, cfg.mlp_keys)
+        self.image_channels = [obs_spec[k][0][-1] for k in self.image_keys]
+        self.vector_dims = [obs_spec[k][0][0] for k in self.vector_keys]
+        embed_dim = 0
+        if self.image_keys:
+            sizes = {tuple(obs_spec[k][0][:2]) for k in self.image_keys}
+            if len(sizes) != 1 or len(set(next(iter(sizes)))) != 1:
+                raise ValueError(f"image keys {self.image_keys} must share one square size, got {sorted(sizes)}")
+            size = next(iter(sizes))[0]
+            self.image_encoder = ImageEncoder(sum(self.image_channels), size, cfg.depth)
+            embed_dim += self.image_encoder.out_dim
+        if self.vector_keys:
+            self.vector_encoder = VectorEncoder(sum(self.vector_dims), cfg.units, cfg.encoder_layers)
+            embed_dim += self.vector_encoder.out_dim
+        self.rssm = RSSM(embed_dim, action_dim, deter=cfg.deter, hidden=cfg.hidden, stoch=cfg.stoch,
+                         classes=cfg.classes, blocks=cfg.blocks, prior_layers=cfg.prior_layers,
+                         post_layers=cfg.post_layers, unimix=cfg.unimix)
+        feat = self.rssm.feat_dim
+        if self.image_keys:
+            self.image_decoder = ImageDecoder(feat, sum(self.image_channels), size, cfg.depth)
+        if self.vector_keys:
+            self.vector_decoder = nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers),
+                                                linear(cfg.units, sum(self.vector_dims)))
+        self.reward_head = Head(feat, cfg.bins, cfg.units, cfg.reward_layers, out_scale=0.0)
+        self.cont_head = Head(feat, 1, cfg.units, cfg.cont_layers)
+        self.free_nats = free_nats
+
+    @property
+    def decoded_keys(self) -> list[str]:
+        return self.image_keys + self.vector_keys
+
+    def encode(self, obs: dict[str, Tensor]) -> Tensor:
+        """obs values (B, T, ...) -> embed (B, T, E)."""
+        parts = []
+        if self.image_keys:
+            image = torch.cat([obs[k] for k in self.image_keys], -1)
+            parts.append(self.image_encoder(image.flatten(0, 1)).unflatten(0, image.shape[:2]))
+        if self.vector_keys:
+            parts.append(self.vector_encoder(torch.cat([obs[k].float() for k in self.vector_keys], -1)))
+        return torch.cat(parts, -1)
+
+    def decode(self, feat: Tensor) -> dict[str, MSE | SymlogMSE]:
+        """feat (B, T, F) -> one output distribution per decoded key."""
+        outs = {}
+        if self.image_keys:
+            image = self.image_decoder(feat.flatten(0, 1)).unflatten(0, feat.shape[:2])
+            for key, part in zip(self.image_keys, image.split(self.image_channels, -1)):
+                outs[key] = MSE(part, event_dims=3)
+        if self.vector_keys:
+            vector = self.vector_decoder(feat)
+            for key, part in zip(self.vector_keys, vector.split(self.vector_dims, -1)):
+                outs[key] = SymlogMSE(part, event_dims=1)
+        return outs
+
+    def reward(self, feat: Tensor) -> TwoHot:
+        return TwoHot(self.reward_head(feat))
+
+    def cont(self, feat: Tensor) -> Bernoulli:
+        return Bernoulli(self.cont_head(feat).squeeze(-1))
+
+    def loss(self, batch: dict[str, Tensor], start: State | None = None
+             ) -> tuple[dict[str, Tensor], State, dict[str, Tensor]]:
+        """World-model losses of a replayed batch.
+
+        Returns losses as (B, T) tensors keyed `rec/<obs key>`, `rew`, `con`, `dyn`, `rep`; the
+        posterior states (B, T) with gradients attached; and scalar metrics.
+        """
+        embed = self.encode(batch)
+        post, prior_logits = self.rssm.observe(embed, batch["action"], batch["is_first"], start)
+        feat = post.feat()
+        losses = {}
+        for key, dist in self.decode(feat).items():
+            target = batch[key].float() / 255.0 if key in self.image_keys else batch[key]
+            losses[f"rec/{key}"] = dist.loss(target)
+        losses["rew"] = self.reward(feat).loss(batch["reward"])
+        losses["con"] = self.cont(feat).loss(1.0 - batch["is_terminal"].float())
+        losses["dyn"], losses["rep"] = kl_losses(post.logits, prior_logits, free_nats=self.free_nats,
+                                                 unimix=self.rssm.unimix)
+        with torch.no_grad():
+            post_dist, prior_dist = self.rssm.dist(post.logits), self.rssm.dist(prior_logits)
+            metrics = {
+                "wm/post_entropy": post_dist.entropy().mean(),
+                "wm/prior_entropy": prior_dist.entropy().mean(),
+                "wm/kl": kl_divergence(post_dist, prior_dist).mean(),
+            }
+        return losses, post, metrics
