@@ -208,8 +208,11 @@ class Categorical(Output):
         return self._straight_through(F.one_hot(index, self.classes).float())
 
     def sample(self) -> Tensor:
-        flat = self.probs.detach().reshape(-1, self.classes)
-        index = torch.multinomial(flat, 1).reshape(self.probs.shape[:-1])
+        # Inverse-CDF sampling: one uniform per variable; several times faster than multinomial here.
+        probs = self.probs.detach()
+        cdf = probs.cumsum(-1)
+        u = torch.rand(probs.shape[:-1] + (1,), device=probs.device) * cdf[..., -1:]
+        index = (cdf <= u).sum(-1).clamp_(max=self.classes - 1)
         return self._straight_through(F.one_hot(index, self.classes).float())
 
     def log_prob(self, x: Tensor) -> Tensor:

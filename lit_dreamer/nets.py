@@ -73,18 +73,18 @@ class BlockLinear(nn.Module):
     which is what lets the recurrent state grow to thousands of units.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, blocks: int, bias: bool = True):
+    def __init__(self, in_dim: int, out_dim: int, blocks: int, bias: bool = True, fan_in: int | None = None):
         super().__init__()
         assert in_dim % blocks == 0 and out_dim % blocks == 0, (in_dim, out_dim, blocks)
         self.blocks = blocks
         self.weight = nn.Parameter(torch.empty(blocks, in_dim // blocks, out_dim // blocks))
-        trunc_normal_fan_in_(self.weight, in_dim // blocks)
+        trunc_normal_fan_in_(self.weight, fan_in or in_dim // blocks)
         self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks).transpose(0, 1)  # (G, N, in/G)
-        y = torch.bmm(x, self.weight).transpose(0, 1).reshape(*lead, -1)
+        x = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks)  # (N, G, in/G)
+        y = torch.einsum("ngi,gio->ngo", x, self.weight).reshape(*lead, -1)
         return y if self.bias is None else y + self.bias
 
 
@@ -100,16 +100,20 @@ class BlockGRU(nn.Module):
         super().__init__()
         assert deter % blocks == 0, f"deter={deter} must be divisible by blocks={blocks}"
         self.deter, self.blocks = deter, blocks
+        # Block g reads [h_g, x] through its own weight W_g. Split W_g into its h rows and x rows:
+        # the h rows form a block-diagonal layer and the x rows of all blocks side by side form one
+        # dense layer. Same function and parameter count, but no copy of x per block.
         block_in = deter // blocks + input_dim
-        self.hidden = BlockLinear(blocks * block_in, deter, blocks, bias=False)
+        self.hidden_h = BlockLinear(deter, deter, blocks, bias=False, fan_in=block_in)
+        self.hidden_x = nn.Linear(input_dim, deter, bias=False)
+        trunc_normal_fan_in_(self.hidden_x.weight, block_in)
         self.norm = nn.RMSNorm(deter, eps=NORM_EPS)
         self.gates = BlockLinear(deter, 3 * deter, blocks)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         """x: (N, input_dim) shared input; h: (N, deter). Returns the next h (N, deter)."""
         n, g = h.shape[0], self.blocks
-        per_block = torch.cat([h.view(n, g, -1), x.unsqueeze(1).expand(n, g, x.shape[-1])], -1)
-        hidden = F.silu(self.norm(self.hidden(per_block.reshape(n, -1))))
+        hidden = F.silu(self.norm(self.hidden_h(h) + self.hidden_x(x)))
         reset, cand, update = self.gates(hidden).view(n, g, 3, -1).unbind(2)
         reset = torch.sigmoid(reset)
         cand = torch.tanh(reset * cand)
