@@ -19,15 +19,15 @@ NORM_EPS = 1e-4
 
 
 def trunc_normal_fan_in_(weight: Tensor, fan_in: int, scale: float = 1.0) -> Tensor:
-    """Truncated normal (at 2 std) whose variance is scale / fan_in after truncation."""
+    """Truncated normal (at 2 std) with std scale / sqrt(fan_in) after truncation."""
     # A normal truncated at +-2 std has std 0.8796 of the untruncated one: correct for it.
-    std = math.sqrt(scale / fan_in) / 0.87962566103423978
+    std = scale * math.sqrt(1.0 / fan_in) / 0.87962566103423978
     with torch.no_grad():
         return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
 def linear(in_dim: int, out_dim: int, bias: bool = True, scale: float = 1.0) -> nn.Linear:
-    """nn.Linear with fan-in truncated-normal init; scale=0 gives a zero-initialized layer."""
+    """nn.Linear with fan-in truncated-normal init, weights times `scale` (0: zero-initialized)."""
     layer = nn.Linear(in_dim, out_dim, bias=bias)
     if scale == 0.0:
         nn.init.zeros_(layer.weight)
@@ -78,7 +78,8 @@ class BlockLinear(nn.Module):
         assert in_dim % blocks == 0 and out_dim % blocks == 0, (in_dim, out_dim, blocks)
         self.blocks = blocks
         self.weight = nn.Parameter(torch.empty(blocks, in_dim // blocks, out_dim // blocks))
-        trunc_normal_fan_in_(self.weight, fan_in or in_dim // blocks)
+        # Like the reference code, the fan-in is the whole input width, not one block's.
+        trunc_normal_fan_in_(self.weight, fan_in or in_dim)
         self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,10 +104,10 @@ class BlockGRU(nn.Module):
         # Block g reads [h_g, x] through its own weight W_g. Split W_g into its h rows and x rows:
         # the h rows form a block-diagonal layer and the x rows of all blocks side by side form one
         # dense layer. Same function and parameter count, but no copy of x per block.
-        block_in = deter // blocks + input_dim
-        self.hidden_h = BlockLinear(deter, deter, blocks, bias=False, fan_in=block_in)
+        fan_in = deter + blocks * input_dim  # the reference's fan-in of the per-block input layer
+        self.hidden_h = BlockLinear(deter, deter, blocks, bias=False, fan_in=fan_in)
         self.hidden_x = nn.Linear(input_dim, deter, bias=False)
-        trunc_normal_fan_in_(self.hidden_x.weight, block_in)
+        trunc_normal_fan_in_(self.hidden_x.weight, fan_in)
         self.norm = nn.RMSNorm(deter, eps=NORM_EPS)
         self.gates = BlockLinear(deter, 3 * deter, blocks)
 

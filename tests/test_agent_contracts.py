@@ -1,0 +1,239 @@
+"""Contracts of the agent's components: shapes, resets, where gradients flow and where they stop."""
+
+import numpy as np
+import pytest
+import torch
+
+from lit_dreamer.actor_critic import ActorCritic
+from lit_dreamer.agent_config import SIZES, AgentConfig, BehaviorConfig, ModelConfig
+from lit_dreamer.distributions import BoundedNormal
+from lit_dreamer.nets import BlockGRU, BlockLinear, ImageDecoder, ImageEncoder
+from lit_dreamer.rssm import State
+from lit_dreamer.world_model import WorldModel, split_obs_keys
+
+B, T, H = 2, 5, 3
+TINY = ModelConfig(deter=32, hidden=8, classes=4, stoch=4, depth=2, units=16, blocks=4)
+OBS_SPEC = {"image": ((16, 16, 3), np.uint8), "vector": ((7,), np.float32)}
+
+
+def make_batch(action_dim=3, discrete=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    actions = torch.randint(0, action_dim, (B, T), generator=g)
+    action = torch.nn.functional.one_hot(actions, action_dim).float() if discrete \
+        else torch.rand(B, T, action_dim, generator=g) * 2 - 1
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = True
+    return {
+        "image": torch.randint(0, 256, (B, T, 16, 16, 3), generator=g, dtype=torch.uint8),
+        "vector": torch.randn(B, T, 7, generator=g),
+        "action": action,
+        "reward": torch.randn(B, T, generator=g),
+        "is_first": is_first,
+        "is_last": torch.zeros(B, T, dtype=torch.bool),
+        "is_terminal": torch.zeros(B, T, dtype=torch.bool),
+    }
+
+
+def make_agent(discrete=True, action_dim=3):
+    torch.manual_seed(0)
+    wm = WorldModel(OBS_SPEC, action_dim, TINY)
+    ac = ActorCritic(wm.rssm.feat_dim, action_dim, discrete, TINY, BehaviorConfig(horizon=H))
+    return wm, ac
+
+
+def test_world_model_shapes_with_image_and_vector():
+    wm, _ = make_agent()
+    batch = make_batch()
+    embed = wm.encode(batch)
+    assert embed.shape[:2] == (B, T)
+    losses, post, metrics = wm.loss(batch)
+    assert set(losses) == {"rec/image", "rec/vector", "rew", "con", "dyn", "rep"}
+    for name, value in losses.items():
+        assert value.shape == (B, T), name
+    assert post.deter.shape == (B, T, 32)
+    assert post.stoch.shape == (B, T, 4, 4)
+    assert post.feat().shape == (B, T, 32 + 16)
+    decoded = wm.decode(post.feat())
+    assert decoded["image"].mean().shape == (B, T, 16, 16, 3)
+    assert decoded["vector"].mean().shape == (B, T, 7)
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_imagination_and_losses_shapes(discrete):
+    wm, ac = make_agent(discrete)
+    batch = make_batch(discrete=discrete)
+    _, post, _ = wm.loss(batch)
+    start = post.detach().flatten()
+    losses, metrics, returns, spread = ac.imagine_loss(wm, start, torch.ones(B * T))
+    assert losses["policy"].shape == (B * T, H)
+    assert losses["value"].shape == (B * T, H)
+    assert returns.shape == (B * T, H)
+    repval = ac.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T))
+    assert repval.shape == (B, T - 1)
+    states, actions = wm.rssm.imagine(start, lambda f: ac.actor.dist(ac.actor(f)).sample(), H)
+    assert states.deter.shape == (B * T, H + 1, 32) and actions.shape == (B * T, H + 1, 3)
+    assert torch.equal(states.deter[:, 0], start.deter)
+
+
+def test_is_first_inside_sequence_resets_like_a_fresh_start():
+    """A sequence whose step 3 is_first must produce, from step 3 on, exactly what a fresh start does."""
+    wm, _ = make_agent()
+    batch = make_batch()
+    batch["is_first"][:, 3] = True
+    batch["action"][:, 3] = 0.0
+    embed = wm.encode(batch)
+    torch.manual_seed(123)
+    post_full, _ = wm.rssm.observe(embed, batch["action"], batch["is_first"])
+    # Fresh start from step 3. Latent sampling draws random numbers, so first replay steps 0-2
+    # with the same seed to bring the generator to the same state.
+    torch.manual_seed(123)
+    wm.rssm.observe(embed[:, :3], batch["action"][:, :3], batch["is_first"][:, :3])
+    post_tail, _ = wm.rssm.observe(embed[:, 3:], batch["action"][:, 3:], batch["is_first"][:, 3:])
+    torch.testing.assert_close(post_full.deter[:, 3:], post_tail.deter, rtol=0, atol=0)
+    torch.testing.assert_close(post_full.logits[:, 3:], post_tail.logits, rtol=0, atol=0)
+    # A carried start state must not leak through an is_first either.
+    garbage = State(torch.randn(B, 32), torch.nn.functional.one_hot(torch.randint(0, 4, (B, 4)), 4).float())
+    torch.manual_seed(7)
+    a, _ = wm.rssm.observe(embed[:, 3:], batch["action"][:, 3:], batch["is_first"][:, 3:], start=garbage)
+    torch.manual_seed(7)
+    b, _ = wm.rssm.observe(embed[:, 3:], batch["action"][:, 3:], batch["is_first"][:, 3:])
+    torch.testing.assert_close(a.deter, b.deter, rtol=0, atol=0)
+
+
+def test_start_state_is_used_without_is_first():
+    wm, _ = make_agent()
+    batch = make_batch()
+    batch["is_first"][:] = False
+    embed = wm.encode(batch)
+    start = State(torch.randn(B, 32), torch.nn.functional.one_hot(torch.randint(0, 4, (B, 4)), 4).float())
+    a, _ = wm.rssm.observe(embed, batch["action"], batch["is_first"], start=start)
+    b, _ = wm.rssm.observe(embed, batch["action"], batch["is_first"])
+    assert not torch.allclose(a.deter[:, 0], b.deter[:, 0])
+
+
+def grads_of(module):
+    return [p.grad for p in module.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_actor_and_critic_losses_put_no_gradient_on_the_world_model(discrete):
+    wm, ac = make_agent(discrete)
+    batch = make_batch(discrete=discrete)
+    _, post, _ = wm.loss(batch)
+    losses, _, _, _ = ac.imagine_loss(wm, post.detach().flatten(), torch.ones(B * T))
+    (losses["policy"].mean() + losses["value"].mean()).backward()
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads_of(wm))
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads_of(ac.actor))
+    # The critic's output layer starts at zero, so only that layer has a gradient at step 0.
+    assert ac.critic.net.out.weight.grad is not None and ac.critic.net.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ac.slow_critic.parameters())
+
+
+def test_replay_value_loss_reaches_the_world_model():
+    wm, ac = make_agent()
+    batch = make_batch()
+    _, post, _ = wm.loss(batch)
+    _, _, returns, _ = ac.imagine_loss(wm, post.detach().flatten(), torch.ones(B * T))
+    # A non-zero critic output layer so that gradients flow back through the critic's trunk.
+    torch.nn.init.normal_(ac.critic.net.out.weight, std=0.1)
+    ac.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T)).mean().backward()
+    assert wm.rssm.gru.gates.weight.grad is not None and wm.rssm.gru.gates.weight.grad.abs().sum() > 0
+    assert wm.vector_encoder.mlp[0][0].weight.grad.abs().sum() > 0
+    assert ac.actor.net.out.weight.grad is None
+
+
+def test_world_model_loss_trains_only_the_world_model():
+    wm, ac = make_agent()
+    losses, _, _ = wm.loss(make_batch())
+    sum(v.mean() for v in losses.values()).backward()
+    assert wm.rssm.prior.out.weight.grad.abs().sum() > 0
+    assert wm.rssm.post.out.weight.grad.abs().sum() > 0
+    assert wm.image_encoder.convs[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ac.parameters())
+
+
+def test_output_layer_initialization():
+    wm, ac = make_agent()
+    assert torch.count_nonzero(wm.reward_head.out.weight) == 0
+    assert torch.count_nonzero(ac.critic.net.out.weight) == 0
+    torch.manual_seed(0)
+    big = ActorCritic(256, 64, True, ModelConfig(units=256, size="size1m"), BehaviorConfig())
+    # Fan-in init gives std 1/sqrt(fan_in) (here 1/16); the policy output is scaled by 0.01 on top.
+    hidden_std = big.actor.net.trunk[1][0].weight.std().item()
+    out_std = big.actor.net.out.weight.std().item()
+    assert abs(hidden_std - 1 / 16) < 0.002
+    assert abs(out_std - 0.01 / 16) < 0.0001
+
+
+def test_bounded_normal_std_stays_in_range():
+    raw = torch.tensor([-1e4, -10.0, 0.0, 10.0, 1e4])
+    dist = BoundedNormal(raw, raw)
+    assert dist.std.min() >= 0.1 and dist.std.max() <= 1.0
+    assert torch.all(dist.mean().abs() <= 1.0)
+
+
+def test_block_linear_is_block_diagonal():
+    layer = BlockLinear(8, 6, blocks=2, bias=False)
+    x = torch.zeros(1, 8)
+    x[0, :4] = torch.randn(4)  # only block 0 has input
+    y = layer(x)
+    assert torch.count_nonzero(y[0, 3:]) == 0 and torch.count_nonzero(y[0, :3]) > 0
+    dense = torch.block_diag(*layer.weight)
+    torch.testing.assert_close(layer(x), x @ dense)
+
+
+def test_block_gru_update_gate_keeps_state_when_bias_pushes_it_closed():
+    gru = BlockGRU(input_dim=6, deter=16, blocks=4)
+    h = torch.randn(3, 16)
+    out = gru(torch.randn(3, 6), h)
+    assert out.shape == (3, 16)
+    with torch.no_grad():
+        gru.gates.bias.view(4, 3, -1)[:, 2] = -1e4  # update gate logit -> sigmoid(-inf) = 0
+    torch.testing.assert_close(gru(torch.randn(3, 6), h), h)
+
+
+def test_cnn_encoder_decoder_shapes_for_other_power_of_two_sizes():
+    for size in (32, 64, 128):
+        enc = ImageEncoder(3, size, depth=2)
+        x = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
+        assert enc(x).shape == (2, enc.out_dim)
+        dec = ImageDecoder(10, 3, size, depth=2)
+        out = dec(torch.randn(2, 10))
+        assert out.shape == (2, size, size, 3) and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="power of two"):
+        ImageEncoder(3, 48, depth=2)
+
+
+def test_observation_key_selection_and_errors():
+    spec = {"cam": ((8, 8, 3), np.uint8), "joints": ((5,), np.float32), "reward": ((), np.float32)}
+    assert split_obs_keys(spec) == (["cam"], ["joints"])
+    assert split_obs_keys(spec, cnn_keys="nothing") == ([], ["joints"])
+    with pytest.raises(ValueError, match="'grid'.*cannot be encoded"):
+        split_obs_keys({"grid": ((4, 4), np.float32)})
+    with pytest.raises(ValueError, match="no observation key matches"):
+        split_obs_keys(spec, cnn_keys="x", mlp_keys="y")
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_size_presets_build_and_grow():
+    counts = []
+    for name in ("size1m", "size12m"):
+        cfg = ModelConfig(size=name).resolved()
+        assert cfg.deter == SIZES[name]["deter"]
+        wm = WorldModel({"vector": ((4,), np.float32)}, 2, cfg)
+        counts.append(count(wm))
+    assert counts[0] < counts[1]
+    with pytest.raises(ValueError, match="unknown model.size"):
+        ModelConfig(size="size3m").resolved()
+
+
+def test_module_config_round_trips_through_plain_dicts():
+    from dataclasses import asdict
+
+    from lit_dreamer.module import agent_config_from
+    cfg = AgentConfig(model=ModelConfig(size="size12m", units=32))
+    assert agent_config_from(asdict(cfg)) == cfg
