@@ -112,7 +112,9 @@ class EnvCollector(Callback):
         pl_module.log("step", float(total), on_step=True, batch_size=1)
         metrics = {"train/env_steps": float(total), "train/frames": float(total * self.frames_per_step),
                    "train/episodes": float(self.episodes * self.world_size),
-                   "train/nonfinite_actions": float(self.nonfinite_actions)}
+                   "train/nonfinite_actions": float(self.nonfinite_actions),
+                   "replay/steps": float(len(trainer.datamodule.replay)),
+                   "replay/capacity_mb": trainer.datamodule.replay.nbytes / 2**20}
         if self.env_time > 0:
             metrics["perf/env_steps_per_s"] = self.env_steps / self.env_time
         if self._timer_start is not None:

@@ -1,11 +1,11 @@
-"""Command line: `python -m lit_dreamer fit [-c FILE ...] [key=value ...]`."""
+"""Command line: `python -m lit_dreamer fit|config [-c FILE ...] [key=value ...]`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from lit_dreamer.config import ConfigError, help_text, load_config
+from lit_dreamer.config import ConfigError, help_text, load_config, to_yaml
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -16,6 +16,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     fit.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
                      help="YAML overlay, a path or a name in configs/ (repeatable, applied in order)")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied last")
+    config = commands.add_parser("config", help="print the resolved config as YAML",
+                                 description="Print the config that fit would run with.")
+    config.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
+    config.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
 
 
@@ -23,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "fit":
+        if args.command == "config":
+            print(to_yaml(cfg), end="")
+        elif args.command == "fit":
             from lit_dreamer.train import fit
             summary = fit(cfg)
             print_summary(summary)
