@@ -43,7 +43,10 @@ def print_summary(summary: dict) -> None:
     print("\n=== lit_dreamer run summary ===")
     print(f"env steps {summary['env_steps']}, train steps {summary['train_steps']}, "
           f"episodes {summary['episodes']}, {summary['seconds']:.0f} s")
-    print(f"best episode return {summary['best_return']:.1f}, last {summary['last_return']:.1f}")
+    if summary["episodes"]:
+        print(f"best episode return {summary['best_return']:.1f}, last {summary['last_return']:.1f}")
+    else:
+        print("no episode finished yet")
     print(f"MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}")
     print(f"checkpoint {summary['checkpoint']}")
 

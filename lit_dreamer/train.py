@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import DreamerCheckpoint, EnvCollector, resolve_last
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
@@ -44,6 +45,9 @@ def probe_env(cfg: Config) -> EnvInfo:
 
 def run_dir(cfg: Config) -> str:
     return cfg.run.dir or os.path.join("runs", cfg.logger.run_name)
+
+
+RUN_NAME_ENV = "LIT_DREAMER_RUN_NAME"
 
 
 def default_run_name(cfg: Config) -> str:
@@ -113,7 +117,12 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
 def fit(cfg: Config) -> dict:
     """Train as configured; returns a summary dict (also printed by the CLI)."""
     if cfg.logger.run_name is None:
-        cfg.logger.run_name = default_run_name(cfg)
+        # Under DDP Lightning re-runs this command for the other ranks, seconds later: they must take rank 0's
+        # name, or each rank would write its checkpoint part into its own runs/<name> folder.
+        inherited = os.environ.get(RUN_NAME_ENV) if rank_zero_only.rank != 0 else None
+        cfg.logger.run_name = inherited or default_run_name(cfg)
+        if rank_zero_only.rank == 0:
+            os.environ[RUN_NAME_ENV] = cfg.logger.run_name  # inherited by the rank processes Lightning starts
     ckpt_path = resolve_ckpt_path(cfg)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module, datamodule, callbacks, info = build(cfg)
@@ -122,7 +131,8 @@ def fit(cfg: Config) -> dict:
     directory = run_dir(cfg)
     os.makedirs(directory, exist_ok=True)
     logger = make_logger(cfg, directory, resuming=ckpt_path is not None)
-    if ckpt_path is None:
+    # Under DDP the other ranks re-run this script: only rank 0 has an MLflow run (and writes its files).
+    if ckpt_path is None and rank_zero_only.rank == 0:
         with open(os.path.join(directory, "mlflow_run_id"), "w") as f:
             f.write(logger.run_id)
         config_file = os.path.join(directory, "config.yaml")
