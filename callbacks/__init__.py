@@ -2,5 +2,6 @@
 
 from callbacks.checkpoint import DreamerCheckpoint, resolve_last
 from callbacks.env_collector import EnvCollector
+from callbacks.evaluation import EvalCallback
 
-__all__ = ["DreamerCheckpoint", "EnvCollector", "resolve_last"]
+__all__ = ["DreamerCheckpoint", "EnvCollector", "EvalCallback", "resolve_last"]

@@ -4,6 +4,7 @@ Layout under `dirpath`:
 
     step-000012000/model.ckpt         Lightning checkpoint (module, 3 optimizers, callback states)
     step-000012000/replay-rank0/      this rank's replay snapshot, taken at the same moment
+    step-000012000/collector-rank0.json   this rank's episode counters and RNG state
     last -> step-000012000            symlink, swapped atomically once both parts are complete
 
 A save writes a new `step-*` folder and only then moves `last`, so a crash or kill at any point
@@ -14,6 +15,7 @@ writes in place rather than write-then-rename, and it knows nothing of the repla
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
@@ -23,6 +25,15 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from callbacks.env_collector import EnvCollector
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def resolve_last(dirpath: str) -> str | None:
@@ -67,9 +78,11 @@ class DreamerCheckpoint(Callback):
         if trainer.is_global_zero:
             os.makedirs(folder, exist_ok=True)
         trainer.strategy.barrier("dreamer_checkpoint_mkdir")
-        trainer.datamodule.save_replay(os.path.join(folder, f"replay-rank{trainer.global_rank}"))
+        rank = trainer.global_rank
+        trainer.datamodule.save_replay(os.path.join(folder, f"replay-rank{rank}"))
+        write_json_atomic(os.path.join(folder, f"collector-rank{rank}.json"), self.collector(trainer).rank_state())
         tmp = os.path.join(folder, "model.ckpt.tmp")
-        trainer.save_checkpoint(tmp)  # collective; rank 0 writes
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective; rank 0 writes the full checkpoint
         trainer.strategy.barrier("dreamer_checkpoint_saved")
         if trainer.is_global_zero:
             os.replace(tmp, os.path.join(folder, "model.ckpt"))

@@ -13,6 +13,7 @@ any device count). It never steps an environment inside `training_step`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -59,7 +60,10 @@ class EnvCollector(Callback):
         self.episode_return = MeanMetric()
         self.episode_length = MeanMetric()
         self.rank, self.world_size = 0, 1
-        self.env_time = 0.0
+        # Throughput of this process only (a resumed run restarts them).
+        self.collect_time = 0.0
+        self.session_env_steps = 0
+        self.session_train_steps = 0
         self._timer_start = None
 
     # ----------------------------------------------------------------------------------------------
@@ -103,6 +107,7 @@ class EnvCollector(Callback):
             self.credit += credit_per_step
         self.credit -= 1.0
         self.train_steps_seen += 1
+        self.session_train_steps += 1
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -115,11 +120,12 @@ class EnvCollector(Callback):
                    "train/nonfinite_actions": float(self.nonfinite_actions),
                    "replay/steps": float(len(trainer.datamodule.replay)),
                    "replay/capacity_mb": trainer.datamodule.replay.nbytes / 2**20}
-        if self.env_time > 0:
-            metrics["perf/env_steps_per_s"] = self.env_steps / self.env_time
+        if self.collect_time > 0:
+            # Collector throughput with the current policy (policy forward, env step, replay insert).
+            metrics["perf/env_steps_per_s"] = self.session_env_steps / self.collect_time
         if self._timer_start is not None:
             elapsed = time.perf_counter() - self._timer_start
-            metrics["perf/train_steps_per_s"] = self.train_steps_seen / max(elapsed, 1e-9)
+            metrics["perf/train_steps_per_s"] = self.session_train_steps / max(elapsed, 1e-9)
         pl_module.log_dict(metrics, on_step=True, batch_size=1)
         pl_module.log_dict({"env_steps": float(total), "return": self.last_return}, on_step=True, batch_size=1,
                            prog_bar=True, logger=False)
@@ -147,35 +153,49 @@ class EnvCollector(Callback):
             self.envs.close()
             self.envs = None
 
+    # Counters that are equal on every rank go into the Lightning checkpoint (which holds rank 0's
+    # callback state); what differs per rank is saved by DreamerCheckpoint beside the replay shard.
+    SHARED_STATE = ("env_steps", "credit", "train_steps_seen")
+    RANK_STATE = ("episodes", "nonfinite_actions", "best_return", "last_return")
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"env_steps": self.env_steps, "credit": self.credit, "episodes": self.episodes,
-                "train_steps_seen": self.train_steps_seen, "nonfinite_actions": self.nonfinite_actions,
-                "best_return": self.best_return, "last_return": self.last_return,
-                "rng": self.rng.bit_generator.state if hasattr(self, "rng") else None}
+        return {key: getattr(self, key) for key in self.SHARED_STATE}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in ("env_steps", "credit", "episodes", "train_steps_seen", "nonfinite_actions", "best_return",
-                    "last_return"):
+        for key in self.SHARED_STATE:
             setattr(self, key, state_dict[key])
-        self._rng_state = state_dict.get("rng")
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own counters and RNG state (JSON-able)."""
+        state = {key: getattr(self, key) for key in self.RANK_STATE}
+        state["rng"] = self.rng.bit_generator.state
+        return state
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        for key in self.RANK_STATE:
+            setattr(self, key, state[key])
+        self.rng.bit_generator.state = state["rng"]
 
     # ----------------------------------------------------------------------------------------------
     # Collection
 
     def restore_replay(self, trainer: L.Trainer) -> None:
-        """On resume, load this rank's replay saved beside the checkpoint."""
-        if getattr(self, "_rng_state", None) is not None:
-            self.rng.bit_generator.state = self._rng_state
+        """On resume, load this rank's replay and counters saved beside the checkpoint."""
         ckpt_path = trainer.ckpt_path
         if not ckpt_path:
             return
-        path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), f"replay-rank{self.rank}")
+        folder = os.path.dirname(os.path.abspath(ckpt_path))
+        path = os.path.join(folder, f"replay-rank{self.rank}")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint {ckpt_path} has no replay for rank {self.rank} at {path}; "
                                     "resume with the same number of devices it was saved with")
         trainer.datamodule.load_replay(path)
+        state_file = os.path.join(folder, f"collector-rank{self.rank}.json")
+        if os.path.isfile(state_file):
+            with open(state_file) as f:
+                self.load_rank_state(json.load(f))
 
     def reset_envs(self, pl_module: L.LightningModule) -> None:
         obs, _ = self.envs.reset(seed=self.env_seed() + self.env_steps)
@@ -212,6 +232,7 @@ class EnvCollector(Callback):
 
     def step(self, trainer: L.Trainer, pl_module: L.LightningModule, random: bool) -> None:
         """Record the current step into the replay, pick actions, and advance the envs by one step."""
+        start = time.perf_counter()
         if random:
             action, context = self.random_actions(), None
         else:
@@ -222,9 +243,7 @@ class EnvCollector(Callback):
         trainer.datamodule.replay.add(step, context=context)
         self.track_episodes()
         env_action = action.argmax(-1) if self.discrete else np.clip(action, -1.0, 1.0)
-        start = time.perf_counter()
         obs, reward, terminated, truncated, _ = self.envs.step(env_action)
-        self.env_time += time.perf_counter() - start
         # Gymnasium's NEXT_STEP autoreset: the call after an episode's last step returns the first
         # observation of the next episode (its action is ignored): that step is_first.
         self.is_first = self.is_last.copy()
@@ -234,6 +253,8 @@ class EnvCollector(Callback):
         self.is_last = (np.asarray(terminated, bool) | np.asarray(truncated, bool)) & ~self.is_first
         self.prev_action = action.astype(np.float32)
         self.env_steps += self.num_envs
+        self.session_env_steps += self.num_envs
+        self.collect_time += time.perf_counter() - start
 
     def track_episodes(self) -> None:
         """Count the step just recorded; close the episodes whose last step it was."""

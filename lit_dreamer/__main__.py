@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "fit":
             from lit_dreamer.train import fit
             summary = fit(cfg)
-            print_summary(summary)
+            if summary["rank"] == 0:
+                print_summary(summary)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -41,12 +42,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(summary: dict) -> None:
     print("\n=== lit_dreamer run summary ===")
+    where = " on rank 0" if summary["world_size"] > 1 else ""
     print(f"env steps {summary['env_steps']}, train steps {summary['train_steps']}, "
-          f"episodes {summary['episodes']}, {summary['seconds']:.0f} s")
+          f"episodes {summary['episodes']}{where}, {summary['seconds']:.0f} s")
     if summary["episodes"]:
         print(f"best episode return {summary['best_return']:.1f}, last {summary['last_return']:.1f}")
     else:
         print("no episode finished yet")
+    if summary["eval"]:
+        e = summary["eval"]
+        print(f"last evaluation: return {e['return']:.1f} +- {e['return_std']:.1f} over {e['episodes']} episodes")
     print(f"MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}")
     print(f"checkpoint {summary['checkpoint']}")
 

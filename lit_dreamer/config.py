@@ -67,6 +67,12 @@ class RunConfig:
     """Log metrics every this many training steps."""
     checkpoint_every: int = 10000
     """Save a checkpoint (with replay) every this many env steps, and at the end."""
+    eval_every: int = 5000
+    """Evaluate in separate envs every this many env steps and at the end (0: never)."""
+    eval_episodes: int = 10
+    """Episodes per evaluation, run in parallel envs."""
+    eval_mode: str = "mode"
+    """Evaluation policy: mode (the most likely action) or sample."""
     dir: Optional[str] = None
     """Folder for checkpoints and the run's files (None: runs/<run name>)."""
 
@@ -245,6 +251,8 @@ def validate(cfg: Config) -> None:
                           + (f" (did you mean {close[0]}?)" if close else ""))
     if cfg.env.obs not in ("proprio", "pixels"):
         raise ConfigError(f"env.obs must be 'proprio' or 'pixels', got {cfg.env.obs!r}")
+    if cfg.run.eval_mode not in ("mode", "sample"):
+        raise ConfigError(f"run.eval_mode must be 'mode' or 'sample', got {cfg.run.eval_mode!r}")
     if cfg.replay.sampling not in ("uniform", "recency"):
         raise ConfigError(f"replay.sampling must be 'uniform' or 'recency', got {cfg.replay.sampling!r}")
     for key, value in (("run.steps", cfg.run.steps), ("run.batch_size", cfg.run.batch_size),

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks import DreamerCheckpoint, EnvCollector, resolve_last
+from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, resolve_last
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
@@ -31,8 +31,7 @@ class EnvInfo:
 def probe_env(cfg: Config) -> EnvInfo:
     """Make one env to read its spaces (fails fast on an unknown id or an unusable space)."""
     try:
-        env = make_env(cfg.env.id, obs=cfg.env.obs, action_repeat=cfg.env.action_repeat,
-                       image_size=cfg.env.image_size, time_limit=cfg.env.time_limit)
+        env = make_env(cfg.env.id, **env_kwargs(cfg))
     except ValueError as err:
         raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
     try:
@@ -52,7 +51,7 @@ RUN_NAME_ENV = "LIT_DREAMER_RUN_NAME"
 
 def default_run_name(cfg: Config) -> str:
     env = cfg.env.id.replace("/", "-")
-    return f"{env}-seed{cfg.run.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{env}-seed{cfg.run.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
 def resolve_ckpt_path(cfg: Config) -> str | None:
@@ -107,11 +106,18 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
                                   recency_half_life=cfg.replay.recency_half_life, seed=cfg.run.seed)
     collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
                              train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
-                             asynchronous=cfg.env.asynchronous, obs=cfg.env.obs,
-                             action_repeat=cfg.env.action_repeat, image_size=cfg.env.image_size,
-                             time_limit=cfg.env.time_limit)
+                             asynchronous=cfg.env.asynchronous, **env_kwargs(cfg))
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every)
-    return module, datamodule, [collector, checkpoint], info
+    callbacks = [collector, checkpoint]
+    if cfg.run.eval_every > 0:
+        callbacks.append(EvalCallback(cfg.env.id, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
+                                      mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **env_kwargs(cfg)))
+    return module, datamodule, callbacks, info
+
+
+def env_kwargs(cfg: Config) -> dict:
+    return dict(obs=cfg.env.obs, action_repeat=cfg.env.action_repeat, image_size=cfg.env.image_size,
+                time_limit=cfg.env.time_limit)
 
 
 def fit(cfg: Config) -> dict:
@@ -149,13 +155,16 @@ def fit(cfg: Config) -> dict:
     summary = {
         "env_steps": collector.env_steps * trainer.world_size,
         "train_steps": int(module.train_steps),
-        "episodes": collector.episodes * trainer.world_size,
+        "episodes": collector.episodes,  # of this rank
+        "world_size": trainer.world_size,
         "best_return": collector.best_return,
+        "eval": next((cb.history[-1][1] for cb in callbacks if isinstance(cb, EvalCallback) and cb.history), None),
         "last_return": collector.last_return,
         "seconds": time.time() - start,
         "mlflow_run_id": logger.run_id,
         "tracking_uri": cfg.logger.tracking_uri,
         "checkpoint": resolve_last(os.path.join(directory, "checkpoints")),
         "run_dir": directory,
+        "rank": trainer.global_rank,
     }
     return summary

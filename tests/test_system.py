@@ -259,6 +259,9 @@ def test_resume_continues_steps_replay_optimizer_and_mlflow_run(cartpole_run, tm
     steps_a = laprop_steps(ckpt_a)
     replay_a = Replay.load(str(last_a / "replay-rank0"))
     assert len(replay_a) == collector_state(ckpt_a)["env_steps"] == n
+    # Every episode the collector counted ended on a recorded step: the counts must agree exactly.
+    episodes_a = json.loads((last_a / "collector-rank0.json").read_text())["episodes"]
+    assert episodes_a == int(replay_a._data["is_last"][:n].sum()) > 0
 
     proc = fit_cli(tmp_path, f"run.steps={total}", f"run.prefill={CARTPOLE_PREFILL}", "ckpt_path=last")
     assert proc.returncode == 0, explain(proc)
@@ -286,6 +289,9 @@ def test_resume_continues_steps_replay_optimizer_and_mlflow_run(cartpole_run, tm
     for key in ("vector", "action", "reward", "is_first"):
         np.testing.assert_array_equal(replay_b._data[key][:n], replay_a._data[key][:n], err_msg=key)
     assert f"env steps {total}" in proc.stdout
+    # This rank's episode counter continued from the saved one rather than restarting at 0.
+    episodes_b = json.loads((last_b / "collector-rank0.json").read_text())["episodes"]
+    assert episodes_b == int(replay_b._data["is_last"][:total].sum())
 
 
 # --------------------------------------------------------------------------------------------------
