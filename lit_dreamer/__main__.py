@@ -1,4 +1,4 @@
-"""Command line: `python -m lit_dreamer fit|config [-c FILE ...] [key=value ...]`."""
+"""Command line: `python -m lit_dreamer fit|bench|config [-c FILE ...] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     fit.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
                      help="YAML overlay, a path or a name in configs/ (repeatable, applied in order)")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied last")
+    bench = commands.add_parser("bench", help="time training steps and the collector",
+                                description="Time real training steps (random data of the env's shapes) and the "
+                                "collector; the last line is JSON. Extra keys: bench.steps, bench.warmup, "
+                                "bench.collector_steps.")
+    bench.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
+    bench.add_argument("overrides", nargs="*", metavar="key=value")
     config = commands.add_parser("config", help="print the resolved config as YAML",
                                  description="Print the config that fit would run with.")
     config.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
@@ -26,8 +32,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "config":
+        bench_overrides = [o for o in args.overrides if o.startswith("bench.")]
+        cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("bench.")])
+        if args.command == "bench":
+            from lit_dreamer.bench import main as bench_main
+            bench_main(cfg, bench_options(bench_overrides))
+        elif args.command == "config":
             print(to_yaml(cfg), end="")
         elif args.command == "fit":
             from lit_dreamer.train import fit
@@ -38,6 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def bench_options(overrides: list[str]):
+    from lit_dreamer.bench import BenchConfig
+    options = BenchConfig()
+    for item in overrides:
+        key, _, value = item.partition("=")
+        name = key[len("bench."):]
+        if not hasattr(options, name) or not value.isdigit():
+            raise ConfigError(f"bad benchmark option {item!r}: use bench.steps=N, bench.warmup=N (N >= 1) "
+                              "or bench.collector_steps=N")
+        setattr(options, name, int(value))
+    if options.warmup < 1 or options.steps < 1:
+        raise ConfigError("bench.warmup and bench.steps must be at least 1")
+    return options
 
 
 def print_summary(summary: dict) -> None:

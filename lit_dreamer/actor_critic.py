@@ -14,6 +14,7 @@ from lit_dreamer.losses import actor_loss, critic_loss, lambda_returns
 from lit_dreamer.nets import Head
 from lit_dreamer.normalizer import ReturnNormalizer
 from lit_dreamer.rssm import State
+from lit_dreamer.timing import PhaseTimer
 from lit_dreamer.world_model import WorldModel
 
 
@@ -61,6 +62,7 @@ class ActorCritic(nn.Module):
         self.critic = Critic(feat_dim, model.bins, model.units, model.critic_layers)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.normalizer = ReturnNormalizer(rate=behavior.retnorm_rate, limit=behavior.retnorm_limit)
+        self.timer = PhaseTimer()
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -84,13 +86,22 @@ class ActorCritic(nn.Module):
             params.append(p)
             return self.actor.dist(p).sample().detach()
 
-        states, actions = wm.rssm.imagine(start, policy, self.cfg.horizon)
-        feat = states.feat()  # (N, H+1, F), no gradient into the world model
-        policy_dist = self.actor.dist(torch.stack(params, 1))
+        with self.timer("imagination"):
+            states, actions = wm.rssm.imagine(start, policy, self.cfg.horizon)
+            feat = states.feat()  # (N, H+1, F), no gradient into the world model
+            with torch.no_grad():
+                reward = wm.reward(feat).mean()
+                cont = wm.cont(feat).mean()
+                cont = torch.cat([start_cont[:, None].to(cont.dtype), cont[:, 1:]], 1)
+        with self.timer("actor_critic"):
+            return self.behavior_losses(feat, actions, torch.stack(params, 1), reward, cont, gather)
+
+    def behavior_losses(self, feat: Tensor, actions: Tensor, policy_params: Tensor, reward: Tensor, cont: Tensor,
+                        gather: Callable[[Tensor], Tensor] | None
+                        ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
+        """Actor and critic losses on imagined trajectories (N, H+1): lambda returns, advantages, weights."""
+        policy_dist = self.actor.dist(policy_params)
         with torch.no_grad():
-            reward = wm.reward(feat).mean()
-            cont = wm.cont(feat).mean()
-            cont = torch.cat([start_cont[:, None].to(cont.dtype), cont[:, 1:]], 1)
             slow_value = self.slow_critic(feat).mean()
         value_dist = self.critic(feat)
         value = value_dist.mean().detach()

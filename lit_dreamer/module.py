@@ -15,6 +15,7 @@ from lit_dreamer.actor_critic import ActorCritic
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
+from lit_dreamer.timing import PhaseTimer
 from lit_dreamer.world_model import WorldModel
 
 ObsSpec = dict[str, tuple[tuple[int, ...], str]]
@@ -55,6 +56,9 @@ class DreamerModule(L.LightningModule):
         self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior)
         self.scales = {f"rec/{k}": cfg.loss_scales.rec for k in self.world_model.decoded_keys}
         self.scales.update({k: v for k, v in asdict(cfg.loss_scales).items() if k != "rec"})
+        # Off unless a benchmark switches it on; shared with the actor-critic for its two phases.
+        self.timer = PhaseTimer()
+        self.actor_critic.timer = self.timer
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
 
@@ -75,7 +79,8 @@ class DreamerModule(L.LightningModule):
         B, T = batch["is_first"].shape
 
         # 1. World model: reconstruct, predict rewards and continues, KL between posterior and prior.
-        wm_losses, post, metrics = self.world_model.loss(batch, self.replay_context(batch))
+        with self.timer("world_model"):
+            wm_losses, post, metrics = self.world_model.loss(batch, self.replay_context(batch))
 
         # 2. Imagination: roll out the policy in the prior from every posterior state.
         start = post.detach().flatten()
@@ -85,7 +90,8 @@ class DreamerModule(L.LightningModule):
         metrics.update(ac_metrics)
 
         # 3. Critic on the replayed sequence, bootstrapped from the imagined returns of each step.
-        repval = self.actor_critic.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T))
+        with self.timer("actor_critic"):
+            repval = self.actor_critic.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T))
 
         losses = {**wm_losses, **ac_losses, "repval": repval}
         assert losses.keys() == self.scales.keys(), (sorted(losses), sorted(self.scales))
@@ -100,7 +106,8 @@ class DreamerModule(L.LightningModule):
         optimizers = self.optimizers()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        self.manual_backward(total)
+        with self.timer("backward"):
+            self.manual_backward(total)
         norms = {name: grad_norm(part.parameters()) for name, part in self.parts().items()}
         metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
         if not (torch.isfinite(total) and all(torch.isfinite(v) for v in norms.values())):
@@ -109,9 +116,10 @@ class DreamerModule(L.LightningModule):
             bad = [k for k, v in means.items() if not torch.isfinite(v)]
             metrics["train/nonfinite_terms"] = torch.tensor(float(len(bad)))
             return
-        for opt in optimizers:
-            opt.step()
-        self.actor_critic.update_slow_critic()
+        with self.timer("optimizer"):
+            for opt in optimizers:
+                opt.step()
+            self.actor_critic.update_slow_critic()
         self.actor_critic.normalizer.commit(spread)
         self.train_steps += 1
         for name, opt in zip(self.parts(), optimizers):

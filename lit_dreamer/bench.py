@@ -1,0 +1,163 @@
+"""`python -m lit_dreamer bench`: time real training steps and the collector of the configured agent.
+
+The training steps run through the real Lightning Trainer and DreamerModule on a replay filled with
+random data of the env's shapes (the env is used for its spaces); the collector is timed on the
+real envs with the current policy. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.flop_counter import FlopCounterMode
+
+from callbacks import EnvCollector
+from lit_dreamer.config import Config
+from lit_dreamer.data import ReplayDataModule
+from lit_dreamer.module import DreamerModule
+from lit_dreamer.train import env_kwargs, probe_env
+from lit_dreamer.timing import PhaseTimer
+
+
+@dataclass
+class BenchConfig:
+    """How long to measure."""
+
+    steps: int = 5
+    """Timed training steps."""
+    warmup: int = 2
+    """Untimed training steps first (allocations, lazy init, compilation); at least 1, the FLOP count runs on the last."""
+    collector_steps: int = 200
+    """Timed env steps of the collector with the current policy."""
+
+
+def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim: int, discrete: bool) -> dict:
+    """One vector step of random data with the shapes and dtypes of a replay step."""
+    step = {}
+    for key, (shape, dtype) in spec.items():
+        dtype = np.dtype(dtype)
+        if key == "action":
+            step[key] = (np.eye(action_dim, dtype=np.float32)[rng.integers(0, action_dim, num_envs)] if discrete
+                         else rng.uniform(-1, 1, (num_envs, action_dim)).astype(np.float32))
+        elif dtype == np.uint8:
+            step[key] = rng.integers(0, 256, (num_envs, *shape), dtype=np.uint8)
+        elif dtype == np.bool_:
+            # Episodes of about 100 steps, so resets inside sequences are exercised.
+            step[key] = rng.random((num_envs, *shape)) < (0.01 if key in ("is_first", "is_last") else 0.0)
+        else:
+            step[key] = rng.standard_normal((num_envs, *shape)).astype(dtype)
+    return step
+
+
+class StepTimer(Callback):
+    """Times whole training steps after the warmup and counts the FLOPs of one of them."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.durations: list[float] = []
+        self.flops = 0
+        self._counter: FlopCounterMode | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            pl_module.timer.reset()
+        if batch_idx == self.warmup - 1:  # count FLOPs (which slows the step down) on the last untimed step
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        elapsed = time.perf_counter() - self._start
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops = self._counter.get_total_flops()
+            self._counter = None
+        if batch_idx >= self.warmup:
+            self.durations.append(elapsed)
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
+    L.seed_everything(cfg.run.seed, verbose=False)
+    info = probe_env(cfg)
+    module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent())
+    module.timer.enabled = True
+    B, T = cfg.run.batch_size, cfg.run.batch_length
+    datamodule = ReplayDataModule(info.spec, num_envs=1, capacity=max(4 * T, 2048), batch_size=B, batch_length=T,
+                                  seed=cfg.run.seed)
+    datamodule.setup("fit")
+    rng = np.random.default_rng(cfg.run.seed)
+    for _ in range(datamodule.replay.capacity):
+        datamodule.replay.add(random_step(info.spec, 1, rng, info.action_dim, info.discrete))
+    sample_timer = PhaseTimer(enabled=True)
+    for _ in range(20):
+        with sample_timer("replay_sampling"):
+            datamodule.replay.sample(B, T)
+
+    timer = StepTimer(options.warmup)
+    trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k in ("accelerator", "devices", "precision", "strategy")}
+    # Under manual optimization global_step counts optimizer steps: 3 per training step.
+    trainer = L.Trainer(**trainer_kwargs, max_steps=3 * (options.warmup + options.steps), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer], num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    phases = module.timer.mean()
+    phases["replay_sampling"] = sample_timer.mean()["replay_sampling"]
+
+    env_steps_per_s, collector_time = time_collector(cfg, trainer, module, options.collector_steps)
+    phases["collector_per_env_step"] = collector_time
+    step_time = float(np.mean(timer.durations))
+    ac = module.actor_critic
+    return {
+        "train_steps_per_s": 1.0 / step_time,
+        "seconds_per_train_step": step_time,
+        "env_steps_per_s": env_steps_per_s,
+        "params": {"world_model": count(module.world_model), "actor": count(ac.actor), "critic": count(ac.critic)},
+        "flops_per_step": timer.flops,
+        "achieved_gflops": timer.flops / step_time / 1e9,
+        "phases_seconds": phases,
+        "config": {
+            "env": cfg.env.id, "obs": cfg.env.obs, "size": cfg.model.size, "model": vars(cfg.model.resolved()),
+            "batch": B, "length": T, "horizon": cfg.behavior.horizon,
+            "device": str(module.device), "precision": str(trainer.precision), "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+    }
+
+
+def time_collector(cfg: Config, trainer: L.Trainer, module: DreamerModule, steps: int) -> tuple[float, float]:
+    """Env steps per second of the collector acting with the current policy, and seconds per env step."""
+    collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed, **env_kwargs(cfg))
+    collector.setup(trainer, module, "fit")
+    try:
+        collector.reset_envs(module)
+        collector.step(trainer, module, random=False)  # first call allocates
+        start = time.perf_counter()
+        vector_steps = max(1, steps // cfg.env.num_envs)
+        for _ in range(vector_steps):
+            collector.step(trainer, module, random=False)
+        elapsed = time.perf_counter() - start
+    finally:
+        collector.teardown(trainer, module, "fit")
+    env_steps = vector_steps * cfg.env.num_envs
+    return env_steps / elapsed, elapsed / env_steps
+
+
+def main(cfg: Config, options: BenchConfig) -> dict:
+    result = bench(cfg, options)
+    phases = result["phases_seconds"]
+    print(f"{result['train_steps_per_s']:.3f} train steps/s ({result['seconds_per_train_step']:.3f} s/step), "
+          f"{result['env_steps_per_s']:.1f} env steps/s, {result['achieved_gflops']:.1f} GFLOP/s")
+    print("per step: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in phases.items()))
+    print(json.dumps(result))
+    return result

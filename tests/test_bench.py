@@ -1,0 +1,39 @@
+"""The benchmark command: real training steps and collector, one JSON line with the agreed fields."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.timeout(300)
+def test_bench_prints_json_with_timings_flops_and_params(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "lit_dreamer", "bench", "-c", "debug", "bench.steps=2",
+                           "bench.warmup=1", "bench.collector_steps=20", "model.units=24"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["train_steps_per_s"] > 0 and result["env_steps_per_s"] > 0
+    assert result["seconds_per_train_step"] == pytest.approx(1 / result["train_steps_per_s"])
+    for phase in ("replay_sampling", "world_model", "imagination", "actor_critic", "backward", "optimizer",
+                  "collector_per_env_step"):
+        assert result["phases_seconds"][phase] > 0, phase
+    # The phases are parts of one step: together they cannot exceed it by much (collector excluded).
+    inside = sum(v for k, v in result["phases_seconds"].items() if k not in ("replay_sampling", "collector_per_env_step"))
+    assert inside <= result["seconds_per_train_step"] * 1.05
+    assert result["flops_per_step"] > 1e6
+    assert result["achieved_gflops"] == pytest.approx(result["flops_per_step"] / result["seconds_per_train_step"] / 1e9)
+    assert result["config"]["model"]["units"] == 24 and result["config"]["batch"] == 4
+    assert result["config"]["precision"] == "32-true" and result["config"]["threads"] == 1
+    assert set(result["params"]) == {"world_model", "actor", "critic"} and all(result["params"].values())
+
+
+def test_bench_rejects_unknown_options(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lit_dreamer", "bench", "-c", "debug", "bench.stepz=2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "bench.steps=N" in proc.stderr
