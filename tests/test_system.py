@@ -355,6 +355,20 @@ def test_bf16_mixed_on_cpu_trains_with_finite_losses(in_tmp):
     assert [m.value for m in history(in_tmp, run.info.run_id, "train/nonfinite_actions")][-1] == 0
 
 
+@pytest.mark.timeout(300)
+def test_several_async_envs_fill_separate_streams(in_tmp):
+    """env.num_envs=3 in subprocesses: each vector step adds 3 env steps, one per replay stream."""
+    summary = fit_in_process(in_tmp, "env.num_envs=3", "env.asynchronous=true", "run.steps=60", "run.prefill=30")
+    assert summary["env_steps"] == 60
+    from lit_dreamer.replay import Replay
+    replay = Replay.load(os.path.join(summary["checkpoint"].rsplit(os.sep, 1)[0], "replay-rank0"))
+    assert len(replay) == 60
+    streams = replay._data["vector"][:20]  # (rows, 3 envs, 4)
+    # Different seeds: the three CartPole streams differ from the first observation on.
+    assert not np.allclose(streams[:, 0], streams[:, 1]) and not np.allclose(streams[:, 1], streams[:, 2])
+    assert replay._data["is_first"][0].all()
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. Train ratio: gradient steps per env step after prefill = train_ratio / (B * T)
 
