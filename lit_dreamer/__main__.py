@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from lit_dreamer.config import ConfigError, help_text, load_config, to_yaml
+from lit_dreamer.module import NonFiniteTrainingError
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

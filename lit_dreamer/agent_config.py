@@ -146,6 +146,8 @@ class OptimConfig:
     """Decay of the squared-gradient average."""
     warmup: int = 1000
     """Linear learning-rate warmup in gradient steps."""
+    max_skipped_steps: int = 20
+    """Stop with an error after this many consecutive steps skipped for non-finite losses or gradients."""
 
 
 @dataclass

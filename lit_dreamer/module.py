@@ -21,6 +21,10 @@ from lit_dreamer.world_model import WorldModel
 ObsSpec = dict[str, tuple[tuple[int, ...], str]]
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive training steps with NaN or infinite losses or gradients."""
+
+
 def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
     """Accept an AgentConfig, a plain nested dict (from a checkpoint or YAML), or None (defaults)."""
     if config is None:
@@ -61,6 +65,7 @@ class DreamerModule(L.LightningModule):
         self.actor_critic.timer = self.timer
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.consecutive_skips = 0
 
     # ----------------------------------------------------------------------------------------------
     # Optimization
@@ -97,12 +102,18 @@ class DreamerModule(L.LightningModule):
         assert losses.keys() == self.scales.keys(), (sorted(losses), sorted(self.scales))
         means = {k: v.float().mean() for k, v in losses.items()}
         total = sum(self.scales[k] * v for k, v in means.items())
-        self.optimize(total, means, spread, metrics)
+        stepped = self.optimize(total, means, spread, metrics)
         self.log_metrics({**{f"loss/{k}": v for k, v in means.items()}, **metrics})
-        return {"context": self.context_entries(post)}
+        # A skipped step's posteriors may hold NaN: they must not become replay context.
+        return {"context": self.context_entries(post) if stepped else None}
 
-    def optimize(self, total: Tensor, means: dict[str, Tensor], spread: Tensor, metrics: dict) -> None:
-        """One backward over the summed loss, then step all three optimizers (or none)."""
+    def optimize(self, total: Tensor, means: dict[str, Tensor], spread: Tensor, metrics: dict) -> bool:
+        """One backward over the summed loss, then step all three optimizers, or none of them.
+
+        A non-finite loss or gradient skips the update (optimizers, slow critic and normalizer stay
+        untouched) and is counted; too many in a row stop training with an error naming the culprit.
+        Returns whether the parameters were updated.
+        """
         optimizers = self.optimizers()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -110,12 +121,22 @@ class DreamerModule(L.LightningModule):
             self.manual_backward(total)
         norms = {name: grad_norm(part.parameters()) for name, part in self.parts().items()}
         metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
-        if not (torch.isfinite(total) and all(torch.isfinite(v) for v in norms.values())):
+        bad = [f"loss/{k}" for k, v in means.items() if not torch.isfinite(v)]
+        bad += [f"grad_norm/{k}" for k, v in norms.items() if not torch.isfinite(v)]
+        # Every rank must take the same decision (gradients are averaged, losses are not).
+        finite = self.trainer.strategy.reduce(torch.tensor(float(not bad), device=self.device), reduce_op="min")
+        if finite < 1:
             # A non-finite loss or gradient would poison the optimizer moments: skip the update.
             self.skipped_steps += 1
-            bad = [k for k, v in means.items() if not torch.isfinite(v)]
+            self.consecutive_skips += 1
             metrics["train/nonfinite_terms"] = torch.tensor(float(len(bad)))
-            return
+            if self.consecutive_skips >= self.cfg.optim.max_skipped_steps:
+                raise NonFiniteTrainingError(
+                    f"{self.consecutive_skips} training steps in a row had non-finite values in "
+                    f"{', '.join(bad) or 'another rank'}; stopping. The last good checkpoint is kept; lower the "
+                    "learning rate or check the environment's observations and rewards for NaN or huge values.")
+            return False
+        self.consecutive_skips = 0
         with self.timer("optimizer"):
             for opt in optimizers:
                 opt.step()
@@ -124,6 +145,7 @@ class DreamerModule(L.LightningModule):
         self.train_steps += 1
         for name, opt in zip(self.parts(), optimizers):
             metrics[f"lr/{name}"] = torch.tensor(opt.optimizer.current_lr())
+        return True
 
     def gather_returns(self, returns: Tensor) -> Tensor:
         """All ranks' returns, so that every rank computes the same percentiles (no-op on one device)."""
@@ -133,8 +155,9 @@ class DreamerModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], batch_idx: int) -> None:
         datamodule = self.trainer.datamodule
-        if self.cfg.behavior.replay_context and hasattr(datamodule, "update_context"):
-            datamodule.update_context(batch["index"], outputs["context"])
+        context = outputs["context"]
+        if self.cfg.behavior.replay_context and context is not None and hasattr(datamodule, "update_context"):
+            datamodule.update_context(batch["index"], context)
 
     def parts(self) -> dict[str, torch.nn.Module]:
         return {"world_model": self.world_model, "actor": self.actor_critic.actor,

@@ -1,0 +1,107 @@
+"""Faults during training: non-finite losses are skipped (and stop the run if they persist), NaN actions
+never reach an environment."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lit_dreamer.config import load_config
+from lit_dreamer.module import DreamerModule, NonFiniteTrainingError
+from lit_dreamer.replay import Replay
+from lit_dreamer.train import fit
+from lit_dreamer.world_model import WorldModel
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIT_DREAMER_RUN_NAME", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def config(root, *overrides):
+    return load_config(["debug"], [f"run.dir={root}/run", f"logger.tracking_uri=sqlite:///{root}/mlflow.db",
+                                   *overrides])
+
+
+def poison_reward_loss(monkeypatch, bad_calls):
+    """Make the reward loss NaN on the given (1-based) calls of WorldModel.loss."""
+    original, calls = WorldModel.loss, {"n": 0}
+
+    def loss(self, batch, start=None):
+        losses, post, metrics = original(self, batch, start)
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            losses["rew"] = losses["rew"] * float("nan")
+        return losses, post, metrics
+
+    monkeypatch.setattr(WorldModel, "loss", loss)
+
+
+def laprop_steps(module):
+    opt = module.optimizers()
+    return [max(o.optimizer.state[p]["step"] for p in o.optimizer.state) for o in opt]
+
+
+def test_nonfinite_steps_are_skipped_and_counted(in_tmp, monkeypatch):
+    poison_reward_loss(monkeypatch, bad_calls={5, 6, 7})
+    captured = {}
+    original_fit = DreamerModule.on_train_end
+
+    def on_train_end(self):
+        captured["steps"] = laprop_steps(self)
+        captured["spread"] = float(self.actor_critic.normalizer.spread)
+        original_fit(self)
+
+    monkeypatch.setattr(DreamerModule, "on_train_end", on_train_end)
+    summary = fit(config(in_tmp, "run.steps=40", "run.prefill=20"))
+    # 20 training steps were attempted (1 per env step after prefill); 3 were skipped.
+    assert summary["train_steps"] == 17
+    # The optimizers only moved on the good steps.
+    assert captured["steps"] == [17, 17, 17]
+    assert math.isfinite(captured["spread"])
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    skipped = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "train/skipped_steps")]
+    assert skipped[-1] == 3 and skipped[:4] == [0, 0, 0, 0]
+
+
+def test_persistent_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(in_tmp, monkeypatch):
+    poison_reward_loss(monkeypatch, bad_calls=set(range(16, 1000)))
+    cfg = config(in_tmp, "run.steps=200", "run.prefill=20", "run.checkpoint_every=10", "optim.max_skipped_steps=5")
+    with pytest.raises(NonFiniteTrainingError, match=r"5 training steps in a row .* loss/rew"):
+        fit(cfg)
+    last = os.path.realpath(in_tmp / "run" / "checkpoints" / "last")
+    # One training step per env step after the 20 prefill steps; saves at 21 and 31 env steps; steps
+    # 16-20 went bad and the run stopped at 40 env steps: the save at 31 (11 good steps) is intact.
+    assert last.endswith("step-000000000031")
+    ckpt = torch.load(os.path.join(last, "model.ckpt"), weights_only=True)
+    assert int(ckpt["state_dict"]["train_steps"]) == 11
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert len(Replay.load(os.path.join(last, "replay-rank0"))) == 31
+
+
+def test_nan_actions_never_reach_the_environment(in_tmp, monkeypatch):
+    original = DreamerModule.act
+
+    def nan_act(self, obs, is_first, carry, mode="sample"):
+        action, carry, post = original(self, obs, is_first, carry, mode)
+        return action * float("nan"), carry, post
+
+    monkeypatch.setattr(DreamerModule, "act", nan_act)
+    summary = fit(config(in_tmp, "env.id=Pendulum-v1", "run.steps=40", "run.prefill=20"))
+    replay = Replay.load(os.path.join(os.path.dirname(summary["checkpoint"]), "replay-rank0"))
+    data = {k: v[:40] for k, v in replay._data.items()}
+    assert np.isfinite(data["action"]).all() and np.isfinite(data["vector"]).all()
+    assert np.isfinite(data["reward"]).all()
+    # Every policy step (after the 20 random prefill steps) was replaced by a random action.
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    counts = client.get_metric_history(summary["mlflow_run_id"], "train/nonfinite_actions")
+    assert counts[-1].value == 20
