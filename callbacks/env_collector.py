@@ -14,6 +14,7 @@ any device count). It never steps an environment inside `training_step`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -28,6 +29,9 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lit_dreamer.envs import action_dim, action_kind, frames_per_step, make_vector_env
+from lit_dreamer.envs.faults import ERROR_KEY
+
+log = logging.getLogger(__name__)
 
 
 class EnvCollector(Callback):
@@ -55,6 +59,8 @@ class EnvCollector(Callback):
         self.episodes = 0
         self.train_steps_seen = 0
         self.nonfinite_actions = 0
+        self.env_restarts = 0
+        self.cut_episodes = 0
         self.best_return = -math.inf
         self.last_return = math.nan
         self.episode_return = MeanMetric()
@@ -118,6 +124,7 @@ class EnvCollector(Callback):
         metrics = {"train/env_steps": float(total), "train/frames": float(total * self.frames_per_step),
                    "train/episodes": float(self.episodes * self.world_size),
                    "train/nonfinite_actions": float(self.nonfinite_actions),
+                   "train/env_restarts": float(self.env_restarts), "train/cut_episodes": float(self.cut_episodes),
                    "replay/steps": float(len(trainer.datamodule.replay)),
                    "replay/capacity_mb": trainer.datamodule.replay.nbytes / 2**20}
         if self.collect_time > 0:
@@ -156,7 +163,7 @@ class EnvCollector(Callback):
     # Counters that are equal on every rank go into the Lightning checkpoint (which holds rank 0's
     # callback state); what differs per rank is saved by DreamerCheckpoint beside the replay shard.
     SHARED_STATE = ("env_steps", "credit", "train_steps_seen")
-    RANK_STATE = ("episodes", "nonfinite_actions", "best_return", "last_return")
+    RANK_STATE = ("episodes", "nonfinite_actions", "best_return", "last_return", "env_restarts", "cut_episodes")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -175,7 +182,7 @@ class EnvCollector(Callback):
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         for key in self.RANK_STATE:
-            setattr(self, key, state[key])
+            setattr(self, key, state.get(key, getattr(self, key)))
         self.rng.bit_generator.state = state["rng"]
 
     # ----------------------------------------------------------------------------------------------
@@ -209,6 +216,7 @@ class EnvCollector(Callback):
         self.carry = pl_module.initial_carry(n)
         self.running_return = np.zeros(n, np.float64)
         self.running_length = np.zeros(n, np.int64)
+        self.cut = np.zeros(n, bool)
 
     def random_actions(self) -> np.ndarray:
         n = self.num_envs
@@ -231,19 +239,35 @@ class EnvCollector(Callback):
         return action, context
 
     def step(self, trainer: L.Trainer, pl_module: L.LightningModule, random: bool) -> None:
-        """Record the current step into the replay, pick actions, and advance the envs by one step."""
+        """Pick actions for the current observations, advance the envs, and record the current step.
+
+        The current step goes into the replay after the envs moved, so that if the whole vector env
+        died (say, a killed subprocess) it can be recorded as the truncated last step of its episode.
+        """
         start = time.perf_counter()
-        if random:
-            action, context = self.random_actions(), None
-        else:
-            action, context = self.policy_actions(pl_module)
-        keep = (~self.is_first)[:, None]
-        step = {**self.obs, "action": self.prev_action * keep, "reward": self.reward, "is_first": self.is_first,
-                "is_last": self.is_last, "is_terminal": self.is_terminal}
-        trainer.datamodule.replay.add(step, context=context)
-        self.track_episodes()
+        action, context = (self.random_actions(), None) if random else self.policy_actions(pl_module)
         env_action = action.argmax(-1) if self.discrete else np.clip(action, -1.0, 1.0)
-        obs, reward, terminated, truncated, _ = self.envs.step(env_action)
+        try:
+            result = self.envs.step(env_action)
+        except Exception as err:  # noqa: BLE001 - whatever killed the envs, collection goes on
+            result, failure = None, err
+            self.is_last = np.ones(self.num_envs, bool)
+            self.cut[:] = True
+        keep = (~self.is_first)[:, None]
+        record = {**self.obs, "action": self.prev_action * keep, "reward": self.reward, "is_first": self.is_first,
+                  "is_last": self.is_last, "is_terminal": self.is_terminal}
+        trainer.datamodule.replay.add(record, context=context)
+        self.track_episodes()
+        self.env_steps += self.num_envs
+        self.session_env_steps += self.num_envs
+        if result is None:
+            self.restart_envs(pl_module, failure)
+        else:
+            self.advance(result, action)
+        self.collect_time += time.perf_counter() - start
+
+    def advance(self, result: tuple, action: np.ndarray) -> None:
+        obs, reward, terminated, truncated, infos = result
         # Gymnasium's NEXT_STEP autoreset: the call after an episode's last step returns the first
         # observation of the next episode (its action is ignored): that step is_first.
         self.is_first = self.is_last.copy()
@@ -252,15 +276,36 @@ class EnvCollector(Callback):
         self.is_terminal = np.asarray(terminated, bool) & ~self.is_first
         self.is_last = (np.asarray(terminated, bool) | np.asarray(truncated, bool)) & ~self.is_first
         self.prev_action = action.astype(np.float32)
-        self.env_steps += self.num_envs
-        self.session_env_steps += self.num_envs
-        self.collect_time += time.perf_counter() - start
+        crashed = np.asarray(infos.get(f"_{ERROR_KEY}", np.zeros(self.num_envs, bool)), bool)
+        if crashed.any():
+            # RestartOnError rebuilt these envs and cut their episodes (truncated, reward 0).
+            self.env_restarts += int(crashed.sum())
+            self.cut |= crashed
+            log.warning("env restarted after an error: %s", [infos[ERROR_KEY][i] for i in np.flatnonzero(crashed)])
+
+    def restart_envs(self, pl_module: L.LightningModule, failure: BaseException) -> None:
+        """Replace a vector env that raised (e.g. a dead subprocess) and start new episodes everywhere."""
+        self.env_restarts += self.num_envs
+        log.warning("vector env failed with %r; restarting all %d envs", failure, self.num_envs)
+        try:
+            self.envs.close(**({"terminate": True} if self.asynchronous else {}))
+        except Exception:  # noqa: BLE001 - closing a broken env may fail too
+            pass
+        self.envs = make_vector_env(self.env_id, self.num_envs, seed=self.env_seed() + 7919 * self.env_restarts,
+                                    asynchronous=self.asynchronous, **self.env_kwargs)
+        self.reset_envs(pl_module)
 
     def track_episodes(self) -> None:
-        """Count the step just recorded; close the episodes whose last step it was."""
+        """Count the step just recorded; close the episodes whose last step it was.
+
+        Episodes cut short by an env crash are counted in train/cut_episodes, not in the returns.
+        """
         self.running_return += np.where(self.is_first, 0.0, self.reward)
         self.running_length += 1
         for i in np.flatnonzero(self.is_last):
+            if self.cut[i]:
+                self.cut_episodes += 1
+                continue
             ret, length = float(self.running_return[i]), int(self.running_length[i])
             self.episode_return.update(ret)
             self.episode_length.update(length)
@@ -269,3 +314,4 @@ class EnvCollector(Callback):
             self.best_return = max(self.best_return, ret)
         self.running_return[self.is_last] = 0.0
         self.running_length[self.is_last] = 0
+        self.cut[self.is_last] = False

@@ -4,6 +4,7 @@ never reach an environment."""
 import math
 import os
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -105,3 +106,66 @@ def test_nan_actions_never_reach_the_environment(in_tmp, monkeypatch):
     client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
     counts = client.get_metric_history(summary["mlflow_run_id"], "train/nonfinite_actions")
     assert counts[-1].value == 20
+
+
+# --------------------------------------------------------------------------------------------------
+# Crashing environments
+
+class FaultyCartPole(gym.Wrapper):
+    """CartPole that fails on purpose at the environment steps listed in FAULTY_AT (counted per process).
+
+    FAULTY_MODE=raise raises RuntimeError inside step; FAULTY_MODE=exit kills the (sub)process.
+    """
+
+    steps = 0
+
+    def __init__(self, render_mode=None):
+        super().__init__(gym.make("CartPole-v1", render_mode=render_mode))
+
+    def step(self, action):
+        FaultyCartPole.steps += 1
+        if FaultyCartPole.steps in {int(x) for x in os.environ.get("FAULTY_AT", "").split(",") if x}:
+            if os.environ.get("FAULTY_MODE") == "exit":
+                os._exit(3)
+            raise RuntimeError(f"simulated crash at step {FaultyCartPole.steps}")
+        return super().step(action)
+
+
+gym.register(id="LitDreamerFaulty-v0", entry_point=FaultyCartPole, max_episode_steps=500)
+
+
+def test_an_env_that_raises_is_restarted_and_its_episode_cut(in_tmp, monkeypatch):
+    FaultyCartPole.steps = 0
+    monkeypatch.setenv("FAULTY_AT", "15,45")
+    monkeypatch.setenv("FAULTY_MODE", "raise")
+    summary = fit(config(in_tmp, "env.id=LitDreamerFaulty-v0", "run.steps=60", "run.prefill=20"))
+    assert summary["env_steps"] == 60 and summary["train_steps"] == 40  # training went on
+    replay = Replay.load(os.path.join(os.path.dirname(summary["checkpoint"]), "replay-rank0"))
+    flags = {k: replay._data[k][:60, 0] for k in ("is_first", "is_last", "is_terminal", "reward")}
+    # The crash at env step 15 cut the episode there: the step recorded for it is_last, not terminal,
+    # with reward 0, and the next recorded step starts a new episode.
+    cut = np.flatnonzero(flags["is_last"] & (flags["reward"] == 0))
+    assert len(cut) == 2, flags
+    for i in cut:
+        assert not flags["is_terminal"][i] and flags["is_first"][i + 1]
+    import json
+    state = json.loads(open(os.path.join(os.path.dirname(summary["checkpoint"]), "collector-rank0.json")).read())
+    assert state["env_restarts"] == 2 and state["cut_episodes"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_env_subprocess_is_replaced(in_tmp, monkeypatch):
+    FaultyCartPole.steps = 0
+    monkeypatch.setenv("FAULTY_AT", "30")
+    monkeypatch.setenv("FAULTY_MODE", "exit")
+    summary = fit(config(in_tmp, "env.id=LitDreamerFaulty-v0", "env.num_envs=2", "env.asynchronous=true",
+                         "run.steps=80", "run.prefill=20"))
+    assert summary["env_steps"] == 80
+    replay = Replay.load(os.path.join(os.path.dirname(summary["checkpoint"]), "replay-rank0"))
+    is_last, is_first = replay._data["is_last"][:40], replay._data["is_first"][:40]
+    # Both streams' episodes end at the same row (the vector env died) and restart on the next.
+    both = np.flatnonzero(is_last.all(1) & is_first[np.minimum(np.arange(40) + 1, 39)].all(1))
+    assert len(both) >= 1
+    import json
+    state = json.loads(open(os.path.join(os.path.dirname(summary["checkpoint"]), "collector-rank0.json")).read())
+    assert state["env_restarts"] == 2 and state["cut_episodes"] == 2

@@ -22,6 +22,7 @@ from gymnasium import spaces
 from gymnasium.wrappers import AddRenderObservation, AtariPreprocessing, RepeatAction, ResizeObservation, TimeLimit
 
 from lit_dreamer.envs.adapters import DictObservation, adapt_action_space
+from lit_dreamer.envs.faults import RestartOnError
 from lit_dreamer.envs.spaces import FRAMES_PER_STEP_KEY
 
 OBS_MODES = ("proprio", "pixels")
@@ -240,6 +241,13 @@ def make_env(
     return env
 
 
+def _restarting_env(env_id: str, seed: int, make_env_kwargs: dict) -> gym.Env:
+    """make_env wrapped so that an exception in step or reset rebuilds it (with a fresh seed)."""
+    def factory(restarts: int | None) -> gym.Env:
+        return make_env(env_id, seed=seed + 7919 * (restarts or 0), **make_env_kwargs)
+    return RestartOnError(factory)
+
+
 def make_vector_env(
     env_id: str, num_envs: int, *, seed: int, asynchronous: bool = False, **make_env_kwargs
 ) -> gym.vector.VectorEnv:
@@ -249,7 +257,10 @@ def make_vector_env(
     returns its last observation as usual; the *next* ``step`` call ignores the action for that
     sub-env, resets it and returns its first observation with reward 0 and terminated = truncated =
     False. The collector marks that step ``is_first`` itself (and stores a zero action for it).
+
+    Each sub-env is wrapped in ``RestartOnError``: an exception inside it rebuilds it and ends its
+    episode as truncated, with ``infos["env_error"]`` naming the exception.
     """
-    env_fns = [functools.partial(make_env, env_id, seed=seed + index, **make_env_kwargs) for index in range(num_envs)]
+    env_fns = [functools.partial(_restarting_env, env_id, seed + index, make_env_kwargs) for index in range(num_envs)]
     vector_class = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
     return vector_class(env_fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
