@@ -85,6 +85,8 @@ class DreamerCheckpoint(Callback):
         trainer.save_checkpoint(tmp, weights_only=False)  # collective; rank 0 writes the full checkpoint
         trainer.strategy.barrier("dreamer_checkpoint_saved")
         if trainer.is_global_zero:
+            with open(tmp, "rb") as f:  # on disk before it takes the final name (power loss, not just kill)
+                os.fsync(f.fileno())
             os.replace(tmp, os.path.join(folder, "model.ckpt"))
             link_tmp = os.path.join(self.dirpath, f".last-{os.getpid()}")
             if os.path.lexists(link_tmp):

@@ -1,0 +1,104 @@
+"""kill -9 at several moments of a run, including in the middle of a checkpoint write: the last complete
+checkpoint loads, and resuming continues the same MLflow run, env steps, replay and optimizer state."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from lit_dreamer.replay import Replay
+
+TESTS = Path(__file__).resolve().parent
+PREFILL, TOTAL = 20, 80  # debug config: one training step per env step after the prefill
+
+
+def env() -> dict:
+    return dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1")
+
+
+def fit_args(root: Path, *extra: str) -> list[str]:
+    return ["fit", "-c", "debug", f"run.dir={root}/run", f"logger.tracking_uri=sqlite:///{root}/mlflow.db",
+            f"run.prefill={PREFILL}", "run.checkpoint_every=10", *extra]
+
+
+def last_folder(root: Path) -> str:
+    return os.path.realpath(root / "run" / "checkpoints" / "last")
+
+
+def run_ids(root: Path) -> list[str]:
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("lit_dreamer")
+    return [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
+
+
+def resume_and_check(root: Path, expected_last: str, total: int = TOTAL) -> None:
+    """Resume from `last` and check that nothing of the checkpoint was lost or duplicated."""
+    folder = last_folder(root)
+    assert folder.endswith(expected_last), folder
+    ckpt = torch.load(os.path.join(folder, "model.ckpt"), weights_only=True)  # the checkpoint loads
+    saved_steps = int(folder.rsplit("-", 1)[1])
+    saved_train = int(ckpt["state_dict"]["train_steps"])
+    assert saved_train == saved_steps - PREFILL
+    saved_replay = Replay.load(os.path.join(folder, "replay-rank0"))
+    assert len(saved_replay) == saved_steps
+    [run_id] = run_ids(root)
+
+    proc = subprocess.run([sys.executable, "-m", "lit_dreamer", *fit_args(root, f"run.steps={total}", "ckpt_path=last")],
+                          cwd=root, env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_ids(root) == [run_id]  # the same MLflow run went on
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    steps = client.get_metric_history(run_id, "train/env_steps")
+    assert steps[-1].value == total
+    final = last_folder(root)
+    assert final.endswith(f"step-{total:012d}")
+    ckpt = torch.load(os.path.join(final, "model.ckpt"), weights_only=True)
+    # Optimizer state continued from the checkpoint's: every good step counted exactly once.
+    assert int(ckpt["state_dict"]["train_steps"]) == total - PREFILL
+    counters = [max(s["step"] for s in opt["state"].values()) for opt in ckpt["optimizer_states"]]
+    assert counters == [total - PREFILL] * 3
+    replay = Replay.load(os.path.join(final, "replay-rank0"))
+    assert len(replay) == total
+    # The replay restored from the checkpoint is the prefix of the final one: no step lost or repeated.
+    for key in ("vector", "action", "reward", "is_first", "is_last"):
+        np.testing.assert_array_equal(replay._data[key][:saved_steps], saved_replay._data[key][:saved_steps])
+    # The first step recorded after the resume starts a new episode (the envs were reset).
+    assert replay._data["is_first"][saved_steps].all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("point", ["replay_write", "model_write", "link_swap"])
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, point):
+    # Saves happen at 21, 31, 41, ... env steps; the process dies inside the third one (41).
+    proc = subprocess.run([sys.executable, str(TESTS / "kill_probe.py"), point, "3",
+                           *fit_args(tmp_path, f"run.steps={TOTAL}")],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    resume_and_check(tmp_path, expected_last=f"step-{31:012d}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kill_at_a_random_moment_of_training(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "lit_dreamer", *fit_args(tmp_path, "run.steps=100000")],
+                            cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    link = tmp_path / "run" / "checkpoints" / "last"
+    deadline = time.time() + 180
+    while not link.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert link.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+    time.sleep(random.Random(0).uniform(0.5, 3.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    saved = int(last_folder(tmp_path).rsplit("-", 1)[1])
+    resume_and_check(tmp_path, expected_last=f"step-{saved:012d}", total=saved + 40)
