@@ -15,7 +15,9 @@ writes in place rather than write-then-rename, and it knows nothing of the repla
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -25,6 +27,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from callbacks.env_collector import EnvCollector
+
+log = logging.getLogger(__name__)
 
 
 def write_json_atomic(path: str, data: dict) -> None:
@@ -50,6 +54,7 @@ class DreamerCheckpoint(Callback):
         super().__init__()
         self.dirpath, self.every_env_steps, self.keep = dirpath, every_env_steps, keep
         self.last_saved_at = 0
+        self.failures = 0
 
     @staticmethod
     def collector(trainer: L.Trainer) -> EnvCollector:
@@ -63,15 +68,27 @@ class DreamerCheckpoint(Callback):
                            batch_idx: int) -> None:
         env_steps = self.collector(trainer).env_steps * trainer.world_size
         if env_steps - self.last_saved_at >= self.every_env_steps:
-            self.save(trainer)
+            self.try_save(trainer)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         env_steps = self.collector(trainer).env_steps * trainer.world_size
         if env_steps != self.last_saved_at:
+            self.try_save(trainer)
+
+    def try_save(self, trainer: L.Trainer) -> None:
+        """Save, but let training go on if the disk is full or unwritable: `last` keeps the previous save."""
+        try:
             self.save(trainer)
+        except OSError as err:
+            self.failures += 1
+            log.warning("checkpoint save failed (%r); training goes on, %s still holds the previous checkpoint",
+                        err, os.path.join(self.dirpath, "last"))
 
     def save(self, trainer: L.Trainer) -> str:
+        # All ranks must take the same decision, or the ones that go on would wait at a barrier forever.
+        if not trainer.strategy.reduce_boolean_decision(self.enough_space(trainer), all=True):
+            raise OSError(errno.ENOSPC, f"not enough free disk space for a checkpoint in {self.dirpath}")
         env_steps = self.collector(trainer).env_steps * trainer.world_size
         folder = os.path.join(self.dirpath, f"step-{env_steps:012d}")
         self.last_saved_at = env_steps  # before the save, so the checkpoint carries the new value
@@ -96,6 +113,15 @@ class DreamerCheckpoint(Callback):
             self.prune(keep_folder=folder)
         trainer.strategy.barrier("dreamer_checkpoint_done")
         return folder
+
+    def enough_space(self, trainer: L.Trainer) -> bool:
+        """Room for this rank's replay snapshot and (rank 0) the model with its optimizer moments?"""
+        replay = trainer.datamodule.replay
+        need = replay.nbytes * len(replay) / max(replay.capacity, 1) + 2**24
+        if trainer.is_global_zero:
+            need += 4 * sum(p.numel() * p.element_size() for p in trainer.lightning_module.parameters())
+        os.makedirs(self.dirpath, exist_ok=True)
+        return shutil.disk_usage(self.dirpath).free > need
 
     def prune(self, keep_folder: str) -> None:
         folders = sorted(f for f in os.listdir(self.dirpath) if f.startswith("step-"))

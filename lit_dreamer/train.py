@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, resolve_last
@@ -17,6 +16,7 @@ from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
 from lit_dreamer.module import DreamerModule
+from lit_dreamer.tracking import ResilientMLFlowLogger, TrackingError, check_tracking_uri
 from lit_dreamer.world_model import NON_OBS_KEYS
 
 
@@ -70,7 +70,12 @@ def resolve_ckpt_path(cfg: Config) -> str | None:
 
 def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
     """Refuse a checkpoint made for other spaces or another architecture, naming the difference."""
-    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    try:
+        # weights_only: tensors and plain containers only; a pickled object that would run code is refused.
+        hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+        raise ConfigError(f"checkpoint {path} cannot be loaded safely (weights_only=True): "
+                          f"{str(err).splitlines()[0]}; use a checkpoint written by lit_dreamer") from None
     for key in ("obs_spec", "action_dim", "discrete"):
         if hparams.get(key) != module.hparams[key]:
             raise ConfigError(f"checkpoint {path} was made for {key}={hparams.get(key)!r}, but this run has "
@@ -82,15 +87,14 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
         raise ConfigError(f"checkpoint {path} has another model config ({detail})")
 
 
-def make_logger(cfg: Config, directory: str, resuming: bool) -> MLFlowLogger:
+def make_logger(cfg: Config, directory: str, resuming: bool) -> ResilientMLFlowLogger:
     id_file = os.path.join(directory, "mlflow_run_id")
     run_id = None
     if resuming and os.path.isfile(id_file):
         with open(id_file) as f:
             run_id = f.read().strip()
-    logger = MLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
-                          tracking_uri=cfg.logger.tracking_uri, run_id=run_id)
-    return logger
+    return ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
+                                 tracking_uri=cfg.logger.tracking_uri, run_id=run_id)
 
 
 def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback], EnvInfo]:
@@ -130,6 +134,10 @@ def fit(cfg: Config) -> dict:
         if rank_zero_only.rank == 0:
             os.environ[RUN_NAME_ENV] = cfg.logger.run_name  # inherited by the rank processes Lightning starts
     ckpt_path = resolve_ckpt_path(cfg)
+    try:
+        check_tracking_uri(cfg.logger.tracking_uri)
+    except TrackingError as err:
+        raise ConfigError(str(err)) from None
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module, datamodule, callbacks, info = build(cfg)
     if ckpt_path is not None:

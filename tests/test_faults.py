@@ -169,3 +169,95 @@ def test_a_dead_env_subprocess_is_replaced(in_tmp, monkeypatch):
     import json
     state = json.loads(open(os.path.join(os.path.dirname(summary["checkpoint"]), "collector-rank0.json")).read())
     assert state["env_restarts"] == 2 and state["cut_episodes"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Disk full and MLflow failures do not stop training
+
+
+def test_a_failed_checkpoint_write_does_not_stop_training(in_tmp, monkeypatch):
+    import errno
+    original, calls = Replay.save, {"n": 0}
+
+    def save(self, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, path)
+
+    monkeypatch.setattr(Replay, "save", save)
+    summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20", "run.checkpoint_every=10"))
+    assert summary["env_steps"] == 45 and summary["train_steps"] == 25
+    folders = sorted(p.name for p in (in_tmp / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    # Saves at 21 (ok), 31 (disk full: no complete checkpoint), 41 and 45 (ok; only the newest two kept).
+    assert os.path.realpath(in_tmp / "run" / "checkpoints" / "last").endswith("step-000000000045")
+    assert folders[-2:] == ["step-000000000041", "step-000000000045"]
+    assert not (in_tmp / "run" / "checkpoints" / "step-000000000031" / "model.ckpt").exists()
+
+
+def test_mlflow_failures_mid_run_do_not_stop_training(in_tmp, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    original, calls = MlflowClient.log_batch, {"n": 0}
+
+    def log_batch(self, *args, **kwargs):
+        calls["n"] += 1
+        if 5 <= calls["n"] <= 15:
+            raise RuntimeError("simulated MLflow outage")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20"))
+    assert summary["env_steps"] == 45 and summary["train_steps"] == 25
+    assert os.path.exists(summary["checkpoint"])
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    steps = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "train/env_steps")]
+    assert steps[-1] == 45 and len(steps) < 25  # logging resumed after the outage; the outage's points are lost
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("sqlite:////nonexistent-folder/x/mlflow.db", "does not exist or is not writable"),
+    ("http://127.0.0.1:9/", "cannot reach the MLflow tracking server"),
+])
+def test_unusable_tracking_uri_fails_before_training(in_tmp, capsys, uri, message):
+    from lit_dreamer.__main__ import main
+    code = main(["fit", "-c", "debug", f"run.dir={in_tmp}/run", f"logger.tracking_uri={uri}"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (in_tmp / "run" / "checkpoints").exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(in_tmp, capsys):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {in_tmp}/pwned",))
+
+    path = in_tmp / "evil.ckpt"
+    torch.save({"hyper_parameters": Payload()}, path, pickle_module=pickle)
+    from lit_dreamer.__main__ import main
+    code = main(["fit", "-c", "debug", f"run.dir={in_tmp}/run", f"logger.tracking_uri=sqlite:///{in_tmp}/m.db",
+                 f"ckpt_path={path}"])
+    assert code == 2
+    assert "cannot be loaded safely" in capsys.readouterr().err
+    assert not (in_tmp / "pwned").exists()
+
+
+def test_an_observation_the_encoder_cannot_take_is_refused_before_training(in_tmp, capsys):
+    class GridEnv(gym.Env):
+        observation_space = gym.spaces.Box(0, 1, (4, 4), np.float32)
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, seed=None, options=None):
+            return np.zeros((4, 4), np.float32), {}
+
+        def step(self, action):
+            return np.zeros((4, 4), np.float32), 0.0, False, False, {}
+
+    gym.register(id="LitDreamerGrid-v0", entry_point=GridEnv)
+    from lit_dreamer.__main__ import main
+    code = main(["fit", "-c", "debug", "env.id=LitDreamerGrid-v0", f"run.dir={in_tmp}/run",
+                 f"logger.tracking_uri=sqlite:///{in_tmp}/m.db"])
+    err = capsys.readouterr().err
+    assert code == 2 and "env.id='LitDreamerGrid-v0'" in err and "(4, 4)" in err
