@@ -1,8 +1,9 @@
-"""Command line: `python -m lit_dreamer fit|bench|config [-c FILE ...] [key=value ...]`."""
+"""Command line: `python -m lit_dreamer fit|eval|bench|config ...` (see --help of each)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lit_dreamer.config import ConfigError, help_text, load_config, to_yaml
@@ -23,6 +24,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 "bench.collector_steps.")
     bench.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
     bench.add_argument("overrides", nargs="*", metavar="key=value")
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint",
+                                   description="Run episodes of a checkpoint's env with its policy, print a table "
+                                   "and log an eval run to MLflow under the training run. Keys: episodes=N, "
+                                   "mode=deterministic|stochastic, seed=N, tracking_uri=URI, env.<key>=VALUE.")
+    evaluate.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value")
     config = commands.add_parser("config", help="print the resolved config as YAML",
                                  description="Print the config that fit would run with.")
     config.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
@@ -33,6 +40,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
+        if args.command == "eval":
+            return run_eval(args)
         bench_overrides = [o for o in args.overrides if o.startswith("bench.")]
         cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("bench.")])
         if args.command == "bench":
@@ -51,6 +60,38 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteTrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from lit_dreamer.evaluation import EVAL_MODES, EvalOptions, evaluate_checkpoint, format_table
+    options, env_overrides = EvalOptions(), {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        if key.startswith("env."):
+            env_overrides[key[4:]] = value
+        elif key in ("episodes", "seed"):
+            if not value.isdigit() or int(value) < 1 and key == "episodes":
+                raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
+            setattr(options, key, int(value))
+        elif key == "mode":
+            if value not in EVAL_MODES:
+                raise ConfigError(f"mode must be one of {', '.join(EVAL_MODES)}, got {value!r}")
+            options.mode = value
+        elif key == "tracking_uri":
+            options.tracking_uri = value
+        else:
+            raise ConfigError(f"unknown eval key {key!r}; use episodes, mode, seed, tracking_uri or env.<key>")
+    ckpt = args.ckpt
+    if os.path.isdir(ckpt):
+        from callbacks import resolve_last
+        ckpt = resolve_last(os.path.join(ckpt, "checkpoints")) or ckpt
+    result = evaluate_checkpoint(ckpt, options, env_overrides)
+    print(format_table(result))
+    print(f"per episode: {', '.join(f'{r:.1f}' for r in result['returns'])}")
+    print(f"MLflow eval run {result['mlflow_run_id']}")
     return 0
 
 

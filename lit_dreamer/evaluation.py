@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,3 +50,99 @@ def run_episodes(module, envs, *, mode: str = "mode", seed: int = 0, max_steps: 
         if done.all():
             break
     return EpisodeStats([float(r) for r in returns], [int(x) for x in lengths])
+
+
+# --------------------------------------------------------------------------------------------------
+# `python -m lit_dreamer eval --ckpt PATH`
+
+EVAL_MODES = {"deterministic": "mode", "stochastic": "sample"}
+
+
+@dataclass
+class EvalOptions:
+    episodes: int = 10
+    mode: str = "deterministic"
+    seed: int = 12345
+    tracking_uri: str | None = None
+
+
+def run_folder(ckpt_path: str) -> str:
+    """runs/<name>/checkpoints/step-N/model.ckpt -> runs/<name>."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))
+
+
+def load_module(ckpt_path: str):
+    """The DreamerModule of a checkpoint (loaded with weights_only=True) and the run's config."""
+    from lit_dreamer.config import ConfigError, from_container
+    from lit_dreamer.module import DreamerModule
+    from omegaconf import OmegaConf
+    if not os.path.isfile(ckpt_path):
+        raise ConfigError(f"checkpoint {ckpt_path!r} does not exist")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"checkpoint {ckpt_path} cannot be loaded safely: {str(err).splitlines()[0]}") from None
+    hp = ckpt["hyper_parameters"]
+    obs_spec = {k: (tuple(shape), dtype) for k, (shape, dtype) in hp["obs_spec"].items()}
+    module = DreamerModule(obs_spec, hp["action_dim"], hp["discrete"], hp["config"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    config_file = os.path.join(run_folder(ckpt_path), "config.yaml")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"no config.yaml next to the checkpoint's run folder ({config_file}); the env of the "
+                          "run is unknown")
+    return module, from_container(OmegaConf.load(config_file))
+
+
+def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dict | None = None) -> dict:
+    """Run episodes of a checkpoint's env with its policy; log an eval run to MLflow linked to the training run."""
+    from lit_dreamer.envs import make_vector_env
+    from lit_dreamer.train import env_kwargs
+    module, cfg = load_module(ckpt_path)
+    for key, value in (env_overrides or {}).items():
+        setattr(cfg.env, key, value)
+    envs = make_vector_env(cfg.env.id, options.episodes, seed=options.seed, **env_kwargs(cfg))
+    try:
+        torch.manual_seed(options.seed)
+        stats = run_episodes(module, envs, mode=EVAL_MODES[options.mode], seed=options.seed)
+    finally:
+        envs.close()
+    result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
+              "env": cfg.env.id, "checkpoint": os.path.abspath(ckpt_path)}
+    result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats)
+    return result
+
+
+def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats) -> str | None:
+    import mlflow
+    uri = options.tracking_uri or cfg.logger.tracking_uri
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.logger.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.logger.experiment)
+    id_file = os.path.join(run_folder(ckpt_path), "mlflow_run_id")
+    parent = open(id_file).read().strip() if os.path.isfile(id_file) else None
+    tags = {"lit_dreamer.kind": "eval"}
+    if parent:
+        tags["mlflow.parentRunId"] = parent  # shows the eval run under its training run in the MLflow UI
+    run = client.create_run(experiment_id, tags=tags, run_name=f"eval-{cfg.logger.run_name or 'run'}")
+    run_id = run.info.run_id
+    for key, value in {"checkpoint": os.path.abspath(ckpt_path), "env.id": cfg.env.id, "episodes": options.episodes,
+                       "mode": options.mode, "seed": options.seed}.items():
+        client.log_param(run_id, key, value)
+    summary = stats.summary()
+    for key in ("return", "return_std", "return_min", "return_max", "length"):
+        client.log_metric(run_id, f"eval/{key}", summary[key])
+    for index, (ret, length) in enumerate(zip(stats.returns, stats.lengths)):
+        client.log_metric(run_id, "eval/episode_return", ret, step=index)
+        client.log_metric(run_id, "eval/episode_length", length, step=index)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def format_table(result: dict) -> str:
+    s = result["summary"]
+    lines = [f"{result['env']}: {s['episodes']} episodes of {result['checkpoint']}",
+             f"{'mean':>10} {'std':>10} {'min':>10} {'max':>10} {'length':>10}",
+             f"{s['return']:>10.2f} {s['return_std']:>10.2f} {s['return_min']:>10.2f} {s['return_max']:>10.2f} "
+             f"{s['length']:>10.1f}"]
+    return "\n".join(lines)

@@ -55,3 +55,36 @@ def test_eval_callback_logs_eval_return_against_env_steps(tmp_path, monkeypatch)
     assert all(m.value >= 8 for m in history)
     assert summary["eval"]["episodes"] == 3
     assert summary["eval"]["return"] == history[-1].value
+
+
+def test_eval_command_prints_a_table_and_logs_a_linked_mlflow_run(tmp_path, monkeypatch, capsys):
+    from lit_dreamer.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    summary = fit(load_config(["debug"], [f"run.dir={tmp_path}/run", f"logger.tracking_uri={uri}"]))
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "episodes=3", "mode=deterministic"]) == 0
+    out = capsys.readouterr().out
+    assert "CartPole-v1: 3 episodes" in out and "mean" in out
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lit_dreamer").experiment_id],
+                              filter_string="tags.`lit_dreamer.kind` = 'eval'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+    episodes = client.get_metric_history(run.info.run_id, "eval/episode_return")
+    assert [m.step for m in episodes] == [0, 1, 2]
+    # The mean eval logs is the mean of the per-episode returns it logged, and the table shows it.
+    mean = float(np.mean([m.value for m in episodes]))
+    assert run.data.metrics["eval/return"] == mean
+    assert f"{mean:.2f}" in out
+    assert run.data.params["mode"] == "deterministic" and run.data.params["episodes"] == "3"
+
+
+def test_eval_command_rejects_bad_keys(tmp_path, capsys):
+    from lit_dreamer.__main__ import main
+    assert main(["eval", "--ckpt", str(tmp_path / "nothing.ckpt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(tmp_path), "mode=greedy"]) == 2
+    assert "deterministic, stochastic" in capsys.readouterr().err
