@@ -90,7 +90,7 @@ def count(module: torch.nn.Module) -> int:
 def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     L.seed_everything(cfg.run.seed, verbose=False)
     info = probe_env(cfg)
-    module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent())
+    module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile)
     module.timer.enabled = True
     B, T = cfg.run.batch_size, cfg.run.batch_length
     datamodule = ReplayDataModule(info.spec, num_envs=1, capacity=max(4 * T, 2048), batch_size=B, batch_length=T,

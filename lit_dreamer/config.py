@@ -75,6 +75,8 @@ class RunConfig:
     """Evaluation policy: mode (the most likely action) or sample."""
     dir: Optional[str] = None
     """Folder for checkpoints and the run's files (None: runs/<run name>)."""
+    compile: bool = False
+    """torch.compile the RSSM's per-step functions (faster steps after a few seconds of compilation)."""
 
 
 @dataclass

@@ -46,13 +46,15 @@ class DreamerModule(L.LightningModule):
     for discrete actions or the box dimension for continuous ones (in [-1, 1]).
     """
 
-    def __init__(self, obs_spec: ObsSpec, action_dim: int, discrete: bool, config: AgentConfig | dict | None = None):
+    def __init__(self, obs_spec: ObsSpec, action_dim: int, discrete: bool, config: AgentConfig | dict | None = None,
+                 compile: bool = False):
         super().__init__()
         cfg = agent_config_from(config)
         obs_spec = {k: (tuple(int(d) for d in shape), str(np.dtype(dtype))) for k, (shape, dtype) in obs_spec.items()}
         # Plain types only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({"obs_spec": {k: [list(s), d] for k, (s, d) in obs_spec.items()},
-                                   "action_dim": action_dim, "discrete": discrete, "config": asdict(cfg)})
+                                   "action_dim": action_dim, "discrete": discrete, "config": asdict(cfg),
+                                   "compile": compile})
         self.automatic_optimization = False
         self.cfg = cfg
         self.obs_spec, self.action_dim, self.discrete = obs_spec, action_dim, discrete
@@ -66,6 +68,12 @@ class DreamerModule(L.LightningModule):
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.consecutive_skips = 0
+        if compile:
+            # The two per-step functions run 15-64 times per training step: fusing their many small
+            # ops is where torch.compile pays (the first steps take seconds longer to compile).
+            rssm = self.world_model.rssm
+            rssm.observe_step = torch.compile(rssm.observe_step, dynamic=False)
+            rssm.imagine_step = torch.compile(rssm.imagine_step, dynamic=False)
 
     # ----------------------------------------------------------------------------------------------
     # Optimization
@@ -202,13 +210,8 @@ class DreamerModule(L.LightningModule):
         """
         state, prev_action = carry
         keep = (~is_first.bool()).float()[:, None]
-        state = State(state.deter * keep, state.stoch * keep[..., None])
-        prev_action = prev_action * keep
         embed = self.world_model.encode({k: v[:, None] for k, v in obs.items()})[:, 0]
-        rssm = self.world_model.rssm
-        deter = rssm.sequence_step(state, prev_action)
-        logits = rssm.post_logits(deter, embed)
-        post = State(deter, rssm.dist(logits).sample())
+        post = self.world_model.rssm.observe_step(state, prev_action, embed, keep)
         dist = self.actor_critic.actor.dist(self.actor_critic.actor(post.feat()))
         action = dist.mode() if mode == "mode" else dist.sample()
         if not self.discrete:

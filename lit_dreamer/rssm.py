@@ -92,15 +92,18 @@ class RSSM(nn.Module):
         keep = (~is_first.bool()).to(embed.dtype)
         deters, stochs, logits = [], [], []
         for t in range(T):
-            mask = keep[:, t, None]
-            state = State(state.deter * mask, state.stoch * mask[..., None])
-            deter = self.sequence_step(state, action[:, t] * mask)
-            post_logits = self.post_logits(deter, embed[:, t])
-            state = State(deter, self.dist(post_logits).sample())
-            deters.append(deter), stochs.append(state.stoch), logits.append(post_logits)
+            state = self.observe_step(state, action[:, t], embed[:, t], keep[:, t, None])
+            deters.append(state.deter), stochs.append(state.stoch), logits.append(state.logits)
         post = State(torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logits, 1))
         # The prior only depends on h_t, so it runs once over the whole sequence.
         return post, self.prior_logits(post.deter)
+
+    def observe_step(self, state: State, action: Tensor, embed: Tensor, keep: Tensor) -> State:
+        """One posterior step. keep (N, 1) is 0 where the step is_first: carried state and action reset."""
+        state = State(state.deter * keep, state.stoch * keep[..., None])
+        deter = self.sequence_step(state, action * keep)
+        logits = self.post_logits(deter, embed)
+        return State(deter, self.dist(logits).sample(), logits)
 
     def imagine_step(self, state: State, action: Tensor) -> State:
         deter = self.sequence_step(state, action)
