@@ -1,4 +1,4 @@
-"""Command line: `python -m lit_dreamer fit|eval|bench|config ...` (see --help of each)."""
+"""Command line: `python -m lit_dreamer fit|eval|bench|config|compare ...` (see --help of each)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from lit_dreamer.compare import options_help
 from lit_dreamer.config import ConfigError, help_text, load_config, to_yaml
 from lit_dreamer.module import NonFiniteTrainingError
 
@@ -34,6 +35,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                  description="Print the config that fit would run with.")
     config.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
     config.add_argument("overrides", nargs="*", metavar="key=value")
+    compare = commands.add_parser("compare", help="compare MLflow runs: a table and learning curves",
+                                  description="Print one row per run and a mean row per group, and write a PNG "
+                                  "of the group learning curves with 95% bootstrap bands and the IQM at the end.",
+                                  epilog=options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_argument("options", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
 
 
@@ -42,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return run_eval(args)
+        if args.command == "compare":
+            from lit_dreamer.compare import main as compare_main, parse_options
+            compare_main(parse_options(args.options))
+            return 0
         bench_overrides = [o for o in args.overrides if o.startswith("bench.")]
         cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("bench.")])
         if args.command == "bench":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -87,6 +88,22 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
         raise ConfigError(f"checkpoint {path} has another model config ({detail})")
 
 
+def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """HEAD of the git checkout holding the code, '+dirty' if tracked files differ from it; 'unknown' outside git.
+
+    Untracked files do not count: run outputs (mlflow.db, runs/) would otherwise mark every run dirty.
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or a checkout git refuses
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def make_logger(cfg: Config, directory: str, resuming: bool) -> ResilientMLFlowLogger:
     id_file = os.path.join(directory, "mlflow_run_id")
     run_id = None
@@ -101,7 +118,7 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     """Module, datamodule and callbacks for a Config: the pieces a script would assemble by hand."""
     info = probe_env(cfg)
     try:
-        module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent())
+        module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile)
     except ValueError as err:  # e.g. an observation the encoders cannot take
         raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
     datamodule = ReplayDataModule(info.spec, num_envs=cfg.env.num_envs, capacity=cfg.replay.capacity,
@@ -153,6 +170,7 @@ def fit(cfg: Config) -> dict:
         with open(config_file, "w") as f:
             f.write(to_yaml(cfg))
         logger.log_hyperparams({k: v for k, v in to_flat_dict(cfg).items() if k != "ckpt_path"})
+        logger.experiment.set_tag(logger.run_id, "git_commit", git_commit())
         logger.experiment.log_artifact(logger.run_id, config_file)
     trainer = L.Trainer(**cfg.trainer, logger=logger, callbacks=callbacks, max_epochs=-1, max_steps=-1,
                         enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,

@@ -1,0 +1,413 @@
+"""`python -m lit_dreamer compare`: runs from MLflow side by side, as a table and as learning curves.
+
+The runs of an experiment are grouped by a param (default `env.id`). The table has one row per run
+(final and best value of the metric, env steps, wall time, throughput, git commit) and one mean row per
+group. The figure has the group mean curves with 95% bootstrap bands over runs, and the interquartile
+mean (IQM) of each group at its last grid step: the aggregate rliable recommends for a few seeds
+(Agarwal et al., *Deep RL at the Edge of the Statistical Precipice*, 2021).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
+
+import numpy as np
+
+from lit_dreamer.config import ConfigError, field_docs
+
+
+class CompareError(ConfigError):
+    """What was asked for is not in the tracking store; the CLI exits with code 2, as for a config error."""
+
+
+@dataclass
+class CompareOptions:
+    """The `key=value` arguments of `python -m lit_dreamer compare`."""
+
+    experiment: str = "lit_dreamer"
+    """MLflow experiment name."""
+    group_by: str = "env.id"
+    """Param whose value groups the runs (runs without it form the group '-')."""
+    metric: str = "eval/return"
+    """Metric to compare; its MLflow steps are env steps."""
+    out: str = "compare.png"
+    """PNG with the group learning curves (left panel) and the IQM at the last grid step (right panel)."""
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI."""
+    runs: str = ""
+    """Comma-separated run ids or id prefixes (as in the table's id column); empty: every run."""
+
+
+def options_help() -> str:
+    docs = field_docs(CompareOptions)
+    lines = ["Options (key=value):", ""]
+    for f in fields(CompareOptions):
+        lines += [f"  {f.name} = {f.default!r}", f"      {docs.get(f.name, '')}"]
+    return "\n".join(lines)
+
+
+def parse_options(items: Sequence[str]) -> CompareOptions:
+    options, names = CompareOptions(), [f.name for f in fields(CompareOptions)]
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]}=...? " if close else ""
+            raise CompareError(f"bad compare argument {item!r}: {hint}use key=value with a key in {', '.join(names)}")
+        setattr(options, key, value)
+    return options
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics: pure functions on arrays
+
+
+def history_arrays(points: Sequence[tuple[float, float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(step, timestamp, value) triples -> increasing steps and their values.
+
+    A step logged twice (a resumed run repeats the steps since its checkpoint) keeps the newer value.
+    """
+    latest = {step: value for step, _, value in sorted(points, key=lambda p: (p[0], p[1]))}
+    steps = np.array(sorted(latest), dtype=float)
+    return steps, np.array([latest[s] for s in sorted(latest)], dtype=float)
+
+
+def interpolate_to_grid(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """A run's curve at the grid's env steps: linear between logged steps, NaN outside the run's range."""
+    steps, values, grid = (np.asarray(a, dtype=float) for a in (steps, values, grid))
+    assert steps.shape == values.shape and np.all(np.diff(steps) > 0), "steps must increase, one value each"
+    out = np.full(grid.shape, np.nan)
+    if steps.size:
+        inside = (grid >= steps[0]) & (grid <= steps[-1])
+        out[inside] = np.interp(grid[inside], steps, values)
+    return out
+
+
+def step_grid(run_steps: Sequence[np.ndarray], max_points: int = 200) -> np.ndarray:
+    """Evenly spaced env steps from the group's first to its last logged step.
+
+    As many points as the most often logged run has (at most max_points), so evaluations at a fixed
+    interval land on the grid exactly and are not smoothed by the interpolation.
+    """
+    first, last = min(s[0] for s in run_steps), max(s[-1] for s in run_steps)
+    count = min(max_points, max(len(s) for s in run_steps))
+    return np.linspace(first, last, max(count, 2) if last > first else 1)
+
+
+def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Interquartile mean: the mean of the middle 50% of the values (along axis).
+
+    The i-th smallest of n values (i = 1..n) covers the quantile interval [(i-1)/n, i/n] and is weighted
+    by the part of it inside [0.25, 0.75], divided by 0.5. For n divisible by 4 this is the plain mean of
+    the middle n/2 values (rliable's IQM); otherwise the values at the edges count in part: n=3 weighs
+    the sorted values 1/6, 2/3, 1/6, n=5 weighs the middle three 0.3, 0.4, 0.3, and n=1 or 2 is the mean.
+    """
+    ordered = np.moveaxis(np.sort(np.asarray(values, dtype=float), axis=axis), axis, -1)
+    n = ordered.shape[-1]
+    if n == 0:
+        return np.full(ordered.shape[:-1], np.nan)
+    edges = np.arange(n + 1) / n
+    weights = np.clip(np.minimum(edges[1:], 0.75) - np.maximum(edges[:-1], 0.25), 0.0, None) / 0.5
+    return ordered @ weights
+
+
+def bootstrap_ci(values: Sequence[float], statistic: Callable = np.mean, confidence: float = 0.95,
+                 resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of statistic(values), resampling the values (runs) with replacement.
+
+    statistic takes an array and axis=-1 (np.mean, iqm). The seed is fixed, so a figure is reproducible.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    estimates = statistic(values[rng.integers(0, values.size, size=(resamples, values.size))], axis=-1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(estimates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+@dataclass
+class GroupCurve:
+    """A group's runs on a common env-step grid, their mean with a bootstrap CI, and the IQM at the end."""
+
+    name: str
+    grid: np.ndarray
+    curves: np.ndarray
+    """(runs, grid points); NaN where a run has no value."""
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    final_values: np.ndarray
+    """The values at the last grid step of the runs that reach it."""
+    final_iqm: float
+    final_iqm_ci: tuple[float, float]
+
+
+def group_curve(name: str, runs: Sequence[tuple[np.ndarray, np.ndarray]], max_points: int = 200) -> GroupCurve:
+    """Aggregate a group's (steps, values) curves; every run needs at least one point."""
+    grid = step_grid([steps for steps, _ in runs], max_points)
+    curves = np.stack([interpolate_to_grid(steps, values, grid) for steps, values in runs])
+    mean, low, high = (np.full(grid.shape, np.nan) for _ in range(3))
+    for j, column in enumerate(curves.T):
+        present = column[~np.isnan(column)]
+        if present.size:  # a grid point in a gap between runs' ranges has none
+            mean[j] = present.mean()
+            low[j], high[j] = bootstrap_ci(present)
+    final = curves[:, -1][~np.isnan(curves[:, -1])]
+    return GroupCurve(name, grid, curves, mean, low, high, final, float(iqm(final)), bootstrap_ci(final, iqm))
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs from MLflow
+
+
+@dataclass
+class RunSummary:
+    """One run as the table and the figure need it."""
+
+    name: str
+    run_id: str
+    group: str
+    steps: np.ndarray
+    """Env steps of the metric's history, increasing (empty if the run has not logged the metric)."""
+    values: np.ndarray
+    env_steps: float | None
+    """The last logged train/env_steps."""
+    wall_seconds: float | None
+    git_commit: str
+
+    @property
+    def final(self) -> float | None:
+        return float(self.values[-1]) if self.values.size else None
+
+    @property
+    def best(self) -> float | None:
+        return float(self.values.max()) if self.values.size else None
+
+    @property
+    def steps_per_second(self) -> float | None:
+        if self.env_steps is None or not self.wall_seconds:
+            return None
+        return self.env_steps / self.wall_seconds
+
+
+def open_client(uri: str):
+    from mlflow.tracking import MlflowClient
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # its INFO lines on every open are noise here
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        # MLflow would create an empty database here; a typo in the path should not leave a file behind.
+        raise CompareError(f"no MLflow database at {uri[len('sqlite:///'):]}: run `fit` first, or point "
+                           "tracking_uri= at the database the runs went to")
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_runs(client, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise CompareError(f"no experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    if not runs:
+        raise CompareError(f"experiment {experiment!r} has no runs")
+    return runs
+
+
+def select_runs(runs: list, wanted: Sequence[str]) -> list:
+    """The runs whose id starts with one of the wanted prefixes; each prefix must match exactly one run."""
+    chosen = []
+    for prefix in wanted:
+        matches = [r for r in runs if r.info.run_id.startswith(prefix)]
+        if len(matches) != 1:
+            problem = "matches no run" if not matches else f"matches {len(matches)} runs"
+            ids = ", ".join(r.info.run_id[:8] for r in (matches or runs))
+            raise CompareError(f"run id {prefix!r} {problem} of the experiment; {'they' if matches else 'runs'}: {ids}")
+        chosen.append(matches[0])
+    return chosen
+
+
+def source_commit(run) -> str:
+    """MLflow's git tag, else fit's git_commit tag or param; fit's tag wins when it only adds '+dirty'."""
+    system = run.data.tags.get("mlflow.source.git.commit")
+    recorded = run.data.tags.get("git_commit") or run.data.params.get("git_commit")
+    if system and recorded != f"{system}+dirty":
+        return system
+    return recorded or "-"
+
+
+def summarize_run(client, run, metric: str, group_by: str) -> RunSummary:
+    def history(key: str) -> list:
+        return client.get_metric_history(run.info.run_id, key) if key in run.data.metrics else []
+
+    steps, values = history_arrays([(m.step, m.timestamp, m.value) for m in history(metric)])
+    env_history = sorted(history("train/env_steps"), key=lambda m: (m.step, m.timestamp))
+    end_ms = run.info.end_time
+    if end_ms is None and env_history:  # still running, or killed: up to its last sign of life
+        end_ms = max(m.timestamp for m in env_history)
+    return RunSummary(
+        name=run.info.run_name or "-", run_id=run.info.run_id, group=str(run.data.params.get(group_by, "-")),
+        steps=steps, values=values, env_steps=env_history[-1].value if env_history else None,
+        wall_seconds=(end_ms - run.info.start_time) / 1000 if end_ms and run.info.start_time else None,
+        git_commit=source_commit(run))
+
+
+def load_runs(options: CompareOptions) -> list[RunSummary]:
+    """The experiment's (or the selected) runs, sorted by group and name; fails if none has the metric."""
+    client = open_client(options.tracking_uri)
+    runs = experiment_runs(client, options.experiment)
+    if options.runs:
+        runs = select_runs(runs, [r.strip() for r in options.runs.split(",") if r.strip()])
+    if not any(options.metric in r.data.metrics for r in runs):
+        keys = sorted(set().union(*(r.data.metrics for r in runs)))
+        raise CompareError(f"no run has the metric {options.metric!r}; metrics: {', '.join(keys) or 'none'}")
+    summaries = [summarize_run(client, r, options.metric, options.group_by) for r in runs]
+    return sorted(summaries, key=lambda s: (s.group == "-", s.group, s.name))  # runs without the param last
+
+
+def by_group(runs: Sequence[RunSummary]) -> dict[str, list[RunSummary]]:
+    """The runs by group, groups in the order of their first run."""
+    groups: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+
+
+TABLE_HEADER = ("run", "id", "group", "final", "best", "env steps", "wall", "steps/s", "commit")
+NUMBER_COLUMNS = {"final", "best", "env steps", "wall", "steps/s"}  # right-aligned; text left-aligned
+
+
+def format_value(x: float | None) -> str:
+    if x is None or np.isnan(x):
+        return "-"
+    return f"{x:.2f}" if abs(x) >= 1 or x == 0 else f"{x:.3g}"
+
+
+def format_count(x: float | None) -> str:
+    return "-" if x is None or np.isnan(x) else f"{x:,.0f}"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or np.isnan(seconds):
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def format_rate(x: float | None) -> str:
+    return "-" if x is None or np.isnan(x) else f"{x:.1f}"
+
+
+def short_commit(commit: str) -> str:
+    head, plus, suffix = commit.partition("+")
+    return head[:8] + plus + suffix if all(c in "0123456789abcdef" for c in head) else commit
+
+
+def run_row(run: RunSummary) -> list[str]:
+    return [run.name, run.run_id[:8], run.group, format_value(run.final), format_value(run.best),
+            format_count(run.env_steps), format_duration(run.wall_seconds), format_rate(run.steps_per_second),
+            short_commit(run.git_commit)]
+
+
+def mean_of(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def group_row(name: str, runs: Sequence[RunSummary]) -> list[str]:
+    """The mean over the group's runs of each number (over the runs that have it)."""
+    return [f"mean of {len(runs)}", "", name, format_value(mean_of([r.final for r in runs])),
+            format_value(mean_of([r.best for r in runs])), format_count(mean_of([r.env_steps for r in runs])),
+            format_duration(mean_of([r.wall_seconds for r in runs])),
+            format_rate(mean_of([r.steps_per_second for r in runs])), ""]
+
+
+def format_table(header: Sequence[str], sections: Sequence[Sequence[Sequence[str]]]) -> str:
+    """Aligned columns (numbers to the right, see NUMBER_COLUMNS); a rule under the header and between sections."""
+    rows = [header, *(row for section in sections for row in section)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [c.rjust(w) if name in NUMBER_COLUMNS else c.ljust(w) for c, w, name in zip(row, widths, header)]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    parts = [line(header)]
+    for section in sections:
+        parts += [rule, *(line(row) for row in section)]
+    return "\n".join(parts)
+
+
+def comparison_table(runs: Sequence[RunSummary]) -> str:
+    groups = by_group(runs)
+    return format_table(TABLE_HEADER, [[run_row(r) for r in runs], [group_row(g, rs) for g, rs in groups.items()]])
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure
+
+
+def plot_comparison(groups: Sequence[GroupCurve], metric: str):
+    """Left: each group's runs (thin), mean (thick, labelled) and 95% CI band; right: IQM with 95% CI."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)  # no pyplot: no global figure state, no display needed
+    curves_axes, iqm_axes = figure.subplots(1, 2, width_ratios=[2.2, 1])
+    for index, group in enumerate(groups):
+        color = f"C{index % 10}"
+        for curve in group.curves:
+            curves_axes.plot(group.grid, curve, color=color, alpha=0.3, linewidth=0.8)
+        curves_axes.plot(group.grid, group.mean, color=color, linewidth=2, marker="o" if group.grid.size == 1 else None,
+                         label=f"{group.name} (n={len(group.curves)})")
+        curves_axes.fill_between(group.grid, group.low, group.high, color=color, alpha=0.2, linewidth=0)
+        low, high = group.final_iqm_ci
+        iqm_axes.errorbar(group.final_iqm, index, xerr=[[group.final_iqm - low], [high - group.final_iqm]],
+                          fmt="o", color=color, capsize=4)
+    curves_axes.set(xlabel="env steps", ylabel=metric, title=f"{metric}: mean over runs, 95% bootstrap CI")
+    curves_axes.legend(loc="best", fontsize="small")
+    curves_axes.grid(alpha=0.3)
+    iqm_axes.set_yticks(range(len(groups)), labels=[
+        f"{g.name}\nn={len(g.final_values)} at {g.grid[-1]:,.0f}" for g in groups])
+    iqm_axes.set_ylim(-0.5, len(groups) - 0.5)
+    iqm_axes.invert_yaxis()
+    iqm_axes.set(xlabel=metric, title="IQM at the last step (95% CI)")
+    iqm_axes.grid(axis="x", alpha=0.3)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------------
+# Command
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def main(options: CompareOptions) -> list[GroupCurve]:
+    """Print the table, write the figure; returns the plotted groups."""
+    runs = load_runs(options)
+    print(comparison_table(runs))
+    groups = [group_curve(name, [(r.steps, r.values) for r in members if r.steps.size])
+              for name, members in by_group(runs).items() if any(r.steps.size for r in members)]
+    os.makedirs(os.path.dirname(os.path.abspath(options.out)), exist_ok=True)
+    plot_comparison(groups, options.metric).savefig(options.out, dpi=100)
+    missing = [r.run_id[:8] for r in runs if not r.steps.size]
+    note = f" ({plural(len(missing), 'run')} without {options.metric}: {', '.join(missing)})" if missing else ""
+    print(f"\n{options.metric} of {plural(len(runs) - len(missing), 'run')} in {plural(len(groups), 'group')} "
+          f"-> {options.out}{note}")
+    return groups
