@@ -26,7 +26,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.env_collector import EnvCollector
+from callbacks.env_collector import find_collector, total_env_steps
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +56,16 @@ class DreamerCheckpoint(Callback):
         self.last_saved_at = 0
         self.failures = 0
 
-    @staticmethod
-    def collector(trainer: L.Trainer) -> EnvCollector:
-        for cb in trainer.callbacks:
-            if isinstance(cb, EnvCollector):
-                return cb
-        raise RuntimeError("DreamerCheckpoint needs an EnvCollector callback in the Trainer")
-
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        env_steps = self.collector(trainer).env_steps * trainer.world_size
+        env_steps = total_env_steps(trainer)
         if env_steps - self.last_saved_at >= self.every_env_steps:
             self.try_save(trainer)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        env_steps = self.collector(trainer).env_steps * trainer.world_size
+        env_steps = total_env_steps(trainer)
         if env_steps != self.last_saved_at:
             self.try_save(trainer)
 
@@ -89,7 +82,7 @@ class DreamerCheckpoint(Callback):
         # All ranks must take the same decision, or the ones that go on would wait at a barrier forever.
         if not trainer.strategy.reduce_boolean_decision(self.enough_space(trainer), all=True):
             raise OSError(errno.ENOSPC, f"not enough free disk space for a checkpoint in {self.dirpath}")
-        env_steps = self.collector(trainer).env_steps * trainer.world_size
+        env_steps = total_env_steps(trainer)
         folder = os.path.join(self.dirpath, f"step-{env_steps:012d}")
         self.last_saved_at = env_steps  # before the save, so the checkpoint carries the new value
         if trainer.is_global_zero:
@@ -97,7 +90,7 @@ class DreamerCheckpoint(Callback):
         trainer.strategy.barrier("dreamer_checkpoint_mkdir")
         rank = trainer.global_rank
         trainer.datamodule.save_replay(os.path.join(folder, f"replay-rank{rank}"))
-        write_json_atomic(os.path.join(folder, f"collector-rank{rank}.json"), self.collector(trainer).rank_state())
+        write_json_atomic(os.path.join(folder, f"collector-rank{rank}.json"), find_collector(trainer).rank_state())
         tmp = os.path.join(folder, "model.ckpt.tmp")
         trainer.save_checkpoint(tmp, weights_only=False)  # collective; rank 0 writes the full checkpoint
         trainer.strategy.barrier("dreamer_checkpoint_saved")

@@ -315,3 +315,16 @@ class EnvCollector(Callback):
         self.running_return[self.is_last] = 0.0
         self.running_length[self.is_last] = 0
         self.cut[self.is_last] = False
+
+
+def find_collector(trainer: L.Trainer) -> EnvCollector:
+    """The EnvCollector among the trainer's callbacks (the source of the env-step count)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EnvCollector):
+            return callback
+    raise RuntimeError("this callback needs an EnvCollector callback in the same Trainer")
+
+
+def total_env_steps(trainer: L.Trainer) -> int:
+    """Env steps over all ranks (every rank steps the same number of envs in lockstep)."""
+    return find_collector(trainer).env_steps * trainer.world_size

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.env_collector import EnvCollector
+from callbacks.env_collector import total_env_steps
 from lit_dreamer.envs import make_vector_env
 from lit_dreamer.evaluation import run_episodes
 
@@ -30,24 +30,17 @@ class EvalCallback(Callback):
         self.evaluations = 0
         self.history: list[tuple[int, dict[str, float]]] = []
 
-    @staticmethod
-    def env_steps(trainer: L.Trainer) -> int:
-        for cb in trainer.callbacks:
-            if isinstance(cb, EnvCollector):
-                return cb.env_steps * trainer.world_size
-        raise RuntimeError("EvalCallback needs an EnvCollector callback in the Trainer")
-
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        steps = self.env_steps(trainer)
+        steps = total_env_steps(trainer)
         if steps >= self.next_at:
             self.next_at = (steps // self.every_env_steps + 1) * self.every_env_steps
             self.evaluate(trainer, pl_module, steps)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        steps = self.env_steps(trainer)
+        steps = total_env_steps(trainer)
         if not self.history or self.history[-1][0] != steps:
             self.evaluate(trainer, pl_module, steps)
 
