@@ -28,7 +28,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint",
                                    description="Run episodes of a checkpoint's env with its policy, print a table "
                                    "and log an eval run to MLflow under the training run. Keys: episodes=N, "
-                                   "mode=deterministic|stochastic, seed=N, tracking_uri=URI, env.<key>=VALUE.")
+                                   "mode=deterministic|stochastic, seed=N, tracking_uri=URI, video=PATH.gif, env.<key>=VALUE.")
     evaluate.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
     config = commands.add_parser("config", help="print the resolved config as YAML",
@@ -90,10 +90,10 @@ def run_eval(args: argparse.Namespace) -> int:
             if value not in EVAL_MODES:
                 raise ConfigError(f"mode must be one of {', '.join(EVAL_MODES)}, got {value!r}")
             options.mode = value
-        elif key == "tracking_uri":
-            options.tracking_uri = value
+        elif key in ("tracking_uri", "video"):
+            setattr(options, key, value)
         else:
-            raise ConfigError(f"unknown eval key {key!r}; use episodes, mode, seed, tracking_uri or env.<key>")
+            raise ConfigError(f"unknown eval key {key!r}; use episodes, mode, seed, tracking_uri, video or env.<key>")
     ckpt = args.ckpt
     if os.path.isdir(ckpt):
         from callbacks import resolve_last
@@ -101,6 +101,8 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(ckpt, options, env_overrides)
     print(format_table(result))
     print(f"per episode: {', '.join(f'{r:.1f}' for r in result['returns'])}")
+    if "video" in result:
+        print(f"video of one episode (return {result['video_return']:.1f}): {result['video']}")
     print(f"MLflow eval run {result['mlflow_run_id']}")
     return 0
 

@@ -73,6 +73,8 @@ class RunConfig:
     """Episodes per evaluation, run in parallel envs."""
     eval_mode: str = "mode"
     """Evaluation policy: mode (the most likely action) or sample."""
+    video_every: int = 20000
+    """Write an episode video and the world model's open-loop prediction every this many env steps (0: never)."""
     dir: Optional[str] = None
     """Folder for checkpoints and the run's files (None: runs/<run name>)."""
     compile: bool = False

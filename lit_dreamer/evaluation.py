@@ -64,6 +64,7 @@ class EvalOptions:
     mode: str = "deterministic"
     seed: int = 12345
     tracking_uri: str | None = None
+    video: str | None = None
 
 
 def run_folder(ckpt_path: str) -> str:
@@ -109,11 +110,17 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
         envs.close()
     result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
               "env": cfg.env.id, "checkpoint": os.path.abspath(ckpt_path)}
-    result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats)
+    if options.video:
+        from lit_dreamer.video import record_episode, write_gif
+        frames, video_return = record_episode(module, cfg.env.id, mode=EVAL_MODES[options.mode], seed=options.seed,
+                                              max_steps=100_000, **env_kwargs(cfg))
+        result["video"] = write_gif(frames, options.video)
+        result["video_return"] = video_return
+    result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, result.get("video"))
     return result
 
 
-def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats) -> str | None:
+def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats, video: str | None = None) -> str:
     import mlflow
     uri = options.tracking_uri or cfg.logger.tracking_uri
     client = mlflow.MlflowClient(uri)
@@ -135,6 +142,8 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats)
     for index, (ret, length) in enumerate(zip(stats.returns, stats.lengths)):
         client.log_metric(run_id, "eval/episode_return", ret, step=index)
         client.log_metric(run_id, "eval/episode_length", length, step=index)
+    if video:
+        client.log_artifact(run_id, video, artifact_path="videos")
     client.set_terminated(run_id)
     return run_id
 

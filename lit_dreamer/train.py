@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, resolve_last
+from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, VideoCallback, resolve_last
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
@@ -133,6 +133,9 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     if cfg.run.eval_every > 0:
         callbacks.append(EvalCallback(cfg.env.id, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
                                       mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **env_kwargs(cfg)))
+    if cfg.run.video_every > 0:
+        callbacks.append(VideoCallback(cfg.env.id, os.path.join(run_dir(cfg), "videos"),
+                                       every_env_steps=cfg.run.video_every, **env_kwargs(cfg)))
     return module, datamodule, callbacks, info
 
 

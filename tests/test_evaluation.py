@@ -64,7 +64,8 @@ def test_eval_command_prints_a_table_and_logs_a_linked_mlflow_run(tmp_path, monk
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     summary = fit(load_config(["debug"], [f"run.dir={tmp_path}/run", f"logger.tracking_uri={uri}"]))
     capsys.readouterr()
-    assert main(["eval", "--ckpt", str(tmp_path / "run"), "episodes=3", "mode=deterministic"]) == 0
+    video = tmp_path / "episode.gif"
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "episodes=3", "mode=deterministic", f"video={video}"]) == 0
     out = capsys.readouterr().out
     assert "CartPole-v1: 3 episodes" in out and "mean" in out
     client = mlflow.MlflowClient(uri)
@@ -80,6 +81,13 @@ def test_eval_command_prints_a_table_and_logs_a_linked_mlflow_run(tmp_path, monk
     assert run.data.metrics["eval/return"] == mean
     assert f"{mean:.2f}" in out
     assert run.data.params["mode"] == "deterministic" and run.data.params["episodes"] == "3"
+    # The video shows one whole episode: (steps + 1) frames of 1/20 s; CartPole pays 1 per step.
+    from PIL import Image
+    video_return = float(out.split("video of one episode (return ")[1].split(")")[0])
+    with Image.open(video) as gif:
+        duration = sum(gif.seek(i) or gif.info["duration"] for i in range(gif.n_frames))
+    assert duration == (int(video_return) + 1) * 50
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "videos")] == ["videos/episode.gif"]
 
 
 def test_eval_command_rejects_bad_keys(tmp_path, capsys):

@@ -1,0 +1,70 @@
+"""Videos: agent episodes, open-loop world-model predictions (images) and prediction plots (vectors)."""
+
+import os
+
+import mlflow
+import numpy as np
+import torch
+from PIL import Image
+
+from lit_dreamer.config import load_config
+from lit_dreamer.module import DreamerModule
+from lit_dreamer.train import fit, probe_env
+from lit_dreamer.video import open_loop, open_loop_frames, record_episode, write_gif
+
+
+def gif_info(path):
+    """(total duration in ms, size): GIF writers merge identical consecutive frames into one longer frame,
+    so the time a video covers, not its frame count, says whether every frame is in it."""
+    with Image.open(path) as image:
+        total = 0
+        for index in range(image.n_frames):
+            image.seek(index)
+            total += image.info["duration"]
+        return total, image.size
+
+
+def test_episode_video_has_one_frame_per_step_plus_the_first(tmp_path):
+    cfg = load_config(["debug"])
+    info = probe_env(cfg)
+    torch.manual_seed(0)
+    module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent())
+    frames, total = record_episode(module, "CartPole-v1", seed=4)
+    # CartPole pays 1 per step: the episode had `total` steps, so total + 1 frames.
+    assert frames.shape[0] == int(total) + 1 and frames.dtype == np.uint8 and frames.shape[-1] == 3
+    path = write_gif(frames, str(tmp_path / "episode.gif"), fps=20)
+    assert gif_info(path) == (frames.shape[0] * 50, (frames.shape[2], frames.shape[1]))
+
+
+def test_open_loop_shapes_and_frames_for_images():
+    cfg = load_config(["debug"], ["env.id=dmc/cartpole-balance", "env.obs=pixels"])
+    info = probe_env(cfg)
+    module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent())
+    B, T = 3, 8
+    batch = {"image": torch.randint(0, 256, (B, T, 64, 64, 3), dtype=torch.uint8),
+             "action": torch.rand(B, T, info.action_dim) * 2 - 1, "reward": torch.rand(B, T),
+             "is_first": torch.zeros(B, T, dtype=torch.bool)}
+    result = open_loop(module, batch, context=4)
+    truth, pred = result["keys"]["image"]
+    assert truth.shape == pred.shape == (B, T, 64, 64, 3)
+    frames = open_loop_frames(result, "image")
+    # One frame per time step; rows: truth, prediction, difference; one column per sequence (+ borders).
+    assert frames.shape == (T, 3 * 64 + 4, B * (64 + 4), 3)
+    assert (frames[0, 0, 0] == [0, 255, 0]).all() and (frames[-1, 0, 0] == [255, 0, 0]).all()
+    np.testing.assert_allclose(frames[0, 2:66, 2:66] / 255.0, truth[0, 0].numpy(), atol=1 / 255 + 1e-6)
+
+
+def test_video_callback_writes_mlflow_artifacts_during_fit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    summary = fit(load_config(["debug"], ["run.video_every=50", f"run.dir={tmp_path}/run",
+                                          f"logger.tracking_uri={uri}"]))
+    client = mlflow.MlflowClient(uri)
+    names = sorted(os.path.basename(a.path) for a in client.list_artifacts(summary["mlflow_run_id"], "videos"))
+    # Due at 50 and 100 env steps; the prefill ends at 60, so the first comes at 61.
+    assert names == ["episode-000000061.gif", "episode-000000100.gif", "openloop-000000061.png",
+                     "openloop-000000100.png"]
+    duration, size = gif_info(tmp_path / "run" / "videos" / "episode-000000100.gif")
+    # CartPole's render size; an episode lasts at least 9 steps (10 frames of 50 ms at 20 fps).
+    assert duration >= 10 * 50 and size == (600, 400)
