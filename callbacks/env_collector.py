@@ -134,8 +134,10 @@ class EnvCollector(Callback):
             elapsed = time.perf_counter() - self._timer_start
             metrics["perf/train_steps_per_s"] = self.session_train_steps / max(elapsed, 1e-9)
         pl_module.log_dict(metrics, on_step=True, batch_size=1)
-        pl_module.log_dict({"env_steps": float(total), "return": self.last_return}, on_step=True, batch_size=1,
-                           prog_bar=True, logger=False)
+        bar = {"env_steps": float(total), "train_steps": float(pl_module.train_steps), "return": self.last_return}
+        if "perf/train_steps_per_s" in metrics:
+            bar["steps/s"] = metrics["perf/train_steps_per_s"]
+        pl_module.log_dict(bar, on_step=True, batch_size=1, prog_bar=True, logger=False)
         if self.train_steps_seen % trainer.log_every_n_steps == 0:
             self.log_episodes(trainer, total)
         if self.total_steps is not None and total >= self.total_steps:
