@@ -44,3 +44,18 @@ def test_multidevice_script_trains_with_two_cpu_processes(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("lit_dreamer").experiment_id])
     assert "eval/return" in run.data.metrics and "loss/dyn" in run.data.metrics
+
+
+def test_seed_sweep_script_trains_each_seed_and_compares_them(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "seed_sweep.py"), "--seeds", "2", "-c", "debug",
+                           "--metric", "train/return", "--out", "sweep.png", "--", "run.steps=80"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("lit_dreamer").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["sweep-seed0", "sweep-seed1"]
+    assert sorted(r.data.params["run.seed"] for r in runs) == ["0", "1"]
+    # The comparison table lists both runs and their group mean, and the figure was written.
+    assert "sweep-seed0" in proc.stdout and "sweep-seed1" in proc.stdout and "mean of 2" in proc.stdout
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
