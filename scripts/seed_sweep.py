@@ -10,8 +10,6 @@ table and writes the curves of the group (mean and 95% bootstrap interval, IQM) 
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import argparse
 import subprocess
 import sys
