@@ -51,7 +51,7 @@ class EnvConfig:
 class RunConfig:
     """Length, seed, train ratio and batch shape of a run."""
 
-    steps: int = 3000
+    steps: int = 2000
     """Total env steps over all devices (agent steps, before action repeat)."""
     seed: int = 0
     """Seed of networks, envs and replay sampling."""

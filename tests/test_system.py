@@ -438,7 +438,7 @@ def test_fit_help_lists_keys_with_defaults(tmp_path):
     assert proc.returncode == 0, explain(proc)
     lines = proc.stdout.splitlines()
     for line in ("  run.train_ratio = 512.0", "  model.size = 'size1m'", "  env.id = 'CartPole-v1'",
-                 "  run.steps = 3000", "  trainer.precision = '32-true'"):
+                 "  run.steps = 2000", "  trainer.precision = '32-true'"):
         assert line in lines, f"{line!r} not in --help"
     assert any("gradient steps per env step" in line for line in lines)  # the key's doc follows it
 
