@@ -330,3 +330,16 @@ def find_collector(trainer: L.Trainer) -> EnvCollector:
 def total_env_steps(trainer: L.Trainer) -> int:
     """Env steps over all ranks (every rank steps the same number of envs in lockstep)."""
     return find_collector(trainer).env_steps * trainer.world_size
+
+
+class EnvStepSchedule:
+    """Due once per `every` env steps: at the first check at or past each multiple of `every`."""
+
+    def __init__(self, every: int):
+        self.every, self.next_at = every, every
+
+    def due(self, env_steps: int) -> bool:
+        if env_steps < self.next_at:
+            return False
+        self.next_at = (env_steps // self.every + 1) * self.every
+        return True

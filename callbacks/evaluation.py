@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.env_collector import total_env_steps
+from callbacks.env_collector import EnvStepSchedule, total_env_steps
 from lit_dreamer.envs import make_vector_env
 from lit_dreamer.evaluation import run_episodes
 
@@ -24,9 +24,9 @@ class EvalCallback(Callback):
     def __init__(self, env_id: str, *, every_env_steps: int = 5000, episodes: int = 10, mode: str = "mode",
                  seed: int = 1_000_000, **env_kwargs: Any):
         super().__init__()
-        self.env_id, self.every_env_steps, self.episodes, self.mode = env_id, every_env_steps, episodes, mode
+        self.env_id, self.episodes, self.mode = env_id, episodes, mode
         self.seed, self.env_kwargs = seed, env_kwargs
-        self.next_at = every_env_steps
+        self.schedule = EnvStepSchedule(every_env_steps)
         self.evaluations = 0
         self.history: list[tuple[int, dict[str, float]]] = []
 
@@ -34,8 +34,7 @@ class EvalCallback(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         steps = total_env_steps(trainer)
-        if steps >= self.next_at:
-            self.next_at = (steps // self.every_env_steps + 1) * self.every_env_steps
+        if self.schedule.due(steps):
             self.evaluate(trainer, pl_module, steps)
 
     @override
@@ -63,8 +62,8 @@ class EvalCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"next_at": self.next_at, "evaluations": self.evaluations}
+        return {"next_at": self.schedule.next_at, "evaluations": self.evaluations}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.next_at, self.evaluations = state_dict["next_at"], state_dict["evaluations"]
+        self.schedule.next_at, self.evaluations = state_dict["next_at"], state_dict["evaluations"]

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.env_collector import total_env_steps
+from callbacks.env_collector import EnvStepSchedule, total_env_steps
 from lit_dreamer.video import open_loop, open_loop_frames, open_loop_plot, record_episode, write_gif
 
 
@@ -29,19 +29,17 @@ class VideoCallback(Callback):
     def __init__(self, env_id: str, directory: str, *, every_env_steps: int = 20_000, sequences: int = 4,
                  max_episode_steps: int = 500, seed: int = 2_000_000, **env_kwargs: Any):
         super().__init__()
-        self.env_id, self.directory, self.every_env_steps = env_id, directory, every_env_steps
+        self.env_id, self.directory = env_id, directory
         self.sequences, self.max_episode_steps, self.seed, self.env_kwargs = sequences, max_episode_steps, seed, env_kwargs
-        self.next_at = every_env_steps
+        self.schedule = EnvStepSchedule(every_env_steps)
         self.written: list[str] = []
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         steps = total_env_steps(trainer)
-        if steps >= self.next_at:
-            self.next_at = (steps // self.every_env_steps + 1) * self.every_env_steps
-            if trainer.is_global_zero:
-                self.record(trainer, pl_module, steps)
+        if self.schedule.due(steps) and trainer.is_global_zero:
+            self.record(trainer, pl_module, steps)
 
     def record(self, trainer: L.Trainer, pl_module: L.LightningModule, steps: int) -> list[str]:
         os.makedirs(self.directory, exist_ok=True)
@@ -70,8 +68,8 @@ class VideoCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"next_at": self.next_at}
+        return {"next_at": self.schedule.next_at}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.next_at = state_dict["next_at"]
+        self.schedule.next_at = state_dict["next_at"]
