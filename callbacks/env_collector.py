@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lit_dreamer.envs import action_dim, action_kind, frames_per_step, make_vector_env
+from lit_dreamer.envs import action_dim, action_kind, env_action, frames_per_step, make_vector_env
 from lit_dreamer.envs.faults import ERROR_KEY
 
 log = logging.getLogger(__name__)
@@ -248,9 +248,8 @@ class EnvCollector(Callback):
         """
         start = time.perf_counter()
         action, context = (self.random_actions(), None) if random else self.policy_actions(pl_module)
-        env_action = action.argmax(-1) if self.discrete else np.clip(action, -1.0, 1.0)
         try:
-            result = self.envs.step(env_action)
+            result = self.envs.step(env_action(action, self.discrete))
         except Exception as err:  # noqa: BLE001 - whatever killed the envs, collection goes on
             result, failure = None, err
             self.is_last = np.ones(self.num_envs, bool)

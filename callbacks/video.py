@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lit_dreamer.envs import action_kind
+from lit_dreamer.envs import action_kind, env_action
 
 
 @dataclass
@@ -40,8 +40,7 @@ def run_episodes(module, envs, *, mode: str = "mode", seed: int = 0, max_steps: 
         tensors = {k: torch.as_tensor(v, device=module.device) for k, v in obs.items()}
         action, carry, _ = module.act(tensors, is_first, carry, mode=mode)
         action = action.float().cpu().numpy()
-        env_action = action.argmax(-1) if discrete else np.clip(np.nan_to_num(action), -1.0, 1.0)
-        obs, reward, terminated, truncated, _ = envs.step(env_action)
+        obs, reward, terminated, truncated, _ = envs.step(env_action(action, discrete))
         live = ~done
         returns[live] += reward[live]
         lengths[live] += 1

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -73,7 +72,8 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
     """Refuse a checkpoint made for other spaces or another architecture, naming the difference."""
     try:
         # weights_only: tensors and plain containers only; a pickled object that would run code is refused.
-        hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        # mmap: only the hyperparameters are read here; Lightning loads the checkpoint for real afterwards.
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
     except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
         raise ConfigError(f"checkpoint {path} cannot be loaded safely (weights_only=True): "
                           f"{str(err).splitlines()[0]}; use a checkpoint written by lit_dreamer") from None

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lit_dreamer.envs import action_kind, make_env
+from lit_dreamer.envs import action_kind, env_action, make_env
+from lit_dreamer.rssm import State
 
 
 def write_gif(frames: np.ndarray, path: str, fps: int = 20) -> str:
@@ -42,8 +43,7 @@ def record_episode(module, env_id: str, *, mode: str = "mode", seed: int = 0, ma
             tensors = {k: torch.as_tensor(np.asarray(v)[None], device=module.device) for k, v in obs.items()}
             action, carry, _ = module.act(tensors, is_first, carry, mode=mode)
             action = action[0].float().cpu().numpy()
-            obs, reward, terminated, truncated, _ = env.step(int(action.argmax()) if discrete
-                                                             else np.clip(np.nan_to_num(action), -1, 1))
+            obs, reward, terminated, truncated, _ = env.step(env_action(action, discrete))
             total += float(reward)
             frames.append(env.render())
             is_first = torch.zeros(1, dtype=torch.bool, device=module.device)
@@ -75,12 +75,12 @@ def open_loop(module, batch: dict[str, Tensor], context: int) -> dict[str, Any]:
     assert 0 < context < T, f"context {context} must be within the sequence length T={T}"
     embed = wm.encode({k: batch[k][:, :context] for k in wm.decoded_keys})
     post, _ = wm.rssm.observe(embed, batch["action"][:, :context], batch["is_first"][:, :context])
-    state = type(post)(post.deter[:, -1], post.stoch[:, -1])
+    state = State(post.deter[:, -1], post.stoch[:, -1])
     deters, stochs = [], []
     for t in range(context, T):
         state = wm.rssm.imagine_step(state, batch["action"][:, t])
         deters.append(state.deter), stochs.append(state.stoch)
-    feat = torch.cat([post.feat(), torch.cat([torch.stack(deters, 1), torch.stack(stochs, 1).flatten(-2)], -1)], 1)
+    feat = torch.cat([post.feat(), State(torch.stack(deters, 1), torch.stack(stochs, 1)).feat()], 1)
     predictions = {k: dist.mean() for k, dist in wm.decode(feat).items()}
     result = {"context": context, "keys": {}, "reward": (batch["reward"], wm.reward(feat).mean())}
     for key, pred in predictions.items():

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from numpy.testing import assert_allclose
 
 from lit_dreamer.__main__ import main
-from lit_dreamer.compare import (CompareOptions, bootstrap_ci, comparison_table, format_duration, format_table,
+from lit_dreamer.compare import (CompareOptions, bootstrap_ci, format_duration, format_table,
                                  group_curve, history_arrays, interpolate_to_grid, iqm, load_runs, plot_comparison,
                                  short_commit, source_commit, step_grid)
 

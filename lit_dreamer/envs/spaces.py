@@ -38,6 +38,14 @@ def action_dim(env: AnyEnv) -> int:
     return int(space.n) if action_kind(env) == "discrete" else int(space.shape[0])
 
 
+def env_action(action: np.ndarray, discrete: bool) -> np.ndarray:
+    """Policy output (..., A) -> what the env takes: the index of a one-hot, or the box action clipped
+    to [-1, 1] (a bounded-normal sample can leave it), with NaN mapped to 0 so it never reaches an env."""
+    if discrete:
+        return action.argmax(-1)
+    return np.clip(np.nan_to_num(action), -1.0, 1.0)
+
+
 def space_spec(env: AnyEnv) -> Spec:
     """Shape (without batch) and dtype of every entry of one replay step for this env."""
     observation_space = _single_spaces(env)[0]
