@@ -104,14 +104,20 @@ def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> s
     return head + ("+dirty" if dirty else "")
 
 
-def make_logger(cfg: Config, directory: str, resuming: bool) -> ResilientMLFlowLogger:
+def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[ResilientMLFlowLogger, bool]:
+    """The run's MLflow logger, and whether it continues the MLflow run recorded in the run dir.
+
+    A resume in the run dir of the checkpoint continues its MLflow run; a checkpoint started in a
+    new run dir (a branch of another run) opens a new MLflow run.
+    """
     id_file = os.path.join(directory, "mlflow_run_id")
     run_id = None
     if resuming and os.path.isfile(id_file):
         with open(id_file) as f:
             run_id = f.read().strip()
-    return ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
-                                 tracking_uri=cfg.logger.tracking_uri, run_id=run_id)
+    logger = ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
+                                   tracking_uri=cfg.logger.tracking_uri, run_id=run_id)
+    return logger, run_id is not None
 
 
 def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback], EnvInfo]:
@@ -164,9 +170,9 @@ def fit(cfg: Config) -> dict:
         check_checkpoint_matches(ckpt_path, module)
     directory = run_dir(cfg)
     os.makedirs(directory, exist_ok=True)
-    logger = make_logger(cfg, directory, resuming=ckpt_path is not None)
+    logger, continued = make_logger(cfg, directory, resuming=ckpt_path is not None)
     # Under DDP the other ranks re-run this script: only rank 0 has an MLflow run (and writes its files).
-    if ckpt_path is None and rank_zero_only.rank == 0:
+    if not continued and rank_zero_only.rank == 0:
         with open(os.path.join(directory, "mlflow_run_id"), "w") as f:
             f.write(logger.run_id)
         config_file = os.path.join(directory, "config.yaml")
@@ -174,6 +180,8 @@ def fit(cfg: Config) -> dict:
             f.write(to_yaml(cfg))
         logger.log_hyperparams({k: v for k, v in to_flat_dict(cfg).items() if k != "ckpt_path"})
         logger.experiment.set_tag(logger.run_id, "git_commit", git_commit())
+        if ckpt_path is not None:
+            logger.experiment.set_tag(logger.run_id, "resumed_from", os.path.abspath(ckpt_path))
         logger.experiment.log_artifact(logger.run_id, config_file)
     trainer = L.Trainer(**cfg.trainer, logger=logger, callbacks=callbacks, max_epochs=-1, max_steps=-1,
                         enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,

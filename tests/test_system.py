@@ -294,6 +294,27 @@ def test_resume_continues_steps_replay_optimizer_and_mlflow_run(cartpole_run, tm
     assert episodes_b == int(replay_b._data["is_last"][:total].sum())
 
 
+def test_checkpoint_started_in_a_new_run_dir_branches_into_a_new_mlflow_run(cartpole_run, in_tmp):
+    source, proc_a = cartpole_run
+    assert proc_a.returncode == 0, explain(proc_a)
+    shutil.copy(source / "mlflow.db", in_tmp / "mlflow.db")  # the same database as run A
+    run_a = only_run(in_tmp)
+    ckpt = os.path.realpath(source / "run" / "checkpoints" / "last" / "model.ckpt")
+    total = CARTPOLE_STEPS + 10
+    summary = fit_in_process(in_tmp, f"run.steps={total}", f"run.prefill={CARTPOLE_PREFILL}", f"ckpt_path={ckpt}")
+
+    runs = {r.info.run_id: r for r in all_runs(in_tmp)}
+    assert set(runs) == {run_a.info.run_id, summary["mlflow_run_id"]}, "run A continued instead of a new run"
+    branch = runs[summary["mlflow_run_id"]]
+    assert branch.data.tags["resumed_from"] == ckpt
+    assert branch.data.params["run.steps"] == str(total) and "git_commit" in branch.data.tags
+    assert (in_tmp / "run" / "mlflow_run_id").read_text() == branch.info.run_id
+    # The branch continues A's env-step count; A's own history is untouched.
+    values = [int(m.value) for m in history(in_tmp, branch.info.run_id, "train/env_steps")]
+    assert values == list(range(CARTPOLE_STEPS + 1, total + 1)), values
+    assert max(int(m.value) for m in history(in_tmp, run_a.info.run_id, "train/env_steps")) == CARTPOLE_STEPS
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. DDP on CPU, two processes
 
