@@ -59,3 +59,43 @@ def test_seed_sweep_script_trains_each_seed_and_compares_them(tmp_path):
     # The comparison table lists both runs and their group mean, and the figure was written.
     assert "sweep-seed0" in proc.stdout and "sweep-seed1" in proc.stdout and "mean of 2" in proc.stdout
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_path):
+    import json
+
+    import numpy as np
+
+    from lit_dreamer.replay import Replay
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "lit_dreamer", "fit", "-c", "debug", "run.steps=120",
+                           f"run.dir={tmp_path}/run", f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = os.path.realpath(tmp_path / "run" / "checkpoints" / "last")
+    replay = Replay.load(os.path.join(folder, "replay-rank0"))
+    terminals = int(replay._data["is_terminal"][:len(replay)].sum())
+    assert terminals > 0, "120 random-ish CartPole steps end several episodes"
+    ckpt = os.path.join(folder, "model.ckpt")
+
+    def script(name: str, *args: str) -> str:
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), ckpt, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    report = json.loads(script("diagnose_world_model.py"))
+    assert report["steps"] == len(replay) == 120 and report["terminal_steps"] == terminals
+    cont = report["cont"]
+    assert 0 <= cont["p_continue_at_terminal"] <= 1 and 0 <= cont["terminal_recall"] <= 1
+    assert len(report["rec_rmse"]["all"]) == 4 and all(np.isfinite(report["rec_rmse"]["terminal"]))
+    # A rollout of k steps needs k steps of the same episode before the terminal: fewer as k grows.
+    counts = [report["open_loop"][k]["n"] for k in ("1", "2", "3") if k in report["open_loop"]]
+    assert counts and counts[0] <= terminals and counts == sorted(counts, reverse=True)
+
+    lines = [json.loads(line) for line in script("world_model_headroom.py", "--steps", "4", "--every", "2").splitlines()]
+    assert [line["step"] for line in lines] == [0, 2, 4]
+    for line in lines[1:]:
+        assert set(line["losses"]) == {"rec/vector", "rew", "con", "dyn", "rep"}
+        assert all(np.isfinite(v) for v in line["losses"].values())

@@ -1,0 +1,89 @@
+"""Keep training only the world model of a checkpoint on its frozen replay: is it under-trained?
+
+    python scripts/world_model_headroom.py CKPT [--steps 1500] [--every 500] [--lr 4e-5]
+
+Loads the module and its world-model optimizer state from the checkpoint, then takes world-model
+gradient steps (the run's loss scales, batch and length) on uniform samples of the checkpoint's own
+replay. Every `--every` steps it prints the mean world-model losses since the last report and the
+diagnostics of `diagnose_world_model.py` (reconstruction RMSE per dimension, continue head at
+terminals). If these keep improving on data the model has already seen, the run was short of
+gradient steps (raise the train ratio); if they stall, the model is short of capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from diagnose_world_model import observe_stream, stream, vector_prediction, vector_targets
+from lit_dreamer.evaluation import load_module
+from lit_dreamer.optim import LaProp
+from lit_dreamer.replay import Replay
+
+
+@torch.no_grad()
+def diagnostics(wm, replay: Replay, keys: list[str]) -> dict:
+    sq, p_cont, terminal = [], [], []
+    for env in range(replay.num_envs):
+        data = stream(replay, env, keys)
+        feat = observe_stream(wm, data)[0].feat()
+        p_cont.append(wm.cont(feat).mean())
+        terminal.append(data["is_terminal"].bool())
+        if wm.vector_keys:
+            sq.append((vector_prediction(wm, feat) - vector_targets(wm, data)) ** 2)
+    p_cont, terminal = torch.cat(p_cont), torch.cat(terminal)
+    out = {"p_continue_at_terminal": round(float(p_cont[terminal].mean()), 4),
+           "terminal_recall": round(float((p_cont[terminal] < 0.5).float().mean()), 4)}
+    if sq:
+        sq = torch.cat(sq)
+        out["rec_rmse"] = [round(float(x), 4) for x in sq.mean(0).sqrt()]
+        out["rec_rmse_terminal"] = [round(float(x), 4) for x in sq[terminal].mean(0).sqrt()]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--every", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=None, help="default: the run's world-model learning rate")
+    args = parser.parse_args()
+    module, cfg = load_module(args.checkpoint)
+    module.train()
+    wm = module.world_model
+    replay = Replay.load(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "replay-rank0"))
+    keys = [*wm.image_keys, *wm.vector_keys, "action", "reward", "is_first", "is_terminal"]
+    o = cfg.optim
+    opt = LaProp(wm.parameters(), lr=o.world_model_lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps, agc=o.agc,
+                 pmin=o.pmin, warmup=o.warmup)
+    opt.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["optimizer_states"][0])
+    if args.lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+    scales = {k: v for k, v in module.scales.items() if k in ("rew", "con", "dyn", "rep") or k.startswith("rec/")}
+
+    print(json.dumps({"step": 0, **diagnostics(wm, replay, keys)}), flush=True)
+    sums, start = {}, time.perf_counter()
+    for step in range(1, args.steps + 1):
+        batch = {k: torch.as_tensor(v) for k, v in replay.sample(cfg.run.batch_size, cfg.run.batch_length).items()
+                 if k in keys}
+        batch["action"] = batch["action"].float()
+        losses = {k: v.float().mean() for k, v in wm.loss(batch)[0].items()}
+        opt.zero_grad(set_to_none=True)
+        sum(scales[k] * v for k, v in losses.items()).backward()
+        opt.step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if step % args.every == 0:
+            means = {k: round(v / args.every, 4) for k, v in sums.items()}
+            print(json.dumps({"step": step, "seconds": round(time.perf_counter() - start), "losses": means,
+                              **diagnostics(wm, replay, keys)}), flush=True)
+            sums = {}
+
+
+if __name__ == "__main__":
+    main()
