@@ -78,16 +78,23 @@ class ActorCritic(nn.Module):
         `policy` and `value`, metrics, the lambda returns (N, H), and the normalizer's peeked spread.
         `gather` collects the returns of all devices for the percentiles (identity on one device).
         """
-        params = []
+        params, samples = [], []
 
         def policy(feat: Tensor) -> Tensor:
             # The actor's forward inside the rollout keeps its graph, so it is not run twice.
             p = self.actor(feat.detach())
             params.append(p)
-            return self.actor.dist(p).sample().detach()
+            action = self.actor.dist(p).sample().detach()
+            samples.append(action)
+            # The env clips a continuous action to [-1, 1] and the replay stores it clipped, so the
+            # dynamics see the clipped action here too: an unclipped sample would ask the world model
+            # about actions it never saw, and the policy could exploit its extrapolation. REINFORCE
+            # uses the log-prob of the sample itself, which stays unbiased for the clipped execution.
+            return action if self.actor.discrete else action.clamp(-1.0, 1.0)
 
         with self.timer("imagination"):
-            states, actions = wm.rssm.imagine(start, policy, self.cfg.horizon)
+            states, _ = wm.rssm.imagine(start, policy, self.cfg.horizon)
+            actions = torch.stack(samples, 1)
             feat = states.feat()  # (N, H+1, F), no gradient into the world model
             with torch.no_grad():
                 reward = wm.reward(feat).mean()

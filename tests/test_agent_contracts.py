@@ -76,6 +76,28 @@ def test_imagination_and_losses_shapes(discrete):
     assert torch.equal(states.deter[:, 0], start.deter)
 
 
+def test_imagination_feeds_the_dynamics_clipped_continuous_actions_but_scores_the_raw_sample(monkeypatch):
+    wm, ac = make_agent(discrete=False)
+    # Push the policy's mean to tanh(3) = 0.995 with the widest std: about half the samples exceed 1.
+    last = ac.actor.net.out
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([3.0] * 3 + [10.0] * 3))
+    fed, scored = [], []
+    imagine_step = wm.rssm.imagine_step
+    monkeypatch.setattr(wm.rssm, "imagine_step", lambda s, a: fed.append(a) or imagine_step(s, a))
+    log_prob = BoundedNormal.log_prob
+    monkeypatch.setattr(BoundedNormal, "log_prob", lambda self, x: scored.append(x) or log_prob(self, x))
+    _, post, _ = wm.loss(make_batch(discrete=False))
+    ac.imagine_loss(wm, post.detach().flatten(), torch.ones(B * T))
+    fed, [scored] = torch.stack(fed, 1), scored
+    assert fed.abs().max() == 1.0 and (fed == 1.0).float().mean() > 0.3
+    # The log-prob is taken of the raw samples, which the clipped ones equal wherever |a| <= 1.
+    assert scored.max() > 1.0
+    inside = scored[:, :-1].abs() <= 1
+    assert torch.equal(fed[inside], scored[:, :-1][inside])
+
+
 def test_is_first_inside_sequence_resets_like_a_fresh_start():
     """A sequence whose step 3 is_first must produce, from step 3 on, exactly what a fresh start does."""
     wm, _ = make_agent()
