@@ -1,6 +1,7 @@
 """Keep training only the world model of a checkpoint on its frozen replay: is it under-trained?
 
-    python scripts/world_model_headroom.py CKPT [--steps 1500] [--every 500] [--lr 4e-5]
+    python scripts/world_model_headroom.py CKPT [--steps 1500] [--every 500] [--lr 4e-5] [--fresh]
+                                                [--scale 1,1,10,1]
 
 Loads the module and its world-model optimizer state from the checkpoint, then takes world-model
 gradient steps (the run's loss scales, batch and length) on uniform samples of the checkpoint's own
@@ -8,6 +9,9 @@ replay. Every `--every` steps it prints the mean world-model losses since the la
 diagnostics of `diagnose_world_model.py` (reconstruction RMSE per dimension, continue head at
 terminals). If these keep improving on data the model has already seen, the run was short of
 gradient steps (raise the train ratio); if they stall, the model is short of capacity.
+`--fresh` starts from a newly initialized world model instead; `--scale` multiplies the (single)
+vector observation by fixed per-dimension factors before the model sees it (RMSEs stay in the
+original units), to test whether a dimension's small numeric range is what the model neglects.
 """
 
 from __future__ import annotations
@@ -25,16 +29,24 @@ from lit_dreamer.optim import LaProp
 from lit_dreamer.replay import Replay
 
 
+def scaled(data: dict[str, torch.Tensor], wm, scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if scale is None:
+        return data
+    [key] = wm.vector_keys
+    return {**data, key: data[key].float() * scale}
+
+
 @torch.no_grad()
-def diagnostics(wm, replay: Replay, keys: list[str]) -> dict:
+def diagnostics(wm, replay: Replay, keys: list[str], scale: torch.Tensor | None = None) -> dict:
     sq, p_cont, terminal = [], [], []
     for env in range(replay.num_envs):
         data = stream(replay, env, keys)
-        feat = observe_stream(wm, data)[0].feat()
+        feat = observe_stream(wm, scaled(data, wm, scale))[0].feat()
         p_cont.append(wm.cont(feat).mean())
         terminal.append(data["is_terminal"].bool())
         if wm.vector_keys:
-            sq.append((vector_prediction(wm, feat) - vector_targets(wm, data)) ** 2)
+            prediction = vector_prediction(wm, feat) / (1.0 if scale is None else scale)
+            sq.append((prediction - vector_targets(wm, data)) ** 2)
     p_cont, terminal = torch.cat(p_cont), torch.cat(terminal)
     out = {"p_continue_at_terminal": round(float(p_cont[terminal].mean()), 4),
            "terminal_recall": round(float((p_cont[terminal] < 0.5).float().mean()), 4)}
@@ -51,26 +63,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--lr", type=float, default=None, help="default: the run's world-model learning rate")
+    parser.add_argument("--fresh", action="store_true", help="a newly initialized world model and optimizer")
+    parser.add_argument("--scale", default=None, help="comma-separated factors for the vector observation")
     args = parser.parse_args()
     module, cfg = load_module(args.checkpoint)
+    if args.fresh:
+        torch.manual_seed(cfg.run.seed)
+        module = type(module)(module.obs_spec, module.action_dim, module.discrete, module.hparams["config"])
     module.train()
     wm = module.world_model
+    scale = torch.tensor([float(x) for x in args.scale.split(",")]) if args.scale else None
     replay = Replay.load(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "replay-rank0"))
     keys = [*wm.image_keys, *wm.vector_keys, "action", "reward", "is_first", "is_terminal"]
     o = cfg.optim
     opt = LaProp(wm.parameters(), lr=o.world_model_lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps, agc=o.agc,
                  pmin=o.pmin, warmup=o.warmup)
-    opt.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["optimizer_states"][0])
+    if not args.fresh:
+        opt.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["optimizer_states"][0])
     if args.lr is not None:
         for group in opt.param_groups:
             group["lr"] = args.lr
     scales = {k: v for k, v in module.scales.items() if k in ("rew", "con", "dyn", "rep") or k.startswith("rec/")}
 
-    print(json.dumps({"step": 0, **diagnostics(wm, replay, keys)}), flush=True)
+    print(json.dumps({"step": 0, **diagnostics(wm, replay, keys, scale)}), flush=True)
     sums, start = {}, time.perf_counter()
     for step in range(1, args.steps + 1):
         batch = {k: torch.as_tensor(v) for k, v in replay.sample(cfg.run.batch_size, cfg.run.batch_length).items()
                  if k in keys}
+        batch = scaled(batch, wm, scale)
         batch["action"] = batch["action"].float()
         losses = {k: v.float().mean() for k, v in wm.loss(batch)[0].items()}
         opt.zero_grad(set_to_none=True)
@@ -81,7 +101,7 @@ def main() -> None:
         if step % args.every == 0:
             means = {k: round(v / args.every, 4) for k, v in sums.items()}
             print(json.dumps({"step": step, "seconds": round(time.perf_counter() - start), "losses": means,
-                              **diagnostics(wm, replay, keys)}), flush=True)
+                              **diagnostics(wm, replay, keys, scale)}), flush=True)
             sums = {}
 
 
