@@ -67,6 +67,8 @@ class RunConfig:
     """Log metrics every this many training steps."""
     checkpoint_every: int = 10000
     """Save a checkpoint (with replay) every this many env steps, and at the end."""
+    keep_checkpoints: int = 2
+    """Newest checkpoint folders kept in run.dir/checkpoints (older ones are deleted; 0: keep all)."""
     eval_every: int = 5000
     """Evaluate in separate envs every this many env steps and at the end (0: never)."""
     eval_episodes: int = 10
@@ -264,6 +266,8 @@ def validate(cfg: Config) -> None:
                        ("run.train_ratio", cfg.run.train_ratio), ("behavior.horizon", cfg.behavior.horizon)):
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.run.keep_checkpoints < 0:
+        raise ConfigError(f"run.keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {cfg.run.keep_checkpoints}")
     if cfg.run.batch_length < 2:
         raise ConfigError(f"run.batch_length must be at least 2, got {cfg.run.batch_length}")
 

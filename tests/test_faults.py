@@ -195,6 +195,23 @@ def test_a_failed_checkpoint_write_does_not_stop_training(in_tmp, monkeypatch):
     assert not (in_tmp / "run" / "checkpoints" / "step-000000000031" / "model.ckpt").exists()
 
 
+def test_keep_checkpoints_sets_how_many_saves_stay(in_tmp, tmp_path_factory):
+    fit(config(in_tmp, "run.steps=45", "run.prefill=20", "run.checkpoint_every=10", "run.keep_checkpoints=3"))
+    folders = sorted(p.name for p in (in_tmp / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    # Saves at 21, 31, 41 and 45: the newest three stay, each complete.
+    assert folders == ["step-000000000031", "step-000000000041", "step-000000000045"]
+    assert all((in_tmp / "run" / "checkpoints" / f / "model.ckpt").is_file() for f in folders)
+    # 0 keeps every save.
+    from callbacks.checkpoint import DreamerCheckpoint
+    root = tmp_path_factory.mktemp("keep_all")
+    for step in (10, 20, 30, 40):
+        (root / f"step-{step:012d}").mkdir()
+    DreamerCheckpoint(str(root), keep=0).prune(keep_folder=str(root / "step-000000000040"))
+    assert len(list(root.iterdir())) == 4
+    DreamerCheckpoint(str(root), keep=1).prune(keep_folder=str(root / "step-000000000040"))
+    assert [p.name for p in root.iterdir()] == ["step-000000000040"]
+
+
 def test_mlflow_failures_mid_run_do_not_stop_training(in_tmp, monkeypatch):
     from mlflow.tracking import MlflowClient
     original, calls = MlflowClient.log_batch, {"n": 0}

@@ -425,6 +425,7 @@ BAD_INPUTS = [
     (["run.steps=abc"], ["run.steps", "abc", "Integer"]),
     (["trainer.devics=2"], ["devics", "trainer.devices"]),
     (["ckpt_path=last"], ["ckpt_path=last", "no complete checkpoint"]),
+    (["run.keep_checkpoints=-1"], ["run.keep_checkpoints must be >= 0", "0 keeps every checkpoint"]),
 ]
 
 
