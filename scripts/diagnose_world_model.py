@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from lit_dreamer.distributions import kl_divergence
 from lit_dreamer.evaluation import load_module
 from lit_dreamer.replay import Replay
 from lit_dreamer.rssm import State
@@ -43,9 +44,7 @@ def observe_stream(wm, data: dict[str, torch.Tensor]) -> tuple[State, torch.Tens
     for start in range(0, len(data["is_first"]), CHUNK):
         chunk = {k: v[start:start + CHUNK][None] for k, v in data.items()}
         post, prior_logits = wm.rssm.observe(wm.encode(chunk), chunk["action"].float(), chunk["is_first"], state)
-        kls.append(torch.distributions.kl_divergence(
-            torch.distributions.Categorical(probs=wm.rssm.dist(post.logits).probs),
-            torch.distributions.Categorical(probs=wm.rssm.dist(prior_logits).probs)).sum(-1)[0])
+        kls.append(kl_divergence(wm.rssm.dist(post.logits), wm.rssm.dist(prior_logits))[0])
         deters.append(post.deter[0]), stochs.append(post.stoch[0])
         state = State(post.deter[:, -1], post.stoch[:, -1])
     return State(torch.cat(deters), torch.cat(stochs)), torch.cat(kls)
@@ -58,6 +57,49 @@ def vector_targets(wm, data: dict[str, torch.Tensor]) -> torch.Tensor:
 def vector_prediction(wm, feat: torch.Tensor) -> torch.Tensor:
     dists = wm.decode(feat[None])
     return torch.cat([dists[k].mean()[0] for k in wm.vector_keys], -1)
+
+
+def scaled(wm, data: dict[str, torch.Tensor], scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The data with the (single) vector observation multiplied by `scale` (unchanged if None)."""
+    if scale is None:
+        return data
+    [key] = wm.vector_keys
+    return {**data, key: data[key].float() * scale}
+
+
+@torch.no_grad()
+def stream_pass(wm, replay: Replay, keys: list[str], scale: torch.Tensor | None = None):
+    """Per env stream: its data, posterior states, KL per step, P(continue) per step, and the squared
+    vector-observation error per step in the data's units (None without vector keys).
+
+    With `scale`, the model sees the vector observation multiplied by it (see world_model_headroom.py).
+    """
+    for env in range(replay.num_envs):
+        data = stream(replay, env, keys)
+        post, kl = observe_stream(wm, scaled(wm, data, scale))
+        feat = post.feat()
+        sq = None
+        if wm.vector_keys:
+            prediction = vector_prediction(wm, feat) / (1.0 if scale is None else scale)
+            sq = (prediction - vector_targets(wm, data)) ** 2
+        yield data, post, kl, wm.cont(feat).mean(), sq
+
+
+def rmse(sq: torch.Tensor) -> list[float]:
+    return [round(float(x), 5) for x in sq.mean(0).sqrt()]
+
+
+def summary(p_cont: torch.Tensor, terminal: torch.Tensor, sq: torch.Tensor | None) -> dict:
+    """The continue head at terminal and other steps, and the reconstruction RMSE per dimension."""
+    out = {"cont": {
+        "p_continue_at_terminal": float(p_cont[terminal].mean()) if terminal.any() else None,
+        "p_continue_elsewhere": float(p_cont[~terminal].mean()),
+        "terminal_recall": float((p_cont[terminal] < 0.5).float().mean()) if terminal.any() else None,
+        "false_terminal_rate": float((p_cont[~terminal] < 0.5).float().mean()),
+    }}
+    if sq is not None:
+        out["rec_rmse"] = {"all": rmse(sq), "terminal": rmse(sq[terminal]) if terminal.any() else None}
+    return out
 
 
 @torch.no_grad()
@@ -78,7 +120,7 @@ def open_loop(wm, post: State, data: dict[str, torch.Tensor], terminals: torch.T
     out = {"n": int(len(starts)), "p_continue": float(wm.cont(feat).mean().mean())}
     if wm.vector_keys:
         error = vector_prediction(wm, feat) - vector_targets(wm, data)[ends]
-        out["obs_rmse"] = [round(float(x), 5) for x in error.pow(2).mean(0).sqrt()]
+        out["obs_rmse"] = rmse(error.pow(2))
     return out
 
 
@@ -91,42 +133,25 @@ def main() -> None:
     replay = Replay.load(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "replay-rank0"))
     keys = [*wm.image_keys, *wm.vector_keys, "action", "reward", "is_first", "is_terminal"]
 
-    sq_all, sq_term, p_cont, terminal, reward_err, kls = [], [], [], [], [], []
+    sq, p_cont, terminal, reward_err, kls = [], [], [], [], []
     rollouts: dict[int, list[dict]] = {k: [] for k in HORIZONS}
-    for env in range(replay.num_envs):
-        data = stream(replay, env, keys)
-        post, kl = observe_stream(wm, data)
-        feat = post.feat()
+    for data, post, kl, p, error in stream_pass(wm, replay, keys):
         is_terminal = data["is_terminal"].bool()
         with torch.no_grad():
-            p_cont.append(wm.cont(feat).mean())
-            reward_err.append((wm.reward(feat).mean() - data["reward"].float()).abs())
-            if wm.vector_keys:
-                sq = (vector_prediction(wm, feat) - vector_targets(wm, data)) ** 2
-                sq_all.append(sq), sq_term.append(sq[is_terminal])
-        terminal.append(is_terminal), kls.append(kl)
+            reward_err.append((wm.reward(post.feat()).mean() - data["reward"].float()).abs())
+        p_cont.append(p), terminal.append(is_terminal), kls.append(kl), sq.append(error)
         for k in HORIZONS:
             rollouts[k].append(open_loop(wm, post, data, torch.nonzero(is_terminal)[:, 0], k))
 
-    p_cont, terminal = torch.cat(p_cont), torch.cat(terminal)
+    terminal = torch.cat(terminal)
     report = {
         "checkpoint": args.checkpoint,
         "steps": int(len(terminal)),
         "terminal_steps": int(terminal.sum()),
-        "cont": {
-            "p_continue_at_terminal": float(p_cont[terminal].mean()) if terminal.any() else None,
-            "p_continue_elsewhere": float(p_cont[~terminal].mean()),
-            "terminal_recall": float((p_cont[terminal] < 0.5).float().mean()) if terminal.any() else None,
-            "false_terminal_rate": float((p_cont[~terminal] < 0.5).float().mean()),
-        },
+        **summary(torch.cat(p_cont), terminal, torch.cat(sq) if wm.vector_keys else None),
         "reward_mae": float(torch.cat(reward_err).mean()),
         "kl": float(torch.cat(kls).mean()),
     }
-    if sq_all:
-        report["rec_rmse"] = {
-            "all": [round(float(x), 5) for x in torch.cat(sq_all).mean(0).sqrt()],
-            "terminal": [round(float(x), 5) for x in torch.cat(sq_term).mean(0).sqrt()] if terminal.any() else None,
-        }
     report["open_loop"] = {}
     for k, parts in rollouts.items():
         parts = [p for p in parts if p]

@@ -6,8 +6,8 @@
 Loads the module and its world-model optimizer state from the checkpoint, then takes world-model
 gradient steps (the run's loss scales, batch and length) on uniform samples of the checkpoint's own
 replay. Every `--every` steps it prints the mean world-model losses since the last report and the
-diagnostics of `diagnose_world_model.py` (reconstruction RMSE per dimension, continue head at
-terminals). If these keep improving on data the model has already seen, the run was short of
+`cont` and `rec_rmse` diagnostics of `diagnose_world_model.py` (continue head at terminals,
+reconstruction RMSE per dimension). If these keep improving on data the model has already seen, the run was short of
 gradient steps (raise the train ratio); if they stall, the model is short of capacity.
 `--fresh` starts from a newly initialized world model instead; `--scale` multiplies the (single)
 vector observation by fixed per-dimension factors before the model sees it (RMSEs stay in the
@@ -23,38 +23,17 @@ import time
 
 import torch
 
-from diagnose_world_model import observe_stream, stream, vector_prediction, vector_targets
+from diagnose_world_model import scaled, stream_pass, summary
 from lit_dreamer.evaluation import load_module
-from lit_dreamer.optim import LaProp
 from lit_dreamer.replay import Replay
 
 
-def scaled(data: dict[str, torch.Tensor], wm, scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    if scale is None:
-        return data
-    [key] = wm.vector_keys
-    return {**data, key: data[key].float() * scale}
-
-
-@torch.no_grad()
-def diagnostics(wm, replay: Replay, keys: list[str], scale: torch.Tensor | None = None) -> dict:
-    sq, p_cont, terminal = [], [], []
-    for env in range(replay.num_envs):
-        data = stream(replay, env, keys)
-        feat = observe_stream(wm, scaled(data, wm, scale))[0].feat()
-        p_cont.append(wm.cont(feat).mean())
-        terminal.append(data["is_terminal"].bool())
-        if wm.vector_keys:
-            prediction = vector_prediction(wm, feat) / (1.0 if scale is None else scale)
-            sq.append((prediction - vector_targets(wm, data)) ** 2)
-    p_cont, terminal = torch.cat(p_cont), torch.cat(terminal)
-    out = {"p_continue_at_terminal": round(float(p_cont[terminal].mean()), 4),
-           "terminal_recall": round(float((p_cont[terminal] < 0.5).float().mean()), 4)}
-    if sq:
-        sq = torch.cat(sq)
-        out["rec_rmse"] = [round(float(x), 4) for x in sq.mean(0).sqrt()]
-        out["rec_rmse_terminal"] = [round(float(x), 4) for x in sq[terminal].mean(0).sqrt()]
-    return out
+def diagnostics(wm, replay: Replay, keys: list[str], scale: torch.Tensor | None) -> dict:
+    parts = list(stream_pass(wm, replay, keys, scale))
+    terminal = torch.cat([data["is_terminal"].bool() for data, *_ in parts])
+    p_cont = torch.cat([p for _, _, _, p, _ in parts])
+    sq = torch.cat([error for *_, error in parts]) if wm.vector_keys else None
+    return summary(p_cont, terminal, sq)
 
 
 def main() -> None:
@@ -75,26 +54,23 @@ def main() -> None:
     scale = torch.tensor([float(x) for x in args.scale.split(",")]) if args.scale else None
     replay = Replay.load(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "replay-rank0"))
     keys = [*wm.image_keys, *wm.vector_keys, "action", "reward", "is_first", "is_terminal"]
-    o = cfg.optim
-    opt = LaProp(wm.parameters(), lr=o.world_model_lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps, agc=o.agc,
-                 pmin=o.pmin, warmup=o.warmup)
+    opt = module.configure_optimizers()[0]  # the world model's, as the run built it
     if not args.fresh:
         opt.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["optimizer_states"][0])
     if args.lr is not None:
         for group in opt.param_groups:
             group["lr"] = args.lr
-    scales = {k: v for k, v in module.scales.items() if k in ("rew", "con", "dyn", "rep") or k.startswith("rec/")}
 
     print(json.dumps({"step": 0, **diagnostics(wm, replay, keys, scale)}), flush=True)
     sums, start = {}, time.perf_counter()
     for step in range(1, args.steps + 1):
         batch = {k: torch.as_tensor(v) for k, v in replay.sample(cfg.run.batch_size, cfg.run.batch_length).items()
                  if k in keys}
-        batch = scaled(batch, wm, scale)
+        batch = scaled(wm, batch, scale)
         batch["action"] = batch["action"].float()
         losses = {k: v.float().mean() for k, v in wm.loss(batch)[0].items()}
         opt.zero_grad(set_to_none=True)
-        sum(scales[k] * v for k, v in losses.items()).backward()
+        sum(module.scales[k] * v for k, v in losses.items()).backward()
         opt.step()
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
