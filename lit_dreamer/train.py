@@ -28,6 +28,13 @@ class EnvInfo:
     discrete: bool
 
 
+def env_info(env) -> EnvInfo:
+    """The replay spec, observation spec, action size and action kind of an env."""
+    spec = space_spec(env)
+    obs_spec = {k: v for k, v in spec.items() if k not in NON_OBS_KEYS}
+    return EnvInfo(spec, obs_spec, action_dim(env), action_kind(env) == "discrete")
+
+
 def probe_env(cfg: Config) -> EnvInfo:
     """Make one env to read its spaces (fails fast on an unknown id or an unusable space)."""
     try:
@@ -35,9 +42,7 @@ def probe_env(cfg: Config) -> EnvInfo:
     except ValueError as err:
         raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
     try:
-        spec = space_spec(env)
-        obs_spec = {k: v for k, v in spec.items() if k not in NON_OBS_KEYS}
-        return EnvInfo(spec, obs_spec, action_dim(env), action_kind(env) == "discrete")
+        return env_info(env)
     finally:
         env.close()
 

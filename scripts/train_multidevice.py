@@ -16,9 +16,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, ModelConfig
 from lit_dreamer.data import ReplayDataModule
-from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
+from lit_dreamer.envs import make_env
 from lit_dreamer.module import DreamerModule
-from lit_dreamer.world_model import NON_OBS_KEYS
+from lit_dreamer.train import env_info
 
 
 def main() -> None:
@@ -34,9 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     env = make_env(args.env)
-    spec = space_spec(env)
-    obs_spec = {k: v for k, v in spec.items() if k not in NON_OBS_KEYS}
-    discrete = action_kind(env) == "discrete"
+    info = env_info(env)
     env.close()
     if args.debug:
         config = AgentConfig(model=ModelConfig(deter=64, hidden=16, classes=4, stoch=4, depth=2, units=16, blocks=4),
@@ -45,8 +43,8 @@ def main() -> None:
     else:
         config, batch_size, batch_length, train_ratio, prefill = AgentConfig(), 16, 64, 512, 1000
 
-    module = DreamerModule(obs_spec, action_dim(env), discrete, config)
-    datamodule = ReplayDataModule(spec, batch_size=batch_size, batch_length=batch_length)
+    module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, config)
+    datamodule = ReplayDataModule(info.spec, batch_size=batch_size, batch_length=batch_length)
     callbacks = [
         EnvCollector(args.env, train_ratio=train_ratio, prefill=prefill, total_steps=args.steps),
         DreamerCheckpoint(f"{args.dir}/checkpoints", every_env_steps=max(args.steps // 4, 1)),
