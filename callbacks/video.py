@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from callbacks.env_collector import EnvStepSchedule, total_env_steps
+from lit_dreamer.tracking import ResilientMLFlowLogger
 from lit_dreamer.video import open_loop, open_loop_frames, open_loop_plot, record_episode, write_gif
 
 
@@ -60,8 +61,9 @@ class VideoCallback(Callback):
             for path in paths:
                 try:
                     logger.experiment.log_artifact(logger.run_id, path, artifact_path="videos")
-                except Exception:  # noqa: BLE001 - a lost video must not stop training
-                    pass
+                except Exception as err:  # noqa: BLE001 - a lost video must not stop training
+                    if isinstance(logger, ResilientMLFlowLogger):  # counted and warned about with the others
+                        logger.report_failure("log_artifact", err)
         self.written.extend(paths)
         return paths
 

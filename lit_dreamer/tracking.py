@@ -52,7 +52,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
         super().__init__(*args, **kwargs)
         self.failures = 0
 
-    def _report(self, what: str, err: BaseException) -> None:
+    def report_failure(self, what: str, err: BaseException) -> None:
         self.failures += 1
         if self.failures <= 5 or self.failures % 100 == 0:
             log.warning("MLflow %s failed (%d failures so far), training goes on: %r", what, self.failures, err)
@@ -61,16 +61,16 @@ class ResilientMLFlowLogger(MLFlowLogger):
         try:
             super().log_metrics(metrics, step)
         except Exception as err:  # noqa: BLE001
-            self._report("log_metrics", err)
+            self.report_failure("log_metrics", err)
 
     def log_hyperparams(self, params) -> None:
         try:
             super().log_hyperparams(params)
         except Exception as err:  # noqa: BLE001
-            self._report("log_hyperparams", err)
+            self.report_failure("log_hyperparams", err)
 
     def finalize(self, status: str = "success") -> None:
         try:
             super().finalize(status)
         except Exception as err:  # noqa: BLE001
-            self._report("finalize", err)
+            self.report_failure("finalize", err)

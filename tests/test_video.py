@@ -68,3 +68,25 @@ def test_video_callback_writes_mlflow_artifacts_during_fit(tmp_path, monkeypatch
     duration, size = gif_info(tmp_path / "run" / "videos" / "episode-000000100.gif")
     # CartPole's render size; an episode lasts at least 9 steps (10 frames of 50 ms at 20 fps).
     assert duration >= 10 * 50 and size == (600, 400)
+
+
+def test_video_upload_failures_are_reported_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+
+    original = mlflow.MlflowClient.log_artifact
+
+    def fail_for_videos(self, run_id, local_path, artifact_path=None):
+        if artifact_path == "videos":
+            raise OSError("artifact store unreachable")
+        return original(self, run_id, local_path, artifact_path)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", fail_for_videos)
+    cfg = load_config(["debug"], ["run.video_every=50", f"run.dir={tmp_path}/run",
+                                  f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    summary = fit(cfg)
+    assert summary["env_steps"] == cfg.run.steps  # the run went to its end
+    # The videos are still on disk, and each lost upload is reported like other MLflow failures.
+    assert (tmp_path / "run" / "videos" / "episode-000000100.gif").is_file()
+    reported = [r.getMessage() for r in caplog.records if "MLflow log_artifact failed" in r.getMessage()]
+    assert reported and "artifact store unreachable" in reported[0]
