@@ -35,6 +35,12 @@ class ModelConfig:
     """CNN channel multiplier; None takes the preset's."""
     units: int | None = None
     """MLP width of encoder, decoder and heads; None takes the preset's."""
+    cnn_mults: list[int] = field(default_factory=lambda: [2, 3, 4, 4])
+    """CNN stage channels as multiples of depth; each stage halves the image size."""
+    cnn_kernel: int = 5
+    """CNN kernel size of encoder and decoder."""
+    cnn_strided: bool = False
+    """Stride-2 convs (decoder: transposed) instead of conv + 2x2 max-pool / upsample + conv; a reference-code option."""
     stoch: int = 32
     """Number K of categorical latents."""
     blocks: int = 8

@@ -268,6 +268,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.run.keep_checkpoints < 0:
         raise ConfigError(f"run.keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {cfg.run.keep_checkpoints}")
+    if not cfg.model.cnn_mults or min(cfg.model.cnn_mults) <= 0:
+        raise ConfigError(f"model.cnn_mults must be a non-empty list of positive channel multiples, "
+                          f"e.g. [2,3,4,4]; got {list(cfg.model.cnn_mults)}")
+    if cfg.model.cnn_kernel <= 0:
+        raise ConfigError(f"model.cnn_kernel must be positive, got {cfg.model.cnn_kernel}")
     if cfg.run.batch_length < 2:
         raise ConfigError(f"run.batch_length must be at least 2, got {cfg.run.batch_length}")
 

@@ -135,8 +135,17 @@ class ChannelRMSNorm(nn.Module):
         return (x32 * self.weight[:, None, None]).to(x.dtype)
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, bias: bool) -> nn.Conv2d:
-    layer = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=bias)
+def conv(in_ch: int, out_ch: int, kernel: int, bias: bool, stride: int = 1, transpose: bool = False
+         ) -> nn.Conv2d | nn.ConvTranspose2d:
+    """Conv with 'same' padding: stride 1 keeps the size, stride 2 halves it (transpose: doubles it)."""
+    if transpose:
+        # Output (in - 1) * 2 - 2 * pad + kernel + extra = 2 * in for any kernel size.
+        layer = nn.ConvTranspose2d(in_ch, out_ch, kernel, stride=2, padding=(kernel - 1) // 2,
+                                   output_padding=kernel % 2, bias=bias)
+    elif stride == 1:
+        layer = nn.Conv2d(in_ch, out_ch, kernel, padding="same", bias=bias)
+    else:
+        layer = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=(kernel - 1) // 2, bias=bias)
     trunc_normal_fan_in_(layer.weight, in_ch * kernel * kernel)
     if bias:
         nn.init.zeros_(layer.bias)
@@ -152,15 +161,20 @@ class ImageEncoder(nn.Module):
 
     The reference code pools right after the conv, before norm and activation; we follow it
     (the spec lists pool last): the result is nearly identical and norm/act run on 4x fewer pixels.
+    `strided=True` is the reference code's cheaper option: each stage is one stride-2 conv, no pooling
+    (with kernel 4 and mults (1, 2, 4, 8) it is the CNN of older DreamerV3 ports).
     """
 
-    def __init__(self, in_channels: int, image_size: int, depth: int, mults=(2, 3, 4, 4), kernel: int = 5):
+    def __init__(self, in_channels: int, image_size: int, depth: int, mults=(2, 3, 4, 4), kernel: int = 5,
+                 strided: bool = False):
         super().__init__()
         min_size = image_size // 2 ** len(mults)
         if image_size & (image_size - 1) or min_size < 1:
             raise ValueError(f"image size {image_size} must be a power of two >= {2 ** len(mults)}")
         chans = [in_channels] + stage_channels(depth, mults)
-        self.convs = nn.ModuleList(conv(a, b, kernel, bias=False) for a, b in zip(chans[:-1], chans[1:]))
+        self.strided = strided
+        self.convs = nn.ModuleList(conv(a, b, kernel, bias=False, stride=2 if strided else 1)
+                                   for a, b in zip(chans[:-1], chans[1:]))
         self.norms = nn.ModuleList(ChannelRMSNorm(c) for c in chans[1:])
         self.out_dim = chans[-1] * min_size * min_size
 
@@ -169,7 +183,7 @@ class ImageEncoder(nn.Module):
         x = image.permute(0, 3, 1, 2).float() / 255.0 - 0.5
         x = x.to(memory_format=torch.channels_last)
         for conv_layer, norm in zip(self.convs, self.norms):
-            x = F.max_pool2d(conv_layer(x), 2)
+            x = conv_layer(x) if self.strided else F.max_pool2d(conv_layer(x), 2)
             x = F.silu(norm(x))
         return x.flatten(1)
 
@@ -178,12 +192,14 @@ class ImageDecoder(nn.Module):
     """Linear to a (C_last, S/16, S/16) map, then 4 stages of 2x nearest upsample + conv 5x5.
 
     All but the last stage are followed by RMSNorm + SiLU; the last conv outputs the image
-    channels, squashed by a sigmoid to [0, 1].
+    channels, squashed by a sigmoid to [0, 1]. `strided=True`: each stage is one stride-2
+    transposed conv instead of upsample + conv.
     """
 
     def __init__(self, feat_dim: int, out_channels: int, image_size: int, depth: int,
-                 mults=(2, 3, 4, 4), kernel: int = 5):
+                 mults=(2, 3, 4, 4), kernel: int = 5, strided: bool = False):
         super().__init__()
+        self.strided = strided
         chans = stage_channels(depth, mults)
         self.min_size = image_size // 2 ** len(mults)
         self.top_channels = chans[-1]
@@ -191,7 +207,7 @@ class ImageDecoder(nn.Module):
         ins = chans[::-1]  # e.g. [4d, 4d, 3d, 2d]
         outs = chans[::-1][1:] + [out_channels]  # e.g. [4d, 3d, 2d, C]
         self.convs = nn.ModuleList(
-            conv(a, b, kernel, bias=(i == len(ins) - 1)) for i, (a, b) in enumerate(zip(ins, outs)))
+            conv(a, b, kernel, bias=(i == len(ins) - 1), transpose=strided) for i, (a, b) in enumerate(zip(ins, outs)))
         self.norms = nn.ModuleList(ChannelRMSNorm(c) for c in outs[:-1])
 
     def forward(self, feat: Tensor) -> Tensor:
@@ -199,7 +215,7 @@ class ImageDecoder(nn.Module):
         x = self.project(feat).view(-1, self.top_channels, self.min_size, self.min_size)
         x = x.contiguous(memory_format=torch.channels_last)
         for i, conv_layer in enumerate(self.convs):
-            x = conv_layer(F.interpolate(x, scale_factor=2, mode="nearest"))
+            x = conv_layer(x if self.strided else F.interpolate(x, scale_factor=2, mode="nearest"))
             if i < len(self.norms):
                 x = F.silu(self.norms[i](x))
         return torch.sigmoid(x.float()).permute(0, 2, 3, 1)

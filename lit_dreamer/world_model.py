@@ -55,12 +55,13 @@ class WorldModel(nn.Module):
         self.image_channels = [obs_spec[k][0][-1] for k in self.image_keys]
         self.vector_dims = [obs_spec[k][0][0] for k in self.vector_keys]
         embed_dim = 0
+        cnn = dict(mults=tuple(cfg.cnn_mults), kernel=cfg.cnn_kernel, strided=cfg.cnn_strided)
         if self.image_keys:
             sizes = {tuple(obs_spec[k][0][:2]) for k in self.image_keys}
             if len(sizes) != 1 or len(set(next(iter(sizes)))) != 1:
                 raise ValueError(f"image keys {self.image_keys} must share one square size, got {sorted(sizes)}")
             size = next(iter(sizes))[0]
-            self.image_encoder = ImageEncoder(sum(self.image_channels), size, cfg.depth)
+            self.image_encoder = ImageEncoder(sum(self.image_channels), size, cfg.depth, **cnn)
             embed_dim += self.image_encoder.out_dim
         if self.vector_keys:
             self.vector_encoder = VectorEncoder(sum(self.vector_dims), cfg.units, cfg.encoder_layers)
@@ -70,7 +71,7 @@ class WorldModel(nn.Module):
                          post_layers=cfg.post_layers, unimix=cfg.unimix)
         feat = self.rssm.feat_dim
         if self.image_keys:
-            self.image_decoder = ImageDecoder(feat, sum(self.image_channels), size, cfg.depth)
+            self.image_decoder = ImageDecoder(feat, sum(self.image_channels), size, cfg.depth, **cnn)
         if self.vector_keys:
             self.vector_decoder = nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers),
                                                 linear(cfg.units, sum(self.vector_dims)))

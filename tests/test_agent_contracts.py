@@ -227,6 +227,24 @@ def test_cnn_encoder_decoder_shapes_for_other_power_of_two_sizes():
         ImageEncoder(3, 48, depth=2)
 
 
+@pytest.mark.parametrize("strided, kernel, mults", [(True, 4, (1, 2, 4, 8)), (True, 5, (2, 3, 4, 4)),
+                                                    (False, 4, (2, 3, 4, 4)), (True, 3, (1, 2, 4))])
+def test_cnn_options_keep_the_shapes_and_strided_stages_do_not_pool(strided, kernel, mults):
+    enc = ImageEncoder(3, 32, depth=2, mults=mults, kernel=kernel, strided=strided)
+    dec = ImageDecoder(10, 3, 32, depth=2, mults=mults, kernel=kernel, strided=strided)
+    x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    min_size = 32 // 2 ** len(mults)
+    assert enc.out_dim == 2 * mults[-1] * min_size ** 2 and enc(x).shape == (2, enc.out_dim)
+    assert dec(torch.randn(2, 10)).shape == (2, 32, 32, 3)
+    assert all(c.kernel_size == (kernel, kernel) for c in [*enc.convs, *dec.convs])
+    # Strided: every encoder conv halves the size itself, every decoder conv is transposed and doubles it.
+    assert all(c.stride == ((2, 2) if strided else (1, 1)) for c in enc.convs)
+    assert all(isinstance(c, torch.nn.ConvTranspose2d) == strided for c in dec.convs)
+    # The first stage's output: the strided conv makes the half-size map by itself.
+    first = enc.convs[0](x.permute(0, 3, 1, 2).float())
+    assert first.shape[-1] == (16 if strided else 32)
+
+
 def test_observation_key_selection_and_errors():
     spec = {"cam": ((8, 8, 3), np.uint8), "joints": ((5,), np.float32), "reward": ((), np.float32)}
     assert split_obs_keys(spec) == (["cam"], ["joints"])

@@ -33,6 +33,9 @@ def test_overlays_apply_in_order_then_overrides():
     ("env.obs=rgb", "env.obs must be 'proprio' or 'pixels'"),
     ("run.steps", "not of the form key=value"),
     ("run.batch_length=1", "batch_length must be at least 2"),
+    ("model.cnn_mults=[]", r"model.cnn_mults must be a non-empty list.*\[2,3,4,4\]"),
+    ("model.cnn_mults=[2,0]", "model.cnn_mults must be a non-empty list of positive"),
+    ("model.cnn_kernel=0", "model.cnn_kernel must be positive"),
 ])
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):
