@@ -99,3 +99,31 @@ def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_pat
     for line in lines[1:]:
         assert set(line["losses"]) == {"rec/vector", "rew", "con", "dyn", "rep"}
         assert all(np.isfinite(v) for v in line["losses"].values())
+
+
+def test_export_results_writes_points_and_bin_means(tmp_path):
+    import csv
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x"), run_name="r", tags={})
+    client.log_param(run.info.run_id, "run.seed", "3")
+    for step in range(1, 11):  # ac/advantage = step at steps 1..10; one eval point
+        client.log_metric(run.info.run_id, "ac/advantage", float(step), step=step)
+    client.log_metric(run.info.run_id, "eval/return", 7.5, step=10)
+
+    def export(*args: str) -> list[dict]:
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_results.py"), str(tmp_path / "o.csv"),
+                               run.info.run_id, "--tracking-uri", uri, *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(tmp_path / "o.csv") as f:
+            return list(csv.DictReader(f))
+
+    rows = export()  # default metrics: train/return (none logged) and eval/return
+    assert [(r["metric"], r["env_steps"], float(r["value"]), r["seed"]) for r in rows] == [("eval/return", "10", 7.5, "3")]
+    rows = export("--metrics", "ac/advantage", "--bin", "4")
+    # Bins (0, 4], (4, 8], (8, 12]: means of 1..4, 5..8, 9..10.
+    assert [(int(r["env_steps"]), float(r["value"])) for r in rows] == [(4, 2.5), (8, 6.5), (12, 9.5)]
