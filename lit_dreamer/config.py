@@ -263,7 +263,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"replay.sampling must be 'uniform' or 'recency', got {cfg.replay.sampling!r}")
     for key, value in (("run.steps", cfg.run.steps), ("run.batch_size", cfg.run.batch_size),
                        ("run.batch_length", cfg.run.batch_length), ("env.num_envs", cfg.env.num_envs),
-                       ("run.train_ratio", cfg.run.train_ratio), ("behavior.horizon", cfg.behavior.horizon)):
+                       ("run.train_ratio", cfg.run.train_ratio), ("behavior.horizon", cfg.behavior.horizon),
+                       ("model.cnn_kernel", cfg.model.cnn_kernel)):
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.run.keep_checkpoints < 0:
@@ -271,8 +272,6 @@ def validate(cfg: Config) -> None:
     if not cfg.model.cnn_mults or min(cfg.model.cnn_mults) <= 0:
         raise ConfigError(f"model.cnn_mults must be a non-empty list of positive channel multiples, "
                           f"e.g. [2,3,4,4]; got {list(cfg.model.cnn_mults)}")
-    if cfg.model.cnn_kernel <= 0:
-        raise ConfigError(f"model.cnn_kernel must be positive, got {cfg.model.cnn_kernel}")
     if cfg.run.batch_length < 2:
         raise ConfigError(f"run.batch_length must be at least 2, got {cfg.run.batch_length}")
 
