@@ -22,12 +22,13 @@ class Actor(nn.Module):
     """Policy head: one-hot categorical with unimix for discrete actions, bounded normal for [-1, 1] boxes."""
 
     def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int, layers: int,
-                 unimix: float = 0.01, min_std: float = 0.1, max_std: float = 1.0):
+                 unimix: float = 0.01, min_std: float = 0.1, max_std: float = 1.0, bias: bool = False):
         super().__init__()
         self.discrete, self.action_dim = discrete, action_dim
         self.unimix, self.min_std, self.max_std = unimix, min_std, max_std
         # Output scaled by 0.01 at init: the first policy is close to uniform / zero-mean.
-        self.net = Head(feat_dim, action_dim if discrete else 2 * action_dim, units, layers, out_scale=0.01)
+        self.net = Head(feat_dim, action_dim if discrete else 2 * action_dim, units, layers, out_scale=0.01,
+                        bias=bias)
 
     def forward(self, feat: Tensor) -> Tensor:
         """feat (..., F) -> raw distribution parameters (..., P)."""
@@ -41,9 +42,9 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    def __init__(self, feat_dim: int, bins: int, units: int, layers: int):
+    def __init__(self, feat_dim: int, bins: int, units: int, layers: int, bias: bool = False):
         super().__init__()
-        self.net = Head(feat_dim, bins, units, layers, out_scale=0.0)
+        self.net = Head(feat_dim, bins, units, layers, out_scale=0.0, bias=bias)
 
     def forward(self, feat: Tensor) -> TwoHot:
         return TwoHot(self.net(feat))
@@ -58,8 +59,8 @@ class ActorCritic(nn.Module):
         model = model.resolved()
         self.cfg = behavior
         self.actor = Actor(feat_dim, action_dim, discrete, model.units, model.actor_layers, model.unimix,
-                           behavior.min_std, behavior.max_std)
-        self.critic = Critic(feat_dim, model.bins, model.units, model.critic_layers)
+                           behavior.min_std, behavior.max_std, model.dense_bias)
+        self.critic = Critic(feat_dim, model.bins, model.units, model.critic_layers, model.dense_bias)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.normalizer = ReturnNormalizer(rate=behavior.retnorm_rate, limit=behavior.retnorm_limit)
         self.timer = PhaseTimer()

@@ -41,6 +41,9 @@ class ModelConfig:
     """CNN kernel size of encoder and decoder."""
     cnn_strided: bool = False
     """Stride-2 convs (decoder: transposed) instead of conv + 2x2 max-pool / upsample + conv; a reference-code option."""
+    dense_bias: bool = False
+    """Bias in the Linear before each RMSNorm (reference code; the spec has none). Without it a layer sees only
+    the direction of its input: a 1-dim action's magnitude, or the overall scale of an observation vector, is lost."""
     stoch: int = 32
     """Number K of categorical latents."""
     blocks: int = 8

@@ -39,27 +39,33 @@ def linear(in_dim: int, out_dim: int, bias: bool = True, scale: float = 1.0) -> 
 
 
 class NormAct(nn.Sequential):
-    """Linear without bias, RMSNorm, SiLU: the hidden layer used everywhere."""
+    """Linear, RMSNorm, SiLU: the hidden layer used everywhere.
 
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(linear(in_dim, out_dim, bias=False), nn.RMSNorm(out_dim, eps=NORM_EPS), nn.SiLU())
+    Without a bias (the spec) the layer cannot tell x from c * x for any c > 0: RMSNorm divides
+    the scale out. For a 1-dim action that leaves only its sign. `bias=True` (the reference code's
+    Linear, zero-initialized) lets the layer learn to keep the magnitude.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = False):
+        super().__init__(linear(in_dim, out_dim, bias=bias), nn.RMSNorm(out_dim, eps=NORM_EPS), nn.SiLU())
 
 
 class MLP(nn.Sequential):
     """`layers` hidden layers of `units`; output size is `units` (or `in_dim` when layers == 0)."""
 
-    def __init__(self, in_dim: int, units: int, layers: int):
+    def __init__(self, in_dim: int, units: int, layers: int, bias: bool = False):
         dims = [in_dim] + [units] * layers
-        super().__init__(*[NormAct(a, b) for a, b in zip(dims[:-1], dims[1:])])
+        super().__init__(*[NormAct(a, b, bias) for a, b in zip(dims[:-1], dims[1:])])
         self.out_dim = dims[-1]
 
 
 class Head(nn.Module):
     """MLP trunk plus an output layer. `out_scale` 0 zero-initializes it (reward, critic)."""
 
-    def __init__(self, in_dim: int, out_dim: int, units: int, layers: int, out_scale: float = 1.0):
+    def __init__(self, in_dim: int, out_dim: int, units: int, layers: int, out_scale: float = 1.0,
+                 bias: bool = False):
         super().__init__()
-        self.trunk = MLP(in_dim, units, layers)
+        self.trunk = MLP(in_dim, units, layers, bias)
         self.out = linear(self.trunk.out_dim, out_dim, scale=out_scale)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -224,9 +230,9 @@ class ImageDecoder(nn.Module):
 class VectorEncoder(nn.Module):
     """Symlog the concatenated vector inputs, then an MLP."""
 
-    def __init__(self, in_dim: int, units: int, layers: int):
+    def __init__(self, in_dim: int, units: int, layers: int, bias: bool = False):
         super().__init__()
-        self.mlp = MLP(in_dim, units, layers)
+        self.mlp = MLP(in_dim, units, layers, bias)
         self.out_dim = self.mlp.out_dim
 
     def forward(self, x: Tensor) -> Tensor:

@@ -39,16 +39,17 @@ class State:
 
 class RSSM(nn.Module):
     def __init__(self, embed_dim: int, action_dim: int, *, deter: int, hidden: int, stoch: int, classes: int,
-                 blocks: int = 8, prior_layers: int = 2, post_layers: int = 1, unimix: float = 0.01):
+                 blocks: int = 8, prior_layers: int = 2, post_layers: int = 1, unimix: float = 0.01,
+                 bias: bool = False):
         super().__init__()
         self.deter_dim, self.stoch_dim, self.classes = deter, stoch, classes
         self.action_dim, self.embed_dim, self.unimix = action_dim, embed_dim, unimix
-        self.deter_proj = NormAct(deter, hidden)
-        self.stoch_proj = NormAct(stoch * classes, hidden)
-        self.action_proj = NormAct(action_dim, hidden)
+        self.deter_proj = NormAct(deter, hidden, bias)
+        self.stoch_proj = NormAct(stoch * classes, hidden, bias)
+        self.action_proj = NormAct(action_dim, hidden, bias)
         self.gru = BlockGRU(3 * hidden, deter, blocks)
-        self.prior = Head(deter, stoch * classes, hidden, prior_layers)
-        self.post = Head(deter + embed_dim, stoch * classes, hidden, post_layers)
+        self.prior = Head(deter, stoch * classes, hidden, prior_layers, bias=bias)
+        self.post = Head(deter + embed_dim, stoch * classes, hidden, post_layers, bias=bias)
 
     @property
     def feat_dim(self) -> int:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, VideoCallback, resolve_last
+from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
@@ -86,8 +87,10 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
         if hparams.get(key) != module.hparams[key]:
             raise ConfigError(f"checkpoint {path} was made for {key}={hparams.get(key)!r}, but this run has "
                               f"{key}={module.hparams[key]!r}; use the env settings it was trained with")
+    # A key the checkpoint lacks was added to ModelConfig after it was written: it had that key's default.
+    defaults = asdict(ModelConfig())
     saved, wanted = hparams.get("config", {}).get("model", {}), module.hparams["config"]["model"]
-    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    diff = {k: (saved.get(k, defaults[k]), v) for k, v in wanted.items() if saved.get(k, defaults[k]) != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"checkpoint {path} has another model config ({detail})")

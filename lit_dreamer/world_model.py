@@ -64,19 +64,19 @@ class WorldModel(nn.Module):
             self.image_encoder = ImageEncoder(sum(self.image_channels), size, cfg.depth, **cnn)
             embed_dim += self.image_encoder.out_dim
         if self.vector_keys:
-            self.vector_encoder = VectorEncoder(sum(self.vector_dims), cfg.units, cfg.encoder_layers)
+            self.vector_encoder = VectorEncoder(sum(self.vector_dims), cfg.units, cfg.encoder_layers, cfg.dense_bias)
             embed_dim += self.vector_encoder.out_dim
         self.rssm = RSSM(embed_dim, action_dim, deter=cfg.deter, hidden=cfg.hidden, stoch=cfg.stoch,
                          classes=cfg.classes, blocks=cfg.blocks, prior_layers=cfg.prior_layers,
-                         post_layers=cfg.post_layers, unimix=cfg.unimix)
+                         post_layers=cfg.post_layers, unimix=cfg.unimix, bias=cfg.dense_bias)
         feat = self.rssm.feat_dim
         if self.image_keys:
             self.image_decoder = ImageDecoder(feat, sum(self.image_channels), size, cfg.depth, **cnn)
         if self.vector_keys:
-            self.vector_decoder = nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers),
+            self.vector_decoder = nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers, cfg.dense_bias),
                                                 linear(cfg.units, sum(self.vector_dims)))
-        self.reward_head = Head(feat, cfg.bins, cfg.units, cfg.reward_layers, out_scale=0.0)
-        self.cont_head = Head(feat, 1, cfg.units, cfg.cont_layers)
+        self.reward_head = Head(feat, cfg.bins, cfg.units, cfg.reward_layers, out_scale=0.0, bias=cfg.dense_bias)
+        self.cont_head = Head(feat, 1, cfg.units, cfg.cont_layers, bias=cfg.dense_bias)
         self.free_nats = free_nats
 
     @property

@@ -277,3 +277,47 @@ def test_module_config_round_trips_through_plain_dicts():
     from lit_dreamer.module import agent_config_from
     cfg = AgentConfig(model=ModelConfig(size="size12m", units=32))
     assert agent_config_from(asdict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("dense_bias", [False, True])
+def test_dense_bias_decides_whether_the_dynamics_see_an_actions_magnitude(dense_bias):
+    # RMSNorm divides out the scale of Linear(x) when the Linear has no bias, so a 1-dim action
+    # reaches the GRU as its sign only: 0.3 and 0.9 give the same next state. With a bias (set
+    # away from its zero init, as training does) they differ.
+    from dataclasses import replace
+    torch.manual_seed(0)
+    wm = WorldModel({"vector": ((5,), np.float32)}, 1, replace(TINY, dense_bias=dense_bias))
+    linears = [m for m in wm.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert (wm.rssm.action_proj[0].bias is not None) == dense_bias
+    assert (wm.vector_encoder.mlp[0][0].bias is not None) == dense_bias
+    with torch.no_grad():
+        for layer in linears:
+            layer.bias.normal_()
+    state = State(torch.randn(1, 32), torch.nn.functional.one_hot(torch.randint(0, 4, (1, 4)), 4).float())
+    small, large = (wm.rssm.sequence_step(state, torch.tensor([[a]])) for a in (0.3, 0.9))
+    embed_small, embed_large = (wm.vector_encoder(torch.full((1, 5), v)) for v in (0.3, 0.9))
+    # Without a bias the only difference left is RMSNorm's epsilon (1e-4 against a mean square of ~0.1).
+    gap, embed_gap = (small - large).abs().max(), (embed_small - embed_large).abs().max()
+    if dense_bias:
+        assert gap > 0.02 and embed_gap > 0.02, (gap, embed_gap)
+    else:
+        assert gap < 1e-3 and embed_gap < 1e-3, (gap, embed_gap)
+
+
+def test_checkpoint_check_reads_a_key_the_checkpoint_predates_as_its_default(tmp_path):
+    from dataclasses import replace
+
+    from lit_dreamer.config import ConfigError
+    from lit_dreamer.module import DreamerModule
+    from lit_dreamer.train import check_checkpoint_matches
+    spec = {"vector": ((5,), np.float32)}
+    old = DreamerModule(spec, 1, False, AgentConfig(model=TINY))
+    hparams = dict(old.hparams)
+    hparams["config"] = {**hparams["config"], "model": {k: v for k, v in hparams["config"]["model"].items()
+                                                        if k != "dense_bias"}}
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": hparams}, path)
+    check_checkpoint_matches(str(path), DreamerModule(spec, 1, False, AgentConfig(model=TINY)))
+    with pytest.raises(ConfigError, match="model.dense_bias: checkpoint False vs requested True"):
+        check_checkpoint_matches(str(path), DreamerModule(spec, 1, False,
+                                                         AgentConfig(model=replace(TINY, dense_bias=True))))
