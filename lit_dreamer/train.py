@@ -88,9 +88,9 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
             raise ConfigError(f"checkpoint {path} was made for {key}={hparams.get(key)!r}, but this run has "
                               f"{key}={module.hparams[key]!r}; use the env settings it was trained with")
     # A key the checkpoint lacks was added to ModelConfig after it was written: it had that key's default.
-    defaults = asdict(ModelConfig())
-    saved, wanted = hparams.get("config", {}).get("model", {}), module.hparams["config"]["model"]
-    diff = {k: (saved.get(k, defaults[k]), v) for k, v in wanted.items() if saved.get(k, defaults[k]) != v}
+    saved = {**asdict(ModelConfig()), **hparams.get("config", {}).get("model", {})}
+    wanted = module.hparams["config"]["model"]
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"checkpoint {path} has another model config ({detail})")
