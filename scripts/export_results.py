@@ -3,7 +3,8 @@
     python scripts/export_results.py OUT.csv RUN_ID [RUN_ID ...] [--tracking-uri sqlite:///mlflow.db]
         [--metrics train/return,eval/return] [--bin N]
 
-Columns: run_name, run_id, seed, metric, env_steps, value. `--bin N` averages each metric over bins
+Columns: run_name, run_id, seed, metric, env_steps, value. A step logged twice (a resumed run repeats
+the steps since its checkpoint) keeps its newer value, as in `compare`. `--bin N` averages each metric over bins
 of N env steps (labelled by the bin's end), which keeps per-training-step metrics such as
 `ac/advantage` small enough to commit. Pair it with `python -m lit_dreamer compare runs=... out=OUT.png`
 for the figure.
@@ -17,6 +18,8 @@ import math
 from collections import defaultdict
 
 import mlflow
+
+from lit_dreamer.compare import history_arrays
 
 METRICS = "train/return,eval/return"
 
@@ -36,7 +39,9 @@ def export(out: str, run_ids: list[str], tracking_uri: str, metrics: list[str], 
     for run_id in run_ids:
         run = client.get_run(run_id)
         for metric in metrics:
-            points = [(p.step, p.value) for p in client.get_metric_history(run_id, metric)]
+            steps, values = history_arrays([(m.step, m.timestamp, m.value)
+                                            for m in client.get_metric_history(run_id, metric)])
+            points = [(int(step), float(value)) for step, value in zip(steps, values)]
             if width > 0:
                 points = binned(points, width)
             rows.extend([run.info.run_name, run_id, run.data.params.get("run.seed", ""), metric, step, value]

@@ -112,7 +112,9 @@ def test_export_results_writes_points_and_bin_means(tmp_path):
     client.log_param(run.info.run_id, "run.seed", "3")
     for step in range(1, 11):  # ac/advantage = step at steps 1..10; one eval point
         client.log_metric(run.info.run_id, "ac/advantage", float(step), step=step)
-    client.log_metric(run.info.run_id, "eval/return", 7.5, step=10)
+    client.log_metric(run.info.run_id, "eval/return", 7.5, step=10, timestamp=1000)
+    # A resumed run logs step 10 again, later: only the newer value is exported.
+    client.log_metric(run.info.run_id, "eval/return", 9.0, step=10, timestamp=2000)
 
     def export(*args: str) -> list[dict]:
         proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_results.py"), str(tmp_path / "o.csv"),
@@ -123,7 +125,7 @@ def test_export_results_writes_points_and_bin_means(tmp_path):
             return list(csv.DictReader(f))
 
     rows = export()  # default metrics: train/return (none logged) and eval/return
-    assert [(r["metric"], r["env_steps"], float(r["value"]), r["seed"]) for r in rows] == [("eval/return", "10", 7.5, "3")]
+    assert [(r["metric"], r["env_steps"], float(r["value"]), r["seed"]) for r in rows] == [("eval/return", "10", 9.0, "3")]
     rows = export("--metrics", "ac/advantage", "--bin", "4")
     # Bins (0, 4], (4, 8], (8, 12]: means of 1..4, 5..8, 9..10.
     assert [(int(r["env_steps"]), float(r["value"])) for r in rows] == [(4, 2.5), (8, 6.5), (12, 9.5)]
