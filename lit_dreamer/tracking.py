@@ -69,6 +69,13 @@ class ResilientMLFlowLogger(MLFlowLogger):
         except Exception as err:  # noqa: BLE001
             self.report_failure("log_hyperparams", err)
 
+    def mark_running(self) -> None:
+        """Set the run's status to RUNNING (a resumed run continues one that ended FAILED or KILLED)."""
+        try:
+            self.experiment.update_run(self.run_id, status="RUNNING")
+        except Exception as err:  # noqa: BLE001
+            self.report_failure("update_run", err)
+
     def finalize(self, status: str = "success") -> None:
         try:
             super().finalize(status)

@@ -125,6 +125,9 @@ def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[ResilientM
             run_id = f.read().strip()
     logger = ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
                                    tracking_uri=cfg.logger.tracking_uri, run_id=run_id)
+    if run_id is not None and rank_zero_only.rank == 0:
+        # The continued run was left FAILED or KILLED (or RUNNING, after a kill -9): it runs again.
+        logger.mark_running()
     return logger, run_id is not None
 
 

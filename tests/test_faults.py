@@ -278,3 +278,32 @@ def test_an_observation_the_encoder_cannot_take_is_refused_before_training(in_tm
                  f"logger.tracking_uri=sqlite:///{in_tmp}/m.db"])
     err = capsys.readouterr().err
     assert code == 2 and "env.id='LitDreamerGrid-v0'" in err and "(4, 4)" in err
+
+
+def test_resuming_into_a_killed_mlflow_run_marks_it_running(in_tmp, monkeypatch):
+    import mlflow
+
+    from lit_dreamer.train import make_logger
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("lit_dreamer"), run_name="r")
+    client.set_terminated(run.info.run_id, status="KILLED")  # what a stopped run leaves behind
+    (in_tmp / "run").mkdir()
+    (in_tmp / "run" / "mlflow_run_id").write_text(run.info.run_id)
+    cfg = config(in_tmp)
+
+    logger, continued = make_logger(cfg, str(in_tmp / "run"), resuming=False)  # a fresh run: a new MLflow run
+    assert not continued and logger.run_id != run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+    logger, continued = make_logger(cfg, str(in_tmp / "run"), resuming=True)
+    assert continued and logger.run_id == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+
+    # A tracking store that fails here is reported, and the run goes on.
+    def outage(*args, **kwargs):
+        raise RuntimeError("simulated MLflow outage")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "update_run", outage)
+    logger.mark_running()
+    assert logger.failures == 1
