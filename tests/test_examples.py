@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,6 +100,27 @@ def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_pat
     for line in lines[1:]:
         assert set(line["losses"]) == {"rec/vector", "rew", "con", "dyn", "rep"}
         assert all(np.isfinite(v) for v in line["losses"].values())
+
+    critic = json.loads(script("diagnose_critic.py", "--episodes", "2", "--window", "5"))
+    assert critic["gamma"] == 1 - 1 / 333
+    for behaviour in ("policy", "random"):
+        assert len(critic[behaviour]) == 2
+        for ep in critic[behaviour]:
+            # CartPole episodes end by termination: every step is reported once, in windows of 5.
+            assert ep["length"] >= 1 and len(ep["windows"]) == -(-ep["length"] // 5)
+            assert [w["from_step"] for w in ep["windows"]] == list(range(0, ep["length"], 5))
+            assert ep["windows"][0]["real_return"] > 0 and np.isfinite(ep["windows"][0]["value"])
+    assert critic["correlation"] is None or -1 <= critic["correlation"] <= 1
+
+
+def test_discounted_returns_of_the_critic_diagnostic():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("diagnose_critic", REPO / "scripts" / "diagnose_critic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # By hand: G2 = 4, G1 = 2 + 0.5 * 4 = 4, G0 = 1 + 0.5 * 4 = 3.
+    assert module.discounted_returns(np.array([1.0, 2.0, 4.0]), 0.5).tolist() == [3.0, 4.0, 4.0]
 
 
 def test_export_results_writes_points_and_bin_means(tmp_path):
