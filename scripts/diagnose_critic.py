@@ -5,13 +5,15 @@
 Plays real episodes of the checkpoint's env twice over: acting with the policy's mode, and with
 uniform random actions. Along each episode the world model's posterior gives the critic's and the
 slow critic's value at every step, to set against the real discounted return from that step
-(gamma of the run's config). Prints one JSON object:
-- per behaviour (`policy`, `random`): the episodes' return and length, and in windows of `--window`
-  steps the mean reward, value, slow value and real discounted return;
-- `correlation`: Pearson correlation of value and real return over the steps of both behaviours in the
-  first half of each episode.
-A critic that has learned gives a correlation near 1 and values near the real returns. A critic whose
-values hardly move between states that the real returns tell far apart cannot guide the policy.
+(gamma of the run's config). Prints one JSON object with, per behaviour (`policy`, `random`):
+- `episodes`: each episode's return and length, and in windows of `--window` steps the mean reward,
+  value, slow value and real discounted return;
+- `correlation`: Pearson correlation of value and real return over the first half of each episode.
+The critic estimates the return of following the policy. On the `policy` episodes its value should
+match the real return. On the `random` episodes the real return is that of random actions, which the
+policy would improve on from the same state, so there only the ranking of states is comparable.
+A critic whose values hardly move between states that the real returns tell far apart cannot guide
+the policy.
 
 The real return sums rewards up to the episode's end. Where a time limit cut the episode, the rewards
 after it are missing, so the returns of the last 1 / (1 - gamma) steps are lower bounds; the
@@ -85,10 +87,10 @@ def diagnose(ckpt: str, episodes: int, seed: int, window: int) -> dict:
     rng = np.random.default_rng(seed)
     gamma = module.actor_critic.cfg.gamma
     env = make_env(cfg.env.id, seed=seed, **env_kwargs(cfg))
-    report, first_half = {"checkpoint": ckpt, "env": cfg.env.id, "gamma": gamma}, {"value": [], "real_return": []}
+    report = {"checkpoint": ckpt, "env": cfg.env.id, "gamma": gamma}
     try:
         for behaviour in ("policy", "random"):
-            runs = []
+            runs, first_half = [], {"value": [], "real_return": []}
             for i in range(episodes):
                 ep = episode(module, env, behaviour, seed + i, rng)
                 returns = discounted_returns(ep["rewards"], gamma)
@@ -97,13 +99,19 @@ def diagnose(ckpt: str, episodes: int, seed: int, window: int) -> dict:
                 first_half["real_return"].extend(returns[:half])
                 runs.append({"return": float(ep["rewards"].sum()), "length": len(ep["rewards"]),
                              "windows": windows(ep, returns, window)})
-            report[behaviour] = runs
+            report[behaviour] = {"episodes": runs, "correlation": correlation(first_half["value"],
+                                                                              first_half["real_return"])}
     finally:
         env.close()
-    value, real = np.array(first_half["value"]), np.array(first_half["real_return"])
-    spread = value.std() > 0 and real.std() > 0
-    report["correlation"] = float(np.corrcoef(value, real)[0, 1]) if spread else None
     return report
+
+
+def correlation(a: list[float], b: list[float]) -> float | None:
+    """Pearson correlation, or None where either side is constant (or has fewer than 2 points)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def main() -> None:

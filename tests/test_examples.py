@@ -104,13 +104,14 @@ def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_pat
     critic = json.loads(script("diagnose_critic.py", "--episodes", "2", "--window", "5"))
     assert critic["gamma"] == 1 - 1 / 333
     for behaviour in ("policy", "random"):
-        assert len(critic[behaviour]) == 2
-        for ep in critic[behaviour]:
+        assert len(critic[behaviour]["episodes"]) == 2
+        for ep in critic[behaviour]["episodes"]:
             # CartPole episodes end by termination: every step is reported once, in windows of 5.
             assert ep["length"] >= 1 and len(ep["windows"]) == -(-ep["length"] // 5)
             assert [w["from_step"] for w in ep["windows"]] == list(range(0, ep["length"], 5))
             assert ep["windows"][0]["real_return"] > 0 and np.isfinite(ep["windows"][0]["value"])
-    assert critic["correlation"] is None or -1 <= critic["correlation"] <= 1
+        corr = critic[behaviour]["correlation"]
+        assert corr is None or -1 <= corr <= 1
 
 
 def test_discounted_returns_of_the_critic_diagnostic():
@@ -121,6 +122,8 @@ def test_discounted_returns_of_the_critic_diagnostic():
     spec.loader.exec_module(module)
     # By hand: G2 = 4, G1 = 2 + 0.5 * 4 = 4, G0 = 1 + 0.5 * 4 = 3.
     assert module.discounted_returns(np.array([1.0, 2.0, 4.0]), 0.5).tolist() == [3.0, 4.0, 4.0]
+    assert module.correlation([1, 2, 3], [2, 4, 6]) == 1.0 and module.correlation([1, 2, 3], [3, 2, 1]) == -1.0
+    assert module.correlation([1, 1, 1], [1, 2, 3]) is None and module.correlation([1], [2]) is None
 
 
 def test_export_results_writes_points_and_bin_means(tmp_path):
