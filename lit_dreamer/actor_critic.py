@@ -95,41 +95,46 @@ class ActorCritic(nn.Module):
 
         with self.timer("imagination"):
             states, _ = wm.rssm.imagine(start, policy, self.cfg.horizon)
-            actions = torch.stack(samples, 1)
             feat = states.feat()  # (N, H+1, F), no gradient into the world model
             with torch.no_grad():
-                reward = wm.reward(feat).mean()
-                cont = wm.cont(feat).mean()
-                cont = torch.cat([start_cont[:, None].to(cont.dtype), cont[:, 1:]], 1)
+                # reward_0 is never used and cont_0 is the replayed start's: the heads read steps 1..H.
+                reward = wm.reward(feat[:, 1:]).mean()
+                reward = torch.cat([torch.zeros_like(reward[:, :1]), reward], 1)
+                cont = wm.cont(feat[:, 1:]).mean()
+                cont = torch.cat([start_cont[:, None].to(cont.dtype), cont], 1)
         with self.timer("actor_critic"):
-            return self.behavior_losses(feat, actions, torch.stack(params, 1), reward, cont, gather)
+            return self.behavior_losses(feat, torch.stack(samples, 1), torch.stack(params, 1), reward, cont, gather)
 
     def behavior_losses(self, feat: Tensor, actions: Tensor, policy_params: Tensor, reward: Tensor, cont: Tensor,
                         gather: Callable[[Tensor], Tensor] | None
                         ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
-        """Actor and critic losses on imagined trajectories (N, H+1): lambda returns, advantages, weights."""
+        """Actor and critic losses on imagined trajectories: lambda returns, advantages, weights.
+
+        feat, reward, cont (N, H+1); actions and policy_params (N, H), those of states 0..H-1.
+        Only those H states are trained; the last state is only the returns' bootstrap, so the
+        critic reads it without gradient and the slow critic not at all.
+        """
         policy_dist = self.actor.dist(policy_params)
         with torch.no_grad():
-            slow_value = self.slow_critic(feat).mean()
-        value_dist = self.critic(feat)
-        value = value_dist.mean().detach()
+            slow_value = self.slow_critic(feat[:, :-1]).mean()
+            last_value = self.critic(feat[:, -1:]).mean()
+        value_dist = self.critic(feat[:, :-1])
+        value = torch.cat([value_dist.mean().detach(), last_value], 1)  # (N, H+1)
         discount = self.cfg.gamma * cont
         # Weight of step t: product of the discounts up to it (a terminal start contributes nothing).
-        weight = torch.cumprod(discount, 1) / self.cfg.gamma
+        weight = (torch.cumprod(discount, 1) / self.cfg.gamma)[:, :-1]
         returns = lambda_returns(reward, discount, value, self.cfg.lam)  # (N, H)
         spread = self.normalizer.peek(gather(returns) if gather else returns)
         advantage = (returns - value[:, :-1]) / self.normalizer.scale(spread)
-        log_prob = policy_dist.log_prob(actions)[:, :-1]
-        entropy = policy_dist.entropy()[:, :-1]
+        entropy = policy_dist.entropy()
         losses = {
-            "policy": actor_loss(log_prob, entropy, advantage, weight[:, :-1], self.cfg.entropy),
-            "value": critic_loss(TwoHot(value_dist.logits[:, :-1]), returns, slow_value[:, :-1],
-                                 weight[:, :-1], self.cfg.slow_reg),
+            "policy": actor_loss(policy_dist.log_prob(actions), entropy, advantage, weight, self.cfg.entropy),
+            "value": critic_loss(value_dist, returns, slow_value, weight, self.cfg.slow_reg),
         }
         metrics = {
             "ac/return": returns.mean(), "ac/value": value.mean(), "ac/advantage": advantage.mean(),
             "ac/advantage_abs": advantage.abs().mean(), "ac/entropy": entropy.mean(),
-            "ac/reward": reward.mean(), "ac/cont": cont.mean(), "ac/weight": weight.mean(),
+            "ac/reward": reward[:, 1:].mean(), "ac/cont": cont.mean(), "ac/weight": weight.mean(),
             "ac/return_scale": self.normalizer.scale(spread), "ac/slow_value": slow_value.mean(),
         }
         return losses, metrics, returns, spread

@@ -114,8 +114,8 @@ class RSSM(nn.Module):
     def imagine(self, start: State, policy: Callable[[Tensor], Tensor], horizon: int) -> tuple[State, Tensor]:
         """Roll out the prior for `horizon` steps from N start states under `policy(feat) -> action`.
 
-        Returns states (N, H+1) (index 0 is the start) and actions (N, H+1): actions[:, t] is the
-        action sampled in state t (the last one is never executed but its log-prob is unused too).
+        Returns states (N, H+1) (index 0 is the start) and actions (N, H): actions[:, t] is the
+        action taken in state t. No action is drawn in the last state: nothing would use it.
         Actions are detached before they enter the RSSM: the actor learns by REINFORCE only.
         """
         state = State(start.deter, start.stoch)
@@ -126,5 +126,4 @@ class RSSM(nn.Module):
             with torch.no_grad():  # nothing from the actor or critic reaches the world model
                 state = self.imagine_step(state, action.detach())
             deters.append(state.deter), stochs.append(state.stoch)
-        actions.append(policy(state.feat()))
         return State(torch.stack(deters, 1), torch.stack(stochs, 1)), torch.stack(actions, 1)

@@ -6,7 +6,8 @@ import torch
 
 from lit_dreamer.actor_critic import ActorCritic
 from lit_dreamer.agent_config import SIZES, AgentConfig, BehaviorConfig, ModelConfig
-from lit_dreamer.distributions import BoundedNormal
+from lit_dreamer.distributions import BoundedNormal, TwoHot
+from lit_dreamer.losses import actor_loss, critic_loss, lambda_returns
 from lit_dreamer.nets import BlockGRU, BlockLinear, ImageDecoder, ImageEncoder
 from lit_dreamer.rssm import State
 from lit_dreamer.world_model import WorldModel, split_obs_keys
@@ -72,7 +73,7 @@ def test_imagination_and_losses_shapes(discrete):
     repval = ac.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T))
     assert repval.shape == (B, T - 1)
     states, actions = wm.rssm.imagine(start, lambda f: ac.actor.dist(ac.actor(f)).sample(), H)
-    assert states.deter.shape == (B * T, H + 1, 32) and actions.shape == (B * T, H + 1, 3)
+    assert states.deter.shape == (B * T, H + 1, 32) and actions.shape == (B * T, H, 3)
     assert torch.equal(states.deter[:, 0], start.deter)
 
 
@@ -94,8 +95,44 @@ def test_imagination_feeds_the_dynamics_clipped_continuous_actions_but_scores_th
     assert fed.abs().max() == 1.0 and (fed == 1.0).float().mean() > 0.3
     # The log-prob is taken of the raw samples, which the clipped ones equal wherever |a| <= 1.
     assert scored.max() > 1.0
-    inside = scored[:, :-1].abs() <= 1
-    assert torch.equal(fed[inside], scored[:, :-1][inside])
+    inside = scored.abs() <= 1
+    assert torch.equal(fed[inside], scored[inside])
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_behavior_losses_equal_those_computed_on_all_imagined_states(discrete):
+    """The last imagined state is only a bootstrap: skipping its unused work changes no loss or gradient."""
+    wm, ac = make_agent(discrete)
+    g = torch.Generator().manual_seed(3)
+    for head in (ac.critic, ac.slow_critic):  # non-zero values, different for critic and slow critic
+        head.net.out.weight.data.normal_(0, 0.3, generator=g)
+    N = B * T
+    feat = torch.randn(N, H + 1, wm.rssm.feat_dim, generator=g)
+    params = ac.actor(feat[:, :-1])
+    actions = ac.actor.dist(params).sample().detach()
+    reward, cont = torch.randn(N, H + 1, generator=g), (torch.rand(N, H + 1, generator=g) > 0.2).float()
+    losses, metrics, returns, _ = ac.behavior_losses(feat, actions, params, reward, cont, None)
+    (losses["policy"].mean() + losses["value"].mean()).backward()
+    got = [p.grad.clone() for p in (*ac.actor.parameters(), *ac.critic.parameters())]
+    ac.zero_grad()
+    # Reference: every head on all H+1 states, then the last step dropped (the previous implementation).
+    params = ac.actor(feat[:, :-1])
+    dist, value_dist = ac.actor.dist(params), ac.critic(feat)
+    value, slow = value_dist.mean().detach(), ac.slow_critic(feat).mean().detach()
+    discount = ac.cfg.gamma * cont
+    weight = torch.cumprod(discount, 1)[:, :-1] / ac.cfg.gamma
+    ref_returns = lambda_returns(reward, discount, value, ac.cfg.lam)
+    advantage = (ref_returns - value[:, :-1]) / ac.normalizer.scale(ac.normalizer.peek(ref_returns))
+    ref = {"policy": actor_loss(dist.log_prob(actions), dist.entropy(), advantage, weight, ac.cfg.entropy),
+           "value": critic_loss(TwoHot(value_dist.logits[:, :-1]), ref_returns, slow[:, :-1], weight,
+                                ac.cfg.slow_reg)}
+    (ref["policy"].mean() + ref["value"].mean()).backward()
+    torch.testing.assert_close(returns, ref_returns)
+    torch.testing.assert_close(metrics["ac/value"], value.mean())
+    for name in ref:
+        torch.testing.assert_close(losses[name], ref[name])
+    for a, b in zip(got, (p.grad for p in (*ac.actor.parameters(), *ac.critic.parameters()))):
+        torch.testing.assert_close(a, b)
 
 
 def test_is_first_inside_sequence_resets_like_a_fresh_start():
