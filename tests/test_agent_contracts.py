@@ -99,6 +99,25 @@ def test_imagination_feeds_the_dynamics_clipped_continuous_actions_but_scores_th
     assert torch.equal(fed[inside], scored[inside])
 
 
+def test_imagined_rewards_and_continues_line_up_with_the_states_they_arrive_in(monkeypatch):
+    """reward_t and cont_t are the heads' predictions at imagined state t (t >= 1); cont_0 is the start's."""
+    wm, ac = make_agent()
+    torch.nn.init.normal_(wm.reward_head.out.weight, std=0.3)  # the reward head starts at zero
+    seen = {}
+    monkeypatch.setattr(ac, "behavior_losses", lambda feat, actions, params, reward, cont, gather: seen.update(
+        feat=feat, actions=actions, params=params, reward=reward, cont=cont))
+    _, post, _ = wm.loss(make_batch())
+    start_cont = torch.tensor([1.0, 0.0]).repeat(B * T // 2)
+    ac.imagine_loss(wm, post.detach().flatten(), start_cont)
+    feat = seen["feat"]
+    assert feat.shape[1] == H + 1 and seen["actions"].shape[1] == H and seen["params"].shape[1] == H
+    with torch.no_grad():
+        torch.testing.assert_close(seen["reward"][:, 1:], wm.reward(feat).mean()[:, 1:])
+        torch.testing.assert_close(seen["cont"][:, 1:], wm.cont(feat).mean()[:, 1:])
+    assert torch.equal(seen["cont"][:, 0], start_cont)
+    assert seen["reward"][:, 1:].abs().sum() > 0
+
+
 @pytest.mark.parametrize("discrete", [True, False])
 def test_behavior_losses_equal_those_computed_on_all_imagined_states(discrete):
     """The last imagined state is only a bootstrap: skipping its unused work changes no loss or gradient."""
