@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lit_dreamer.envs import action_dim, action_kind, env_action, frames_per_step, make_vector_env
+from lit_dreamer.envs import action_dim, action_kind, close_by_force, env_action, frames_per_step, make_vector_env
 from lit_dreamer.envs.faults import ERROR_KEY
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class EnvCollector(Callback):
         try:
             self.envs.close(**({"terminate": True} if self.asynchronous else {}))
         except Exception:  # noqa: BLE001 - closing a broken env may fail too
-            pass
+            close_by_force(self.envs)
         self.envs = make_vector_env(self.env_id, self.num_envs, seed=self.env_seed() + 7919 * self.env_restarts,
                                     asynchronous=self.asynchronous, **self.env_kwargs)
         self.reset_envs(pl_module)

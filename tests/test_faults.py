@@ -158,9 +158,17 @@ def test_a_dead_env_subprocess_is_replaced(in_tmp, monkeypatch):
     FaultyCartPole.steps = 0
     monkeypatch.setenv("FAULTY_AT", "30")
     monkeypatch.setenv("FAULTY_MODE", "exit")
+    import callbacks.env_collector as env_collector
+    made, make = [], env_collector.make_vector_env
+    monkeypatch.setattr(env_collector, "make_vector_env", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
     summary = fit(config(in_tmp, "env.id=LitDreamerFaulty-v0", "env.num_envs=2", "env.asynchronous=true",
                          "run.steps=80", "run.prefill=20"))
     assert summary["env_steps"] == 80
+    # The dead vector env is closed for good: no worker left, and no close retried (and raising) at a
+    # later garbage collection.
+    assert len(made) == 2
+    for envs in made:
+        assert envs.unwrapped.closed and not any(p.is_alive() for p in envs.unwrapped.processes)
     replay = Replay.load(os.path.join(os.path.dirname(summary["checkpoint"]), "replay-rank0"))
     is_last, is_first = replay._data["is_last"][:40], replay._data["is_first"][:40]
     # Both streams' episodes end at the same row (the vector env died) and restart on the next.

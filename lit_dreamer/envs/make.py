@@ -264,3 +264,22 @@ def make_vector_env(
     env_fns = [functools.partial(_restarting_env, env_id, seed + index, make_env_kwargs) for index in range(num_envs)]
     vector_class = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
     return vector_class(env_fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def close_by_force(envs: gym.vector.VectorEnv) -> None:
+    """Close a vector env whose own close() failed, for good.
+
+    A dead subprocess fails AsyncVectorEnv.close(): it first waits on the pending step, whose pipe
+    is broken, and raises before it marks itself closed. Its __del__ then retries the close at some
+    later garbage collection and raises there, at an arbitrary point of the program. Here the
+    workers are terminated, the pipes closed, and the env marked closed so that nothing retries.
+    """
+    base = envs.unwrapped
+    for process in getattr(base, "processes", []):
+        if process.is_alive():
+            process.terminate()
+        process.join(timeout=5)
+    for pipe in getattr(base, "parent_pipes", []):
+        if pipe is not None:
+            pipe.close()
+    base.closed = True
