@@ -271,7 +271,8 @@ def close_by_force(envs: gym.vector.VectorEnv) -> None:
 
     A dead subprocess fails AsyncVectorEnv.close(): it first waits on the pending step, whose pipe
     is broken, and raises before it marks itself closed. Its __del__ then retries the close at some
-    later garbage collection and raises there, at an arbitrary point of the program. Here the
+    later garbage collection, where it fails again: an ignored exception reported at an arbitrary
+    point of the program (under CPython 3.11 that report once broke an unrelated ast.parse). Here the
     workers are terminated, the pipes closed, and the env marked closed so that nothing retries.
     """
     base = envs.unwrapped
