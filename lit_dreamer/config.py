@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import inspect
 import os
 import textwrap
@@ -136,8 +137,12 @@ class Config:
 # Key listing and help
 
 
+@functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (a string literal right after a field) of a dataclass, read from its source."""
+    """Attribute docstrings (a string literal right after a field) of a dataclass, read from its source.
+
+    Cached: the source is parsed once per class, not on every `load_config`. Callers must not mutate
+    the returned dict."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
