@@ -128,17 +128,56 @@ class BlockGRU(nn.Module):
         return (update * cand + (1 - update) * h.view(n, g, -1)).reshape(n, -1)
 
 
+def _float_rows(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N*H*W, C) in float32 or wider; a view when x is channels-last float32."""
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return rows.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _ChannelRMSNormFn(torch.autograd.Function):
+    """y = x * rsqrt(mean_c(x^2) + eps) * w over the channels of an NCHW map, in float32 at least.
+
+    Works on the map's (N*H*W, C) rows, a free view of a channels-last tensor. Written out because
+    autograd of the plain formula spends most of its time in reductions over the short channel axis
+    and in temporaries: here both channel reductions are matrix-vector products, and the backward
+    is five elementwise passes. Same values and gradients (tests/test_nets.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            rows = _float_rows(x)
+            mean = torch.full((c, 1), 1.0 / c, dtype=rows.dtype, device=rows.device)
+            inv = torch.rsqrt((rows * rows) @ mean + NORM_EPS)  # (M, 1)
+            y = torch.mul(rows, inv).mul_(weight.to(rows.dtype))
+        ctx.save_for_backward(x, weight, inv)
+        return y.to(x.dtype).view(n, h, w, c).permute(0, 3, 1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, weight, inv = ctx.saved_tensors
+        n, c, h, w = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            rows, g = _float_rows(x), _float_rows(grad)
+            mean = torch.full((c, 1), 1.0 / c, dtype=rows.dtype, device=rows.device)
+            grad_weight = ((g * rows).T @ inv).view(c)
+            gy = g * weight.to(rows.dtype)  # gradient w.r.t. the normalized x
+            dot = (gy * rows) @ mean  # mean_c(gy * x), (M, 1)
+            gx = gy.sub_(rows * (inv * inv * dot)).mul_(inv)
+        return gx.to(x.dtype).view(n, h, w, c).permute(0, 3, 1, 2), grad_weight.to(weight.dtype)
+
+
 class ChannelRMSNorm(nn.Module):
-    """RMSNorm over the channel axis of an NCHW feature map."""
+    """RMSNorm over the channel axis of an NCHW feature map (channels-last memory is fastest)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.square().mean(1, keepdim=True) + NORM_EPS)
-        return (x32 * self.weight[:, None, None]).to(x.dtype)
+        return _ChannelRMSNormFn.apply(x, self.weight)
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, bias: bool, stride: int = 1, transpose: bool = False
