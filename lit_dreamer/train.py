@@ -55,8 +55,24 @@ def run_dir(cfg: Config) -> str:
 RUN_NAME_ENV = "LIT_DREAMER_RUN_NAME"
 
 
+TORCHRUN_ID_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun for every worker: the rendezvous id, shared by all ranks
+
+
 def default_run_name(cfg: Config) -> str:
+    """`<env>-seed<S>-<time>-<random>`; under torchrun `<env>-seed<S>-torchrun-<rendezvous id>`.
+
+    torchrun starts every rank itself, so no rank can hand its name to the others as Lightning's
+    own launcher allows (RUN_NAME_ENV): the name must come from what all ranks share.
+    """
     env = cfg.env.id.replace("/", "-")
+    rdzv_id = os.environ.get(TORCHRUN_ID_ENV)
+    if rdzv_id not in (None, "", "none"):
+        return f"{env}-seed{cfg.run.seed}-torchrun-{rdzv_id[:8]}"
+    if rdzv_id is not None and not cfg.run.dir:
+        # torchrun's multi-node default: no shared id. Every rank would pick its own run folder.
+        raise ConfigError("launched by torchrun without a rendezvous id, so the ranks cannot agree on a "
+                          "default run folder; set logger.run_name=NAME or run.dir=DIR (the same on every "
+                          "node), or pass torchrun --rdzv-id=ID")
     return f"{env}-seed{cfg.run.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
@@ -113,7 +129,7 @@ def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> s
 
 
 def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[ResilientMLFlowLogger, bool]:
-    """The run's MLflow logger, and whether it continues the MLflow run recorded in the run dir.
+    """The run's MLflow logger, and whether it continues the MLflow run recorded in the run dir (rank 0 only).
 
     A resume in the run dir of the checkpoint continues its MLflow run; a checkpoint started in a
     new run dir (a branch of another run) opens a new MLflow run.
@@ -125,7 +141,7 @@ def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[ResilientM
             run_id = f.read().strip()
     logger = ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
                                    tracking_uri=cfg.logger.tracking_uri, run_id=run_id)
-    if run_id is not None and rank_zero_only.rank == 0:
+    if run_id is not None:
         # The continued run was left FAILED or KILLED (or RUNNING, after a kill -9): it runs again.
         logger.mark_running()
     return logger, run_id is not None
@@ -182,9 +198,13 @@ def fit(cfg: Config) -> dict:
         check_checkpoint_matches(ckpt_path, module)
     directory = run_dir(cfg)
     os.makedirs(directory, exist_ok=True)
-    logger, continued = make_logger(cfg, directory, resuming=ckpt_path is not None)
-    # Under DDP the other ranks re-run this script: only rank 0 has an MLflow run (and writes its files).
-    if not continued and rank_zero_only.rank == 0:
+    # Under DDP only rank 0 has an MLflow run (and writes the run dir's files). The other ranks get no
+    # logger at all: opening the store would race rank 0's creation of a new database under torchrun,
+    # which starts all ranks at once.
+    logger, continued = None, False
+    if rank_zero_only.rank == 0:
+        logger, continued = make_logger(cfg, directory, resuming=ckpt_path is not None)
+    if logger is not None and not continued:
         with open(os.path.join(directory, "mlflow_run_id"), "w") as f:
             f.write(logger.run_id)
         config_file = os.path.join(directory, "config.yaml")
@@ -195,7 +215,7 @@ def fit(cfg: Config) -> dict:
         if ckpt_path is not None:
             logger.experiment.set_tag(logger.run_id, "resumed_from", os.path.abspath(ckpt_path))
         logger.experiment.log_artifact(logger.run_id, config_file)
-    trainer = L.Trainer(**cfg.trainer, logger=logger, callbacks=callbacks, max_epochs=-1, max_steps=-1,
+    trainer = L.Trainer(**cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks, max_epochs=-1, max_steps=-1,
                         enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,
                         num_sanity_val_steps=0, default_root_dir=directory)
     start = time.time()
@@ -210,7 +230,7 @@ def fit(cfg: Config) -> dict:
         "eval": next((cb.history[-1][1] for cb in callbacks if isinstance(cb, EvalCallback) and cb.history), None),
         "last_return": collector.last_return,
         "seconds": time.time() - start,
-        "mlflow_run_id": logger.run_id,
+        "mlflow_run_id": logger.run_id if logger is not None else None,
         "tracking_uri": cfg.logger.tracking_uri,
         "checkpoint": resolve_last(os.path.join(directory, "checkpoints")),
         "run_dir": directory,

@@ -321,13 +321,18 @@ def test_checkpoint_started_in_a_new_run_dir_branches_into_a_new_mlflow_run(cart
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_ddp_two_cpu_ranks_stay_in_sync_and_collect_their_own_data(tmp_path):
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_ddp_two_cpu_ranks_stay_in_sync_and_collect_their_own_data(tmp_path, launcher):
     probe = tmp_path / "probe"
     probe.mkdir()
-    # No run.dir: the default runs/<run name> must be one folder for both ranks (rank 1 starts seconds later).
+    # No run.dir: the default runs/<run name> must be one folder for both ranks. Lightning's launcher
+    # starts rank 1 seconds after rank 0; torchrun starts both ranks itself.
+    script = [str(TESTS / "ddp_probe.py"), str(probe)]
+    if launcher == "torchrun":
+        script = ["-m", "torch.distributed.run", "--nproc-per-node=2", *script]
     proc = cli(tmp_path, "fit", "-c", "debug", f"logger.tracking_uri={tracking_uri(tmp_path)}", "run.steps=40",
                "run.prefill=20", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu",
-               script=[str(TESTS / "ddp_probe.py"), str(probe)], timeout=360)
+               script=script, timeout=360)
     assert proc.returncode == 0, explain(proc)
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1, run_dirs
@@ -354,6 +359,21 @@ def test_ddp_two_cpu_ranks_stay_in_sync_and_collect_their_own_data(tmp_path):
     assert run.data.metrics["train/env_steps"] == 40
     assert run.info.run_name == run_dir.name
     assert (run_dir / "mlflow_run_id").read_text().strip() == run.info.run_id
+
+
+def test_torchrun_without_a_rendezvous_id_needs_a_run_name_or_dir(monkeypatch):
+    from lit_dreamer.config import ConfigError, load_config
+    from lit_dreamer.train import default_run_name
+
+    cfg = load_config(["debug"])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "3f2a9c1e-0000-4000-8000-000000000000")
+    assert default_run_name(cfg) == default_run_name(cfg) == f"{cfg.env.id}-seed0-torchrun-3f2a9c1e"
+    # torchrun's multi-node default id "none" is shared by every job: no basis for a name.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(ConfigError, match="logger.run_name=NAME or run.dir=DIR"):
+        default_run_name(cfg)
+    cfg.run.dir = "some/dir"  # every rank writes there; the MLflow run name is rank 0's alone
+    assert "-torchrun-" not in default_run_name(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
