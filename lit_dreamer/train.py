@@ -180,13 +180,24 @@ def env_kwargs(cfg: Config) -> dict:
 
 def fit(cfg: Config) -> dict:
     """Train as configured; returns a summary dict (also printed by the CLI)."""
-    if cfg.logger.run_name is None:
-        # Under DDP Lightning re-runs this command for the other ranks, seconds later: they must take rank 0's
-        # name, or each rank would write its checkpoint part into its own runs/<name> folder.
-        inherited = os.environ.get(RUN_NAME_ENV) if rank_zero_only.rank != 0 else None
-        cfg.logger.run_name = inherited or default_run_name(cfg)
-        if rank_zero_only.rank == 0:
-            os.environ[RUN_NAME_ENV] = cfg.logger.run_name  # inherited by the rank processes Lightning starts
+    if cfg.logger.run_name is not None or TORCHRUN_ID_ENV in os.environ:
+        cfg.logger.run_name = cfg.logger.run_name or default_run_name(cfg)  # torchrun: the same on every rank
+        return _fit_named(cfg)
+    # Under DDP Lightning re-runs this command for the other ranks, seconds later: they must take rank 0's
+    # name, or each rank would write its checkpoint part into its own runs/<name> folder.
+    if rank_zero_only.rank != 0:
+        cfg.logger.run_name = os.environ.get(RUN_NAME_ENV) or default_run_name(cfg)
+        return _fit_named(cfg)
+    cfg.logger.run_name = default_run_name(cfg)
+    os.environ[RUN_NAME_ENV] = cfg.logger.run_name  # inherited by the rank processes Lightning starts
+    try:
+        return _fit_named(cfg)
+    finally:
+        os.environ.pop(RUN_NAME_ENV, None)  # gone with this run: a later one in this process, or its children, names its own
+
+
+def _fit_named(cfg: Config) -> dict:
+    """`fit` once the run has its name."""
     ckpt_path = resolve_ckpt_path(cfg)
     try:
         check_tracking_uri(cfg.logger.tracking_uri)

@@ -130,7 +130,11 @@ def in_tmp(tmp_path, monkeypatch):
 def fit_in_process(root: Path, *overrides: str) -> dict:
     from lit_dreamer.config import load_config
     from lit_dreamer.train import fit
-    return fit(load_config(["debug"], run_overrides(root, *overrides)))
+    summary = fit(load_config(["debug"], run_overrides(root, *overrides)))
+    # The name handed to DDP ranks through the environment goes with the run: a later run in this
+    # process (or a rank it starts) must not take it.
+    assert "LIT_DREAMER_RUN_NAME" not in os.environ
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,9 +326,11 @@ def test_checkpoint_started_in_a_new_run_dir_branches_into_a_new_mlflow_run(cart
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
-def test_ddp_two_cpu_ranks_stay_in_sync_and_collect_their_own_data(tmp_path, launcher):
+def test_ddp_two_cpu_ranks_stay_in_sync_and_collect_their_own_data(tmp_path, launcher, monkeypatch):
     probe = tmp_path / "probe"
     probe.mkdir()
+    # A name left in the environment by an earlier run must not reach either launcher's ranks.
+    monkeypatch.setenv("LIT_DREAMER_RUN_NAME", "stale-name-of-an-earlier-run")
     # No run.dir: the default runs/<run name> must be one folder for both ranks. Lightning's launcher
     # starts rank 1 seconds after rank 0; torchrun starts both ranks itself.
     script = [str(TESTS / "ddp_probe.py"), str(probe)]
