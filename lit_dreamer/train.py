@@ -193,7 +193,8 @@ def fit(cfg: Config) -> dict:
     try:
         return _fit_named(cfg)
     finally:
-        os.environ.pop(RUN_NAME_ENV, None)  # gone with this run: a later one in this process, or its children, names its own
+        # Gone with this run: a later run in this process, or the ranks it starts, names its own.
+        os.environ.pop(RUN_NAME_ENV, None)
 
 
 def _fit_named(cfg: Config) -> dict:
@@ -226,8 +227,8 @@ def _fit_named(cfg: Config) -> dict:
         if ckpt_path is not None:
             logger.experiment.set_tag(logger.run_id, "resumed_from", os.path.abspath(ckpt_path))
         logger.experiment.log_artifact(logger.run_id, config_file)
-    trainer = L.Trainer(**cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks, max_epochs=-1, max_steps=-1,
-                        enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,
+    trainer = L.Trainer(**cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks,
+                        max_epochs=-1, max_steps=-1, enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,
                         num_sanity_val_steps=0, default_root_dir=directory)
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

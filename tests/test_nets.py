@@ -59,8 +59,11 @@ def test_channel_rms_norm_computes_in_float32_and_returns_the_input_dtype_under_
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = norm(x16)
     assert y.dtype == torch.bfloat16
-    # float32 inside: the result is the float32 formula on the bf16 input, rounded once to bf16.
+    # float32 inside: the result is the float32 formula on the bf16 input, rounded once to bf16. A
+    # different float32 summation order may flip a rare rounding; bf16 arithmetic inside changes
+    # about a third of the 144 values.
     expected = plain_channel_rms_norm(x16.detach().float(), norm.weight.detach()).bfloat16()
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert (y != expected).sum() <= 2, (y != expected).sum()
+    torch.testing.assert_close(y, expected, rtol=2 ** -8, atol=0)
     y.float().sum().backward()
     assert x16.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32

@@ -373,7 +373,8 @@ def test_torchrun_without_a_rendezvous_id_needs_a_run_name_or_dir(monkeypatch):
 
     cfg = load_config(["debug"])
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "3f2a9c1e-0000-4000-8000-000000000000")
-    assert default_run_name(cfg) == default_run_name(cfg) == f"{cfg.env.id}-seed0-torchrun-3f2a9c1e"
+    expected = f"{cfg.env.id.replace('/', '-')}-seed0-torchrun-3f2a9c1e"
+    assert default_run_name(cfg) == default_run_name(cfg) == expected
     # torchrun's multi-node default id "none" is shared by every job: no basis for a name.
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     with pytest.raises(ConfigError, match="logger.run_name=NAME or run.dir=DIR"):
