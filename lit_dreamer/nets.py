@@ -139,7 +139,7 @@ class _ChannelRMSNormFn(torch.autograd.Function):
 
     Works on the map's (N*H*W, C) rows, a free view of a channels-last tensor. Written out because
     autograd of the plain formula spends most of its time in reductions over the short channel axis
-    and in temporaries: here both channel reductions are matrix-vector products, and the backward
+    and in temporaries: here the channel reductions are matrix-vector products, and the backward
     is five elementwise passes. Same values and gradients (tests/test_nets.py).
     """
 
@@ -161,11 +161,11 @@ class _ChannelRMSNormFn(torch.autograd.Function):
         n, c, h, w = x.shape
         with torch.autocast(x.device.type, enabled=False):
             rows, g = _float_rows(x), _float_rows(grad)
-            mean = torch.full((c, 1), 1.0 / c, dtype=rows.dtype, device=rows.device)
-            grad_weight = ((g * rows).T @ inv).view(c)
-            gy = g * weight.to(rows.dtype)  # gradient w.r.t. the normalized x
-            dot = (gy * rows) @ mean  # mean_c(gy * x), (M, 1)
-            gx = gy.sub_(rows * (inv * inv * dot)).mul_(inv)
+            scale = weight.to(rows.dtype)
+            g_x = g * rows  # one product serves both reductions
+            grad_weight = (g_x.T @ inv).view(c)
+            dot = g_x @ (scale / c).view(c, 1)  # mean_c(g * w * x), (M, 1)
+            gx = (g * scale).sub_(rows * (inv * inv * dot)).mul_(inv)
         return gx.to(x.dtype).view(n, h, w, c).permute(0, 3, 1, 2), grad_weight.to(weight.dtype)
 
 
