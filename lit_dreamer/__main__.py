@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from lit_dreamer.compare import options_help
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = fit(cfg)
             if summary["rank"] == 0:
                 print_summary(summary)
+            if summary["stopped_by"]:  # the shell's code for a process ended by that signal: 130, 143
+                return 128 + signal.Signals[summary["stopped_by"]].value
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -136,6 +139,8 @@ def print_summary(summary: dict) -> None:
         print(f"last evaluation: return {e['return']:.1f} +- {e['return_std']:.1f} over {e['episodes']} episodes")
     print(f"MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}")
     print(f"checkpoint {summary['checkpoint']}")
+    if summary["stopped_by"]:
+        print(f"stopped by {summary['stopped_by']} before run.steps; continue with ckpt_path=last")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.failures = 0
+        self.end_status: str | None = None  # overrides Lightning's FINISHED / FAILED, e.g. KILLED on Ctrl+C
 
     def report_failure(self, what: str, err: BaseException) -> None:
         self.failures += 1
@@ -78,6 +79,6 @@ class ResilientMLFlowLogger(MLFlowLogger):
 
     def finalize(self, status: str = "success") -> None:
         try:
-            super().finalize(status)
+            super().finalize(self.end_status or status)
         except Exception as err:  # noqa: BLE001
             self.report_failure("finalize", err)

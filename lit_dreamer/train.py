@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, VideoCallback, resolve_last
+from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
@@ -163,7 +163,7 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
                              asynchronous=cfg.env.asynchronous, **env_kwargs(cfg))
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
-    callbacks = [collector, checkpoint]
+    callbacks = [collector, checkpoint, GracefulStop()]
     if cfg.run.eval_every > 0:
         callbacks.append(EvalCallback(cfg.env.id, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
                                       mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **env_kwargs(cfg)))
@@ -247,5 +247,7 @@ def _fit_named(cfg: Config) -> dict:
         "checkpoint": resolve_last(os.path.join(directory, "checkpoints")),
         "run_dir": directory,
         "rank": trainer.global_rank,
+        # SIGINT or SIGTERM when a signal ended the run before run.steps (it resumes with ckpt_path=last)
+        "stopped_by": next((cb.stopped_by for cb in callbacks if isinstance(cb, GracefulStop)), None),
     }
     return summary

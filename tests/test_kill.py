@@ -1,5 +1,6 @@
 """kill -9 at several moments of a run, including in the middle of a checkpoint write: the last complete
-checkpoint loads, and resuming continues the same MLflow run, env steps, replay and optimizer state."""
+checkpoint loads, and resuming continues the same MLflow run, env steps, replay and optimizer state. Ctrl+C and
+SIGTERM end a run after its current step with a checkpoint."""
 
 import os
 import random
@@ -102,3 +103,42 @@ def test_kill_at_a_random_moment_of_training(tmp_path):
     proc.stderr.close()
     saved = int(last_folder(tmp_path).rsplit("-", 1)[1])
     resume_and_check(tmp_path, expected_last=f"step-{saved:012d}", total=saved + 40)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_the_run_after_the_step_with_a_checkpoint(tmp_path, signum):
+    # No periodic save before the stop: the only checkpoint is the one the signal asks for.
+    proc = subprocess.Popen([sys.executable, "-m", "lit_dreamer",
+                             *fit_args(tmp_path, "run.steps=100000", "run.checkpoint_every=100000")],
+                            cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored
+    seen = []
+    for line in proc.stderr:  # wait until the run has set up its handlers
+        seen.append(line)
+        if "ends the run after the current step" in line:
+            break
+    assert proc.poll() is None, "".join(seen)[-3000:]
+    time.sleep(random.Random(signum).uniform(0.5, 3.0))
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert f"stopped by {signal.Signals(signum).name}" in out
+    [run_id] = run_ids(tmp_path)
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
+    folders = [f for f in os.listdir(tmp_path / "run" / "checkpoints") if f.startswith("step-")]
+    assert len(folders) == 1, folders
+    saved = int(last_folder(tmp_path).rsplit("-", 1)[1])
+    assert saved > PREFILL  # training had begun; the save is at a step boundary (resume_and_check)
+    resume_and_check(tmp_path, expected_last=f"step-{saved:012d}", total=saved + 40)
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    from callbacks import GracefulStop
+    stop = GracefulStop()
+    with pytest.warns(UserWarning, match="SIGINT received"):
+        stop.handle(signal.SIGINT, None)
+    assert stop.stopped_by == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(signal.SIGINT, None)
