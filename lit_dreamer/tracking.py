@@ -70,6 +70,18 @@ class ResilientMLFlowLogger(MLFlowLogger):
         except Exception as err:  # noqa: BLE001
             self.report_failure("log_hyperparams", err)
 
+    def set_tag(self, key: str, value: str) -> None:
+        try:
+            self.experiment.set_tag(self.run_id, key, value)
+        except Exception as err:  # noqa: BLE001
+            self.report_failure("set_tag", err)
+
+    def log_artifact(self, path: str) -> None:
+        try:
+            self.experiment.log_artifact(self.run_id, path)
+        except Exception as err:  # noqa: BLE001
+            self.report_failure("log_artifact", err)
+
     def mark_running(self) -> None:
         """Set the run's status to RUNNING (a resumed run continues one that ended FAILED or KILLED)."""
         try:

@@ -223,10 +223,10 @@ def _fit_named(cfg: Config) -> dict:
         with open(config_file, "w") as f:
             f.write(to_yaml(cfg))
         logger.log_hyperparams({k: v for k, v in to_flat_dict(cfg).items() if k != "ckpt_path"})
-        logger.experiment.set_tag(logger.run_id, "git_commit", git_commit())
+        logger.set_tag("git_commit", git_commit())
         if ckpt_path is not None:
-            logger.experiment.set_tag(logger.run_id, "resumed_from", os.path.abspath(ckpt_path))
-        logger.experiment.log_artifact(logger.run_id, config_file)
+            logger.set_tag("resumed_from", os.path.abspath(ckpt_path))
+        logger.log_artifact(config_file)
     trainer = L.Trainer(**cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks,
                         max_epochs=-1, max_steps=-1, enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,
                         num_sanity_val_steps=0, default_root_dir=directory)

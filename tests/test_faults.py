@@ -230,7 +230,12 @@ def test_mlflow_failures_mid_run_do_not_stop_training(in_tmp, monkeypatch):
             raise RuntimeError("simulated MLflow outage")
         return original(self, *args, **kwargs)
 
+    def outage(*args, **kwargs):
+        raise RuntimeError("simulated MLflow outage")
+
     monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    monkeypatch.setattr(MlflowClient, "set_tag", outage)  # the run's tags and config artifact, at its start
+    monkeypatch.setattr(MlflowClient, "log_artifact", outage)
     summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20"))
     assert summary["env_steps"] == 45 and summary["train_steps"] == 25
     assert os.path.exists(summary["checkpoint"])
