@@ -76,7 +76,8 @@ class ActorCritic(nn.Module):
         """Actor and critic losses on rollouts from N start states (gradient already stopped).
 
         start_cont (N,) = 1 - is_terminal of the replayed start step. Returns losses (N, H) keyed
-        `policy` and `value`, metrics, the lambda returns (N, H), and the normalizer's peeked spread.
+        `policy` and `value`, metrics, the lambda returns (N, H), and the normalizer's peeked spread
+        (computed time-major inside, see `behavior_losses`).
         `gather` collects the returns of all devices for the percentiles (identity on one device).
         """
         params, samples = [], []
@@ -94,50 +95,50 @@ class ActorCritic(nn.Module):
             return action if self.actor.discrete else action.clamp(-1.0, 1.0)
 
         with self.timer("imagination"):
-            states, _ = wm.rssm.imagine(start, policy, self.cfg.horizon)
-            feat = states.feat()  # (N, H+1, F), no gradient into the world model
+            feat = wm.rssm.imagine(start, policy, self.cfg.horizon)  # (H+1, N, F), no gradient into the world model
             with torch.no_grad():
                 # reward_0 is never used and cont_0 is the replayed start's: the heads read steps 1..H.
-                reward = wm.reward(feat[:, 1:]).mean()
-                reward = torch.cat([torch.zeros_like(reward[:, :1]), reward], 1)
-                cont = wm.cont(feat[:, 1:]).mean()
-                cont = torch.cat([start_cont[:, None].to(cont.dtype), cont], 1)
+                reward = wm.reward(feat[1:]).mean()
+                reward = torch.cat([torch.zeros_like(reward[:1]), reward])
+                cont = wm.cont(feat[1:]).mean()
+                cont = torch.cat([start_cont[None].to(cont.dtype), cont])
         with self.timer("actor_critic"):
-            return self.behavior_losses(feat, torch.stack(samples, 1), torch.stack(params, 1), reward, cont, gather)
+            return self.behavior_losses(feat, torch.stack(samples), torch.stack(params), reward, cont, gather)
 
     def behavior_losses(self, feat: Tensor, actions: Tensor, policy_params: Tensor, reward: Tensor, cont: Tensor,
                         gather: Callable[[Tensor], Tensor] | None
                         ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
         """Actor and critic losses on imagined trajectories: lambda returns, advantages, weights.
 
-        feat, reward, cont (N, H+1); actions and policy_params (N, H), those of states 0..H-1.
-        Only those H states are trained; the last state is only the returns' bootstrap, so the
-        critic reads it without gradient and the slow critic not at all.
+        Inputs are time-major: feat, reward, cont (H+1, N); actions and policy_params (H, N), those
+        of states 0..H-1. Only those H states are trained; the last state is only the returns'
+        bootstrap, so the critic reads it without gradient and the slow critic not at all.
+        Returns losses and lambda returns batch-major, (N, H) (transposed views).
         """
         policy_dist = self.actor.dist(policy_params)
         with torch.no_grad():
-            slow_value = self.slow_critic(feat[:, :-1]).mean()
-            last_value = self.critic(feat[:, -1:]).mean()
-        value_dist = self.critic(feat[:, :-1])
-        value = torch.cat([value_dist.mean().detach(), last_value], 1)  # (N, H+1)
+            slow_value = self.slow_critic(feat[:-1]).mean()
+            last_value = self.critic(feat[-1:]).mean()
+        value_dist = self.critic(feat[:-1])
+        value = torch.cat([value_dist.mean().detach(), last_value])  # (H+1, N)
         discount = self.cfg.gamma * cont
         # Weight of step t: product of the discounts up to it (a terminal start contributes nothing).
-        weight = (torch.cumprod(discount, 1) / self.cfg.gamma)[:, :-1]
-        returns = lambda_returns(reward, discount, value, self.cfg.lam)  # (N, H)
+        weight = (torch.cumprod(discount, 0) / self.cfg.gamma)[:-1]
+        returns = lambda_returns(reward.T, discount.T, value.T, self.cfg.lam).T  # (H, N); the function is batch-major
         spread = self.normalizer.peek(gather(returns) if gather else returns)
-        advantage = (returns - value[:, :-1]) / self.normalizer.scale(spread)
+        advantage = (returns - value[:-1]) / self.normalizer.scale(spread)
         entropy = policy_dist.entropy()
         losses = {
-            "policy": actor_loss(policy_dist.log_prob(actions), entropy, advantage, weight, self.cfg.entropy),
-            "value": critic_loss(value_dist, returns, slow_value, weight, self.cfg.slow_reg),
+            "policy": actor_loss(policy_dist.log_prob(actions), entropy, advantage, weight, self.cfg.entropy).T,
+            "value": critic_loss(value_dist, returns, slow_value, weight, self.cfg.slow_reg).T,
         }
         metrics = {
             "ac/return": returns.mean(), "ac/value": value.mean(), "ac/advantage": advantage.mean(),
             "ac/advantage_abs": advantage.abs().mean(), "ac/entropy": entropy.mean(),
-            "ac/reward": reward[:, 1:].mean(), "ac/cont": cont.mean(), "ac/weight": weight.mean(),
+            "ac/reward": reward[1:].mean(), "ac/cont": cont.mean(), "ac/weight": weight.mean(),
             "ac/return_scale": self.normalizer.scale(spread), "ac/slow_value": slow_value.mean(),
         }
-        return losses, metrics, returns, spread
+        return losses, metrics, returns.T, spread
 
     def replay_value_loss(self, post_feat: Tensor, batch: dict[str, Tensor], imagined_returns: Tensor) -> Tensor:
         """Critic loss on the replayed sequence itself (its gradient reaches the world model).

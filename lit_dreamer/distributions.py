@@ -54,11 +54,12 @@ class Output:
         raise NotImplementedError
 
 
-def twohot_encode(x: Tensor, bins: Tensor) -> Tensor:
-    """Spread each value of x (...) over its two nearest bins: weights (..., n), summing to 1.
+def twohot_indices(x: Tensor, bins: Tensor) -> tuple[Tensor, Tensor]:
+    """The two nearest bins of each value of x (...) and their weights: index, weight (..., 2).
 
-    The weights are linear in the space of `bins` (ascending, shape (n,)). A value exactly on a bin
-    gets a one-hot; values outside [bins[0], bins[-1]] put all their weight on the end bin.
+    The weights are linear in the space of `bins` (ascending, shape (n,)) and sum to 1. A value
+    exactly on a bin puts weight 1 on it; values outside [bins[0], bins[-1]] put all their weight on
+    the end bin (there both indices name that bin, with weights 1 and 0).
     """
     assert bins.ndim == 1, f"bins must be (n,), got {tuple(bins.shape)}"
     n = bins.numel()
@@ -70,10 +71,40 @@ def twohot_encode(x: Tensor, bins: Tensor) -> Tensor:
     same = below == above
     gap = torch.where(same, torch.ones_like(x), bin_above - bin_below)
     weight_below = torch.where(same, torch.ones_like(x), (bin_above - x) / gap)
-    weights = torch.zeros(*x.shape, n, dtype=bins.dtype, device=bins.device)
-    weights.scatter_add_(-1, below.unsqueeze(-1), weight_below.unsqueeze(-1))
-    weights.scatter_add_(-1, above.unsqueeze(-1), (1 - weight_below).unsqueeze(-1))
-    return weights
+    return torch.stack([below, above], -1), torch.stack([weight_below, 1 - weight_below], -1)
+
+
+def twohot_encode(x: Tensor, bins: Tensor) -> Tensor:
+    """Spread each value of x (...) over its two nearest bins: dense weights (..., n), summing to 1."""
+    index, weight = twohot_indices(x, bins)
+    weights = torch.zeros(*x.shape, bins.numel(), dtype=bins.dtype, device=bins.device)
+    return weights.scatter_add_(-1, index, weight)
+
+
+class _SparseCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of logits (..., n) against targets given sparsely, as bin indices and weights (..., k):
+
+        loss = sum_j weight_j * (logsumexp(logits) - logits[index_j])
+
+    The same value as `-(dense_weights * log_softmax(logits)).sum(-1)`, without the dense (..., n)
+    target, log-probabilities and products: over the critic's B*T*H imagined states these are
+    full passes over a (N, H, 255) tensor, several times per step. The backward is one pass,
+    softmax(logits) * sum(weight) minus the weights scattered at their bins. The weights take no
+    gradient (the targets are stopped).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        lse = torch.logsumexp(logits, -1)
+        ctx.save_for_backward(logits, lse, index, weight)
+        return weight.sum(-1) * lse - (weight * logits.gather(-1, index)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, lse, index, weight = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        grad_logits = (logits - lse.unsqueeze(-1)).exp_().mul_(g * weight.sum(-1, keepdim=True))
+        return grad_logits.scatter_add_(-1, index, -g * weight), None, None
 
 
 def symmetric_linspace(low: float, high: float, n: int, device=None) -> Tensor:
@@ -119,10 +150,17 @@ class TwoHot(Output):
 
     def loss(self, target: Tensor) -> Tensor:
         """Cross-entropy between the logits and the two-hot encoding of symlog(target)."""
-        assert target.shape == self.logits.shape[:-1], (
-            f"target {tuple(target.shape)} must match logits {tuple(self.logits.shape)} without the bin dim")
-        weights = twohot_encode(symlog(target.float()), self.bins)
-        return -(weights * torch.log_softmax(self.logits, dim=-1)).sum(-1)
+        return self.mixed_loss([target], [1.0])
+
+    def mixed_loss(self, targets: list[Tensor], scales: list[float]) -> Tensor:
+        """sum_i scales[i] * loss(targets[i]), computed in one pass over the logits."""
+        indices, weights = [], []
+        for target, scale in zip(targets, scales, strict=True):
+            assert target.shape == self.logits.shape[:-1], (
+                f"target {tuple(target.shape)} must match logits {tuple(self.logits.shape)} without the bin dim")
+            index, weight = twohot_indices(symlog(target.float()), self.bins)
+            indices.append(index), weights.append(scale * weight)
+        return _SparseCrossEntropy.apply(self.logits, torch.cat(indices, -1), torch.cat(weights, -1))
 
     def log_prob(self, x: Tensor) -> Tensor:
         return -self.loss(x)

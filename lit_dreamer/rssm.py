@@ -111,19 +111,21 @@ class RSSM(nn.Module):
         logits = self.prior_logits(deter)
         return State(deter, self.dist(logits).sample(), logits)
 
-    def imagine(self, start: State, policy: Callable[[Tensor], Tensor], horizon: int) -> tuple[State, Tensor]:
+    def imagine(self, start: State, policy: Callable[[Tensor], Tensor], horizon: int) -> Tensor:
         """Roll out the prior for `horizon` steps from N start states under `policy(feat) -> action`.
 
-        Returns states (N, H+1) (index 0 is the start) and actions (N, H): actions[:, t] is the
-        action taken in state t. No action is drawn in the last state: nothing would use it.
-        Actions are detached before they enter the RSSM: the actor learns by REINFORCE only.
+        Returns the features of the H+1 states, time-major: (H+1, N, F), feat[0] the starts'.
+        Time-major because the heads then read the states they need (1..H, 0..H-1, H) as contiguous
+        slices; a (N, H+1, F) layout made each head copy its slice first, and building it took
+        another two copies (the whole tensor is B*T*(H+1)*F floats, 39 MB at size1m).
+        No action is drawn in the last state: nothing would use it. Actions are detached before
+        they enter the RSSM: the actor learns by REINFORCE only.
         """
         state = State(start.deter, start.stoch)
-        deters, stochs, actions = [state.deter], [state.stoch], []
+        feats = [state.feat()]
         for _ in range(horizon):
-            action = policy(state.feat())
-            actions.append(action)
+            action = policy(feats[-1])
             with torch.no_grad():  # nothing from the actor or critic reaches the world model
                 state = self.imagine_step(state, action.detach())
-            deters.append(state.deter), stochs.append(state.stoch)
-        return State(torch.stack(deters, 1), torch.stack(stochs, 1)), torch.stack(actions, 1)
+                feats.append(state.feat())
+        return torch.stack(feats)

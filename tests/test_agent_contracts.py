@@ -72,9 +72,11 @@ def test_imagination_and_losses_shapes(discrete):
     assert returns.shape == (B * T, H)
     repval = ac.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T))
     assert repval.shape == (B, T - 1)
-    states, actions = wm.rssm.imagine(start, lambda f: ac.actor.dist(ac.actor(f)).sample(), H)
-    assert states.deter.shape == (B * T, H + 1, 32) and actions.shape == (B * T, H, 3)
-    assert torch.equal(states.deter[:, 0], start.deter)
+    seen = []
+    feat = wm.rssm.imagine(start, lambda f: seen.append(f) or ac.actor.dist(ac.actor(f)).sample(), H)
+    assert feat.shape == (H + 1, B * T, 32 + 16) and feat.is_contiguous()
+    assert torch.equal(feat[0], start.feat())
+    assert len(seen) == H and all(torch.equal(f, g) for f, g in zip(seen, feat[:-1]))  # the policy saw states 0..H-1
 
 
 def test_imagination_feeds_the_dynamics_clipped_continuous_actions_but_scores_the_raw_sample(monkeypatch):
@@ -91,7 +93,7 @@ def test_imagination_feeds_the_dynamics_clipped_continuous_actions_but_scores_th
     monkeypatch.setattr(BoundedNormal, "log_prob", lambda self, x: scored.append(x) or log_prob(self, x))
     _, post, _ = wm.loss(make_batch(discrete=False))
     ac.imagine_loss(wm, post.detach().flatten(), torch.ones(B * T))
-    fed, [scored] = torch.stack(fed, 1), scored
+    fed, [scored] = torch.stack(fed), scored  # both time-major (H, N, A)
     assert fed.abs().max() == 1.0 and (fed == 1.0).float().mean() > 0.3
     # The log-prob is taken of the raw samples, which the clipped ones equal wherever |a| <= 1.
     assert scored.max() > 1.0
@@ -109,13 +111,13 @@ def test_imagined_rewards_and_continues_line_up_with_the_states_they_arrive_in(m
     _, post, _ = wm.loss(make_batch())
     start_cont = torch.tensor([1.0, 0.0]).repeat(B * T // 2)
     ac.imagine_loss(wm, post.detach().flatten(), start_cont)
-    feat = seen["feat"]
-    assert feat.shape[1] == H + 1 and seen["actions"].shape[1] == H and seen["params"].shape[1] == H
+    feat = seen["feat"]  # time-major
+    assert feat.shape[:2] == (H + 1, B * T) and seen["actions"].shape[0] == H and seen["params"].shape[0] == H
     with torch.no_grad():
-        torch.testing.assert_close(seen["reward"][:, 1:], wm.reward(feat).mean()[:, 1:])
-        torch.testing.assert_close(seen["cont"][:, 1:], wm.cont(feat).mean()[:, 1:])
-    assert torch.equal(seen["cont"][:, 0], start_cont)
-    assert seen["reward"][:, 1:].abs().sum() > 0
+        torch.testing.assert_close(seen["reward"][1:], wm.reward(feat).mean()[1:])
+        torch.testing.assert_close(seen["cont"][1:], wm.cont(feat).mean()[1:])
+    assert torch.equal(seen["cont"][0], start_cont)
+    assert seen["reward"][1:].abs().sum() > 0
 
 
 @pytest.mark.parametrize("discrete", [True, False])
@@ -130,7 +132,10 @@ def test_behavior_losses_equal_those_computed_on_all_imagined_states(discrete):
     params = ac.actor(feat[:, :-1])
     actions = ac.actor.dist(params).sample().detach()
     reward, cont = torch.randn(N, H + 1, generator=g), (torch.rand(N, H + 1, generator=g) > 0.2).float()
-    losses, metrics, returns, _ = ac.behavior_losses(feat, actions, params, reward, cont, None)
+    # behavior_losses takes time-major inputs; the reference below is computed batch-major.
+    losses, metrics, returns, _ = ac.behavior_losses(feat.transpose(0, 1).contiguous(), actions.transpose(0, 1),
+                                                     params.transpose(0, 1), reward.T, cont.T, None)
+    assert losses["policy"].shape == losses["value"].shape == returns.shape == (N, H)
     (losses["policy"].mean() + losses["value"].mean()).backward()
     got = [p.grad.clone() for p in (*ac.actor.parameters(), *ac.critic.parameters())]
     ac.zero_grad()

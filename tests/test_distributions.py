@@ -109,6 +109,44 @@ def test_twohot_loss_hand_computed():
     assert_close(dist.log_prob(torch.tensor(0.0)), torch.tensor(-2.4519143959), rtol=1e-6, atol=1e-6)
 
 
+def dense_twohot_loss(logits, target, low=-20.0, high=20.0):
+    """The textbook formula: dense two-hot weights times log_softmax (what TwoHot.loss computes sparsely)."""
+    bins = symmetric_linspace(low, high, logits.shape[-1])
+    return -(twohot_encode(symlog(target), bins).to(logits.dtype) * torch.log_softmax(logits, -1)).sum(-1)
+
+
+def test_twohot_loss_and_gradient_equal_the_dense_formula():
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(6, 5, 255, generator=g)).requires_grad_()
+    target = symexp(torch.randn(6, 5, generator=g) * 8)
+    bins = symmetric_linspace(-20.0, 20.0, 255)
+    target[0, :3] = symexp(bins[[0, 127, 254]])  # on the end bins and the middle one
+    target[1, :2] = torch.tensor([-1e30, 1e30])  # clipped to the end bins
+    slow = symexp(torch.randn(6, 5, generator=g) * 8)
+    grad_out = torch.rand(6, 5, generator=g)
+    dist = TwoHot(logits)
+    got = dist.mixed_loss([target, slow], [1.0, 0.3])
+    (got * grad_out).sum().backward()
+    got_grad, logits.grad = logits.grad, None
+    ref = dense_twohot_loss(logits, target) + 0.3 * dense_twohot_loss(logits, slow)
+    (ref * grad_out).sum().backward()
+    assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert_close(got_grad, logits.grad, rtol=1e-5, atol=1e-7)
+    assert_close(dist.loss(target), dense_twohot_loss(logits, target), rtol=1e-5, atol=1e-5)
+
+
+def test_twohot_sparse_cross_entropy_gradcheck():
+    from lit_dreamer.distributions import _SparseCrossEntropy, twohot_indices
+    g = torch.Generator().manual_seed(1)
+    bins = torch.linspace(-2.0, 2.0, 7, dtype=torch.float64)
+    logits = torch.randn(3, 4, 7, dtype=torch.float64, generator=g).requires_grad_()
+    index, weight = twohot_indices(torch.tensor([-3.0, -2.0, -0.3, 0.0, 0.4, 1.99, 2.0, 5.0, 1.2, -1.5, 0.7, -0.9],
+                                                dtype=torch.float64).view(3, 4), bins)
+    index2, weight2 = twohot_indices(torch.randn(3, 4, dtype=torch.float64, generator=g), bins)
+    index, weight = torch.cat([index, index2], -1), torch.cat([weight, 0.5 * weight2], -1)
+    assert torch.autograd.gradcheck(lambda x: _SparseCrossEntropy.apply(x, index, weight), (logits,))
+
+
 def test_twohot_float32_under_bf16_logits():
     dist = TwoHot(torch.zeros(2, 255, dtype=torch.bfloat16))
     assert dist.mean().dtype == torch.float32
