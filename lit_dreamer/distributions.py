@@ -63,7 +63,8 @@ def twohot_indices(x: Tensor, bins: Tensor) -> tuple[Tensor, Tensor]:
     """
     assert bins.ndim == 1, f"bins must be (n,), got {tuple(bins.shape)}"
     n = bins.numel()
-    x = x.to(bins.dtype).clamp(bins[0], bins[-1])
+    # contiguous: bucketize would copy a strided x anyway (with a warning); time-major callers pass .T views
+    x = x.to(bins.dtype).clamp(bins[0], bins[-1]).contiguous()
     below = (torch.bucketize(x, bins, right=True) - 1).clamp(0, n - 1)
     above = (below + 1).clamp(max=n - 1)
     bin_below, bin_above = bins[below], bins[above]
