@@ -40,15 +40,18 @@ def main() -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     opts = parser.parse_args(argv[:split])
     opts.bench_args = argv[split + 1:]  # passed to `python -m lit_dreamer bench`
-    repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout this script is in
     with tempfile.TemporaryDirectory(prefix="bench_ab_") as tmp:
         trees = {}
-        for side in ("before", "after"):
-            trees[side] = os.path.join(tmp, side)
-            subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", trees[side], getattr(opts, side)],
-                           check=True, capture_output=True)
         try:
+            for side in ("before", "after"):
+                rev = getattr(opts, side)
+                tree = os.path.join(tmp, side)
+                add = subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", tree, rev],
+                                     capture_output=True, text=True)
+                if add.returncode != 0:
+                    raise SystemExit(f"cannot check out {side} revision {rev!r}: {add.stderr.strip()}")
+                trees[side] = tree
             seconds: dict[str, list[float]] = {"before": [], "after": []}
             for rep in range(opts.repeats):
                 for side in ("before", "after"):

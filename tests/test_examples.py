@@ -154,3 +154,30 @@ def test_export_results_writes_points_and_bin_means(tmp_path):
     rows = export("--metrics", "ac/advantage", "--bin", "4")
     # Bins (0, 4], (4, 8], (8, 12]: means of 1..4, 5..8, 9..10.
     assert [(int(r["env_steps"]), float(r["value"])) for r in rows] == [(4, 2.5), (8, 6.5), (12, 9.5)]
+
+
+def test_bench_ab_script_times_two_commits_and_cleans_up(tmp_path):
+    import json
+
+    def worktrees() -> str:
+        return subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True,
+                              check=True).stdout
+
+    def bench_ab(*revs: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "bench_ab.py"), *revs, "--repeats", "1",
+                               "--threads", "1", "--", "-c", "debug", "bench.steps=1", "bench.warmup=1",
+                               "bench.collector_steps=5"],
+                              cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+
+    before = worktrees()
+    proc = bench_ab("HEAD", "HEAD")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    seconds = result["seconds_per_train_step"]
+    assert len(seconds["before"]) == len(seconds["after"]) == 1 and min(seconds["before"] + seconds["after"]) > 0
+    assert result["bench_args"][:2] == ["-c", "debug"]
+    assert worktrees() == before and not list(tmp_path.iterdir())
+
+    proc = bench_ab("HEAD", "no-such-revision")
+    assert proc.returncode != 0 and "cannot check out after revision 'no-such-revision'" in proc.stderr
+    assert worktrees() == before
