@@ -23,7 +23,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bench = commands.add_parser("bench", help="time training steps and the collector",
                                 description="Time real training steps (random data of the env's shapes) and the "
                                 "collector; the last line is JSON. Extra keys: bench.steps, bench.warmup, "
-                                "bench.collector_steps.")
+                                "bench.collector_steps, bench.profile_steps (per-op profile of N more steps).")
     bench.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
     bench.add_argument("overrides", nargs="*", metavar="key=value")
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint",
@@ -117,8 +117,8 @@ def bench_options(overrides: list[str]):
         key, _, value = item.partition("=")
         name = key[len("bench."):]
         if not hasattr(options, name) or not value.isdigit():
-            raise ConfigError(f"bad benchmark option {item!r}: use bench.steps=N, bench.warmup=N (N >= 1) "
-                              "or bench.collector_steps=N")
+            raise ConfigError(f"bad benchmark option {item!r}: use bench.steps=N, bench.warmup=N (N >= 1), "
+                              "bench.collector_steps=N or bench.profile_steps=N")
         setattr(options, name, int(value))
     if options.warmup < 1 or options.steps < 1:
         raise ConfigError("bench.warmup and bench.steps must be at least 1")

@@ -36,6 +36,8 @@ class BenchConfig:
     """Untimed training steps first (allocations, lazy init, compilation); at least 1, the FLOP count runs on the last."""
     collector_steps: int = 200
     """Timed env steps of the collector with the current policy."""
+    profile_steps: int = 0
+    """Extra training steps after the timed ones, run under torch.profiler: per-op table (self CPU time)."""
 
 
 def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim: int, discrete: bool) -> dict:
@@ -57,12 +59,15 @@ def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim:
 
 
 class StepTimer(Callback):
-    """Times whole training steps after the warmup and counts the FLOPs of one of them."""
+    """Times whole training steps after the warmup, counts the FLOPs of one of them and optionally
+    profiles a few more after the timed ones (so the profiler's overhead is not in the timings)."""
 
-    def __init__(self, warmup: int):
-        self.warmup = warmup
+    def __init__(self, warmup: int, steps: int, profile_steps: int = 0):
+        self.warmup, self.steps, self.profile_steps = warmup, steps, profile_steps
         self.durations: list[float] = []
+        self.phases: dict[str, float] = {}
         self.flops = 0
+        self.profile: torch.profiler.profile | None = None
         self._counter: FlopCounterMode | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -71,6 +76,9 @@ class StepTimer(Callback):
         if batch_idx == self.warmup - 1:  # count FLOPs (which slows the step down) on the last untimed step
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
+        if batch_idx == self.warmup + self.steps and self.profile_steps:
+            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profile.__enter__()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -79,8 +87,12 @@ class StepTimer(Callback):
             self._counter.__exit__(None, None, None)
             self.flops = self._counter.get_total_flops()
             self._counter = None
-        if batch_idx >= self.warmup:
+        if self.warmup <= batch_idx < self.warmup + self.steps:
             self.durations.append(elapsed)
+        if batch_idx == self.warmup + self.steps - 1:
+            self.phases = pl_module.timer.mean()
+        if batch_idx == self.warmup + self.steps + self.profile_steps - 1 and self.profile is not None:
+            self.profile.__exit__(None, None, None)
 
 
 def count(module: torch.nn.Module) -> int:
@@ -104,21 +116,21 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
         with sample_timer("replay_sampling"):
             datamodule.replay.sample(B, T)
 
-    timer = StepTimer(options.warmup)
+    timer = StepTimer(options.warmup, options.steps, options.profile_steps)
     trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k in ("accelerator", "devices", "precision", "strategy")}
     # Under manual optimization global_step counts optimizer steps: 3 per training step.
-    trainer = L.Trainer(**trainer_kwargs, max_steps=3 * (options.warmup + options.steps), logger=False,
+    trainer = L.Trainer(**trainer_kwargs, max_steps=3 * (options.warmup + options.steps + options.profile_steps), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer], num_sanity_val_steps=0)
     trainer.fit(module, datamodule=datamodule)
-    phases = module.timer.mean()
+    phases = dict(timer.phases)
     phases["replay_sampling"] = sample_timer.mean()["replay_sampling"]
 
     env_steps_per_s, collector_time = time_collector(cfg, trainer, module, options.collector_steps)
     phases["collector_per_env_step"] = collector_time
     step_time = float(np.mean(timer.durations))
     ac = module.actor_critic
-    return {
+    result = {
         "train_steps_per_s": 1.0 / step_time,
         "seconds_per_train_step": step_time,
         "env_steps_per_s": env_steps_per_s,
@@ -133,6 +145,16 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
             "torch": torch.__version__,
         },
     }
+    if timer.profile is not None:
+        result["profile"] = profile_rows(timer.profile, options.profile_steps)
+    return result
+
+
+def profile_rows(profile: torch.profiler.profile, steps: int, top: int = 25) -> list[dict[str, Any]]:
+    """The ops with the most self CPU time, per training step."""
+    events = sorted(profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
+            for e in events]
 
 
 def time_collector(cfg: Config, trainer: L.Trainer, module: DreamerModule, steps: int) -> tuple[float, float]:
@@ -159,5 +181,7 @@ def main(cfg: Config, options: BenchConfig) -> dict:
     print(f"{result['train_steps_per_s']:.3f} train steps/s ({result['seconds_per_train_step']:.3f} s/step), "
           f"{result['env_steps_per_s']:.1f} env steps/s, {result['achieved_gflops']:.1f} GFLOP/s")
     print("per step: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in phases.items()))
+    for row in result.get("profile", []):
+        print(f"  {row['self_ms_per_step']:9.1f} ms {row['calls_per_step']:7.0f} calls  {row['op']}")
     print(json.dumps(result))
     return result

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_prints_json_with_timings_flops_and_params(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "lit_dreamer", "bench", "-c", "debug", "bench.steps=2",
-                           "bench.warmup=1", "bench.collector_steps=20", "model.units=24"],
+                           "bench.warmup=1", "bench.collector_steps=20", "bench.profile_steps=1", "model.units=24"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -31,6 +31,12 @@ def test_bench_prints_json_with_timings_flops_and_params(tmp_path):
     assert result["config"]["model"]["units"] == 24 and result["config"]["batch"] == 4
     assert result["config"]["precision"] == "32-true" and result["config"]["threads"] == 1
     assert set(result["params"]) == {"world_model", "actor", "critic"} and all(result["params"].values())
+    # bench.profile_steps: a per-op table of one more step, heaviest first, matrix products among the ops.
+    profile = result["profile"]
+    times = [row["self_ms_per_step"] for row in profile]
+    assert len(profile) >= 10 and times == sorted(times, reverse=True) and times[0] > 0
+    assert {"aten::mm", "aten::bmm", "aten::addmm"} & {row["op"] for row in result["profile"]}
+    assert f"calls  {profile[0]['op']}" in proc.stdout
 
 
 def test_bench_rejects_unknown_options(tmp_path):
