@@ -47,7 +47,7 @@ class NormAct(nn.Sequential):
     """
 
     def __init__(self, in_dim: int, out_dim: int, bias: bool = False):
-        super().__init__(linear(in_dim, out_dim, bias=bias), nn.RMSNorm(out_dim, eps=NORM_EPS), nn.SiLU())
+        super().__init__(linear(in_dim, out_dim, bias=bias), RMSNorm(out_dim), nn.SiLU())
 
 
 class MLP(nn.Sequential):
@@ -114,7 +114,7 @@ class BlockGRU(nn.Module):
         self.hidden_h = BlockLinear(deter, deter, blocks, bias=False, fan_in=fan_in)
         self.hidden_x = nn.Linear(input_dim, deter, bias=False)
         trunc_normal_fan_in_(self.hidden_x.weight, fan_in)
-        self.norm = nn.RMSNorm(deter, eps=NORM_EPS)
+        self.norm = RMSNorm(deter)
         self.gates = BlockLinear(deter, 3 * deter, blocks)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
@@ -134,6 +134,30 @@ def _float_rows(x: Tensor) -> Tensor:
     return rows.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _rms_norm_rows(rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """y = rows * rsqrt(mean(rows^2) + eps) * weight over the last dim of rows (M, C), in float32 at least.
+
+    Returns y and inv (M, 1). bf16 rows are read as they are: the norm accumulates in float32 and
+    the first product promotes, so no float32 copy of the input is made.
+    """
+    c = rows.shape[-1]
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True, dtype=dtype)
+    inv = torch.rsqrt(norm.square_().div_(c).add_(NORM_EPS))
+    return torch.mul(rows, inv).mul_(weight.to(dtype)), inv
+
+
+def _rms_norm_rows_backward(rows: Tensor, grad: Tensor, weight: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of `_rms_norm_rows` for the input rows and the weight (C,), from the saved inv (M, 1)."""
+    c = rows.shape[-1]
+    scale = weight.to(rows.dtype)
+    g_x = grad * rows  # one product serves both reductions
+    grad_weight = (g_x.T @ inv).view(c)
+    dot = g_x @ (scale / c).view(c, 1)  # mean_c(g * w * x), (M, 1)
+    grad_rows = (grad * scale).sub_(rows * (inv * inv * dot)).mul_(inv)
+    return grad_rows, grad_weight
+
+
 class _ChannelRMSNormFn(torch.autograd.Function):
     """y = x * rsqrt(mean_c(x^2) + eps) * w over the channels of an NCHW map, in float32 at least.
 
@@ -147,10 +171,7 @@ class _ChannelRMSNormFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
         n, c, h, w = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            rows = _float_rows(x)
-            mean = torch.full((c, 1), 1.0 / c, dtype=rows.dtype, device=rows.device)
-            inv = torch.rsqrt((rows * rows) @ mean + NORM_EPS)  # (M, 1)
-            y = torch.mul(rows, inv).mul_(weight.to(rows.dtype))
+            y, inv = _rms_norm_rows(_float_rows(x), weight)
         ctx.save_for_backward(x, weight, inv)
         return y.to(x.dtype).view(n, h, w, c).permute(0, 3, 1, 2)
 
@@ -160,13 +181,49 @@ class _ChannelRMSNormFn(torch.autograd.Function):
         x, weight, inv = ctx.saved_tensors
         n, c, h, w = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            rows, g = _float_rows(x), _float_rows(grad)
-            scale = weight.to(rows.dtype)
-            g_x = g * rows  # one product serves both reductions
-            grad_weight = (g_x.T @ inv).view(c)
-            dot = g_x @ (scale / c).view(c, 1)  # mean_c(g * w * x), (M, 1)
-            gx = (g * scale).sub_(rows * (inv * inv * dot)).mul_(inv)
+            gx, grad_weight = _rms_norm_rows_backward(_float_rows(x), _float_rows(grad), weight, inv)
         return gx.to(x.dtype).view(n, h, w, c).permute(0, 3, 1, 2), grad_weight.to(weight.dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim, in float32 at least, returned in x's dtype.
+
+    The same written-out forward and backward as the channel norm. `nn.RMSNorm` has a fused forward
+    but its backward is autograd of the decomposed formula: at S dims its backward over the
+    actor's and critic's imagined states took about 8x its forward (and bf16 inputs miss the fused
+    forward too). Same values and gradients (tests/test_nets.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y, inv = _rms_norm_rows(x.reshape(-1, x.shape[-1]), weight)
+        ctx.save_for_backward(x, weight, inv)
+        return y.to(x.dtype).view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, weight, inv = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            rows, g = (t.reshape(-1, x.shape[-1]).to(dtype) for t in (x, grad))
+            gx, grad_weight = _rms_norm_rows_backward(rows, g, weight, inv)
+        return gx.to(x.dtype).view(x.shape), grad_weight.to(weight.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim with a learned scale: `nn.RMSNorm(dim, eps=NORM_EPS)` with a faster backward.
+
+    Its parameter is `weight`, as in `nn.RMSNorm`, so state dicts of either load into the other.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _RMSNormFn.apply(x, self.weight)
 
 
 class ChannelRMSNorm(nn.Module):
