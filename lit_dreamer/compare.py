@@ -12,12 +12,12 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
 import numpy as np
 
-from lit_dreamer.config import ConfigError, field_docs
+from lit_dreamer.config import ConfigError, default_tracking_uri, field_docs
 
 
 class CompareError(ConfigError):
@@ -36,17 +36,17 @@ class CompareOptions:
     """Metric to compare; its MLflow steps are env steps."""
     out: str = "compare.png"
     """PNG with the group learning curves (left panel) and the IQM at the last grid step (right panel)."""
-    tracking_uri: str = "sqlite:///mlflow.db"
-    """MLflow tracking URI."""
+    tracking_uri: str = field(default_factory=default_tracking_uri)
+    """MLflow tracking URI (default: $MLFLOW_TRACKING_URI when set, else sqlite:///mlflow.db)."""
     runs: str = ""
     """Comma-separated run ids or id prefixes (as in the table's id column); empty: every run."""
 
 
 def options_help() -> str:
     docs = field_docs(CompareOptions)
-    lines = ["Options (key=value):", ""]
+    lines, defaults = ["Options (key=value):", ""], CompareOptions()
     for f in fields(CompareOptions):
-        lines += [f"  {f.name} = {f.default!r}", f"      {docs.get(f.name, '')}"]
+        lines += [f"  {f.name} = {getattr(defaults, f.name)!r}", f"      {docs.get(f.name, '')}"]
     return "\n".join(lines)
 
 

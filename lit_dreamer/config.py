@@ -98,12 +98,20 @@ class ReplayConfig:
     """Half-life in steps of the recency sampling."""
 
 
+TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI when set, else a SQLite file in the working directory."""
+    return os.environ.get(TRACKING_URI_VARIABLE) or "sqlite:///mlflow.db"
+
+
 @dataclass
 class LoggerConfig:
     """MLflow tracking."""
 
     tracking_uri: str = "sqlite:///mlflow.db"
-    """MLflow tracking URI; the default is a SQLite file in the working directory."""
+    """MLflow tracking URI; the default is a SQLite file in the working directory, or $MLFLOW_TRACKING_URI when set."""
     experiment: str = "lit_dreamer"
     """MLflow experiment name."""
     run_name: Optional[str] = None
@@ -231,6 +239,9 @@ def load_config(files: list[str] = (), overrides: list[str] = ()) -> Config:
     """Defaults <- each YAML overlay in order <- dotted key=value overrides; validated and typed."""
     cfg = OmegaConf.structured(Config)
     layers = []
+    if os.environ.get(TRACKING_URI_VARIABLE):  # MLflow's own variable: above the defaults, below files and overrides
+        layers.append((OmegaConf.create({"logger": {"tracking_uri": os.environ[TRACKING_URI_VARIABLE]}}),
+                       f"environment variable {TRACKING_URI_VARIABLE}"))
     for path in files:
         path = resolve_config_file(path)
         layer = OmegaConf.load(path)

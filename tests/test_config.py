@@ -52,3 +52,18 @@ def test_help_lists_keys_with_defaults_and_docs():
     assert "run.train_ratio = 512.0" in text
     assert "Replayed steps per env step" in text
     assert "model.size = 'size1m'" in text
+
+
+def test_mlflow_tracking_uri_variable_replaces_the_default_but_not_files_or_overrides(tmp_path, monkeypatch):
+    from lit_dreamer.compare import CompareOptions, options_help
+
+    assert load_config().logger.tracking_uri == "sqlite:///mlflow.db"
+    assert CompareOptions().tracking_uri == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert load_config(["cartpole"]).logger.tracking_uri == "http://mlflow.example:5000"
+    assert CompareOptions().tracking_uri == "http://mlflow.example:5000"
+    assert "tracking_uri = 'http://mlflow.example:5000'" in options_help()
+    assert load_config([], ["logger.tracking_uri=sqlite:///x.db"]).logger.tracking_uri == "sqlite:///x.db"
+    overlay = tmp_path / "store.yaml"
+    overlay.write_text("logger:\n  tracking_uri: sqlite:///from_file.db\n")
+    assert load_config([str(overlay)]).logger.tracking_uri == "sqlite:///from_file.db"
