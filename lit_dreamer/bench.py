@@ -119,8 +119,8 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     timer = StepTimer(options.warmup, options.steps, options.profile_steps)
     trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k in ("accelerator", "devices", "precision", "strategy")}
     # Under manual optimization global_step counts optimizer steps: 3 per training step.
-    trainer = L.Trainer(**trainer_kwargs, max_steps=3 * (options.warmup + options.steps + options.profile_steps), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(**trainer_kwargs, max_steps=3 * (options.warmup + options.steps + options.profile_steps),
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer], num_sanity_val_steps=0)
     trainer.fit(module, datamodule=datamodule)
     phases = dict(timer.phases)

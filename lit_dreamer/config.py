@@ -110,7 +110,7 @@ def default_tracking_uri() -> str:
 class LoggerConfig:
     """MLflow tracking."""
 
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = field(default_factory=default_tracking_uri)
     """MLflow tracking URI; the default is a SQLite file in the working directory, or $MLFLOW_TRACKING_URI when set."""
     experiment: str = "lit_dreamer"
     """MLflow experiment name."""
@@ -239,9 +239,6 @@ def load_config(files: list[str] = (), overrides: list[str] = ()) -> Config:
     """Defaults <- each YAML overlay in order <- dotted key=value overrides; validated and typed."""
     cfg = OmegaConf.structured(Config)
     layers = []
-    if os.environ.get(TRACKING_URI_VARIABLE):  # MLflow's own variable: above the defaults, below files and overrides
-        layers.append((OmegaConf.create({"logger": {"tracking_uri": os.environ[TRACKING_URI_VARIABLE]}}),
-                       f"environment variable {TRACKING_URI_VARIABLE}"))
     for path in files:
         path = resolve_config_file(path)
         layer = OmegaConf.load(path)
