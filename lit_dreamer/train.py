@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
-from lit_dreamer.agent_config import ModelConfig
+from lit_dreamer.agent_config import saved_model_config
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
@@ -103,13 +103,24 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
         if hparams.get(key) != module.hparams[key]:
             raise ConfigError(f"checkpoint {path} was made for {key}={hparams.get(key)!r}, but this run has "
                               f"{key}={module.hparams[key]!r}; use the env settings it was trained with")
-    # A key the checkpoint lacks was added to ModelConfig after it was written: it had that key's default.
-    saved = {**asdict(ModelConfig()), **hparams.get("config", {}).get("model", {})}
+    # A key the checkpoint lacks was added to ModelConfig after it was written: it has the value it was made
+    # with (LEGACY_MODEL_DEFAULTS), which may differ from today's default.
+    saved = saved_model_config(hparams.get("config", {}).get("model", {}))
     wanted = module.hparams["config"]["model"]
     diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"checkpoint {path} has another model config ({detail})")
+        overrides = " ".join(f"model.{k}={_override_value(a)}" for k, (a, _) in diff.items())
+        raise ConfigError(f"checkpoint {path} has another model config ({detail}); to load it, set {overrides}")
+
+
+def _override_value(value) -> str:
+    """A value as a `key=value` command-line override spells it (YAML: lowercase booleans, no spaces)."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
 
 
 def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:
