@@ -76,6 +76,19 @@ class ModelConfig:
     mlp_keys: str = ".*"
     """Regex: vector observation keys read by the MLP encoder and decoder."""
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> "ModelConfig":
+        """The model config a checkpoint saved, with every key it predates filled in as it was made.
+
+        Keys it lacks take their LEGACY_MODEL_DEFAULTS value, never today's default: a checkpoint written
+        before `dense_bias` existed has no biases, whatever ModelConfig now defaults to.
+        """
+        unknown = sorted(set(saved) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"saved model config has keys this version does not know: {', '.join(unknown)}")
+        legacy = {k: v for k, v in LEGACY_MODEL_DEFAULTS.items() if k not in saved}
+        return cls(**legacy, **saved)
+
     def resolved(self) -> "ModelConfig":
         """A copy with every None dimension filled in from the preset."""
         if self.size not in SIZES:
@@ -93,16 +106,6 @@ LEGACY_MODEL_DEFAULTS: dict[str, Any] = {
     "dense_bias": False,
     "decoder_projection_norm": False,
 }
-
-
-def saved_model_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's model config with every key it predates filled in as it was made.
-
-    Keys it lacks take their LEGACY_MODEL_DEFAULTS value, never today's default: a checkpoint written
-    before `dense_bias` existed has no biases, whatever ModelConfig now defaults to.
-    """
-    legacy = {k: v for k, v in LEGACY_MODEL_DEFAULTS.items() if k not in saved}
-    return {**as_dict(ModelConfig()), **legacy, **saved}
 
 
 @dataclass

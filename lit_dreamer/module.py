@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_dreamer.actor_critic import ActorCritic
-from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig,
-                                     saved_model_config)
+from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
 from lit_dreamer.timing import PhaseTimer
@@ -28,7 +27,7 @@ class NonFiniteTrainingError(RuntimeError):
 def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
     """Accept an AgentConfig, a plain nested dict as a checkpoint saves it, or None (defaults).
 
-    A dict is read as saved: a model key it predates takes the value it was made with (saved_model_config),
+    A dict is read as saved: a model key it predates takes the value it was made with (ModelConfig.from_saved),
     so that `load_from_checkpoint` and `eval` rebuild an old checkpoint's architecture, not today's.
     """
     if config is None:
@@ -36,7 +35,7 @@ def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
     if isinstance(config, AgentConfig):
         return config
     return AgentConfig(
-        model=ModelConfig(**saved_model_config(config.get("model", {}))),
+        model=ModelConfig.from_saved(config.get("model", {})),
         loss_scales=LossScales(**config.get("loss_scales", {})),
         behavior=BehaviorConfig(**config.get("behavior", {})),
         optim=OptimConfig(**config.get("optim", {})),

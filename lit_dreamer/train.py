@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
-from lit_dreamer.agent_config import saved_model_config
+from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
@@ -105,7 +105,10 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
                               f"{key}={module.hparams[key]!r}; use the env settings it was trained with")
     # A key the checkpoint lacks was added to ModelConfig after it was written: it has the value it was made
     # with (LEGACY_MODEL_DEFAULTS), which may differ from today's default.
-    saved = saved_model_config(hparams.get("config", {}).get("model", {}))
+    try:
+        saved = asdict(ModelConfig.from_saved(hparams.get("config", {}).get("model", {})))
+    except ValueError as err:
+        raise ConfigError(f"checkpoint {path}: {err}; it was written by another version of lit_dreamer") from None
     wanted = module.hparams["config"]["model"]
     diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diff:

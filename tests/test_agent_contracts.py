@@ -386,6 +386,10 @@ def test_checkpoint_check_reads_a_key_the_checkpoint_predates_as_it_was_made(tmp
     with pytest.raises(ConfigError, match="model.dense_bias: checkpoint False vs requested True.*"
                                           "set model.dense_bias=false"):
         check_checkpoint_matches(str(path), DreamerModule(spec, 1, False, AgentConfig(model=TINY)))
+    hparams["config"]["model"]["wider_gru"] = True  # written by a version with a key this one lacks
+    torch.save({"hyper_parameters": hparams}, path)
+    with pytest.raises(ConfigError, match="keys this version does not know: wider_gru"):
+        check_checkpoint_matches(str(path), DreamerModule(spec, 1, False, AgentConfig(model=legacy)))
 
 
 def test_a_fresh_config_has_dense_bias_and_the_decoder_projection_norm():
