@@ -103,13 +103,27 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
         if hparams.get(key) != module.hparams[key]:
             raise ConfigError(f"checkpoint {path} was made for {key}={hparams.get(key)!r}, but this run has "
                               f"{key}={module.hparams[key]!r}; use the env settings it was trained with")
-    # A key the checkpoint lacks was added to ModelConfig after it was written: it had that key's default.
-    saved = {**asdict(ModelConfig()), **hparams.get("config", {}).get("model", {})}
+    # A key the checkpoint lacks was added to ModelConfig after it was written: it has the value it was made
+    # with (LEGACY_MODEL_DEFAULTS), which may differ from today's default.
+    try:
+        saved = asdict(ModelConfig.from_saved(hparams.get("config", {}).get("model", {})))
+    except ValueError as err:
+        raise ConfigError(f"checkpoint {path}: {err}; it was written by another version of lit_dreamer") from None
     wanted = module.hparams["config"]["model"]
     diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"checkpoint {path} has another model config ({detail})")
+        overrides = " ".join(f"model.{k}={_override_value(a)}" for k, (a, _) in diff.items())
+        raise ConfigError(f"checkpoint {path} has another model config ({detail}); to load it, set {overrides}")
+
+
+def _override_value(value) -> str:
+    """A value as a `key=value` command-line override spells it (YAML: lowercase booleans, no spaces)."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
 
 
 def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:
