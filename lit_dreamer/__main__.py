@@ -8,7 +8,7 @@ import signal
 import sys
 
 from lit_dreamer.compare import options_help
-from lit_dreamer.config import ConfigError, help_text, load_config, to_yaml
+from lit_dreamer.config import ConfigError, help_text, load_config, to_annotated_yaml
 from lit_dreamer.module import NonFiniteTrainingError
 
 
@@ -33,7 +33,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     evaluate.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
     config = commands.add_parser("config", help="print the resolved config as YAML",
-                                 description="Print the config that fit would run with.")
+                                 description="Print the config that fit would run with; comments give the "
+                                 "model dimensions that model.size fills in.")
     config.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
     config.add_argument("overrides", nargs="*", metavar="key=value")
     compare = commands.add_parser("compare", help="compare MLflow runs: a table and learning curves",
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             from lit_dreamer.bench import main as bench_main
             bench_main(cfg, bench_options(bench_overrides))
         elif args.command == "config":
-            print(to_yaml(cfg), end="")
+            print(to_annotated_yaml(cfg), end="")
         elif args.command == "fit":
             from lit_dreamer.train import fit
             summary = fit(cfg)
