@@ -29,7 +29,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint",
                                    description="Run episodes of a checkpoint's env with its policy, print a table "
                                    "and log an eval run to MLflow under the training run. Keys: episodes=N, "
-                                   "mode=deterministic|stochastic, seed=N, tracking_uri=URI, video=PATH.gif, env.<key>=VALUE.")
+                                   "mode=mode|sample (the policy's most likely action, the default, or sampled as "
+                                   "in training; deterministic|stochastic are deprecated aliases), seed=N, "
+                                   "tracking_uri=URI, video=PATH.gif, env.<key>=VALUE.")
     evaluate.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
     config = commands.add_parser("config", help="print the resolved config as YAML",
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from lit_dreamer.evaluation import EVAL_MODES, EvalOptions, evaluate_checkpoint, format_table
+    from lit_dreamer.evaluation import EvalOptions, eval_mode, evaluate_checkpoint, format_table
     options, env_overrides = EvalOptions(), {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -91,9 +93,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
             setattr(options, key, int(value))
         elif key == "mode":
-            if value not in EVAL_MODES:
-                raise ConfigError(f"mode must be one of {', '.join(EVAL_MODES)}, got {value!r}")
-            options.mode = value
+            options.mode = eval_mode(value)
         elif key in ("tracking_uri", "video"):
             setattr(options, key, value)
         else:

@@ -315,8 +315,9 @@ def validate(cfg: Config) -> None:
                           + (f" (did you mean {close[0]}?)" if close else ""))
     if cfg.env.obs not in ("proprio", "pixels"):
         raise ConfigError(f"env.obs must be 'proprio' or 'pixels', got {cfg.env.obs!r}")
-    if cfg.run.eval_mode not in ("mode", "sample"):
-        raise ConfigError(f"run.eval_mode must be 'mode' or 'sample', got {cfg.run.eval_mode!r}")
+    from lit_dreamer.evaluation import EVAL_MODES
+    if cfg.run.eval_mode not in EVAL_MODES:
+        raise ConfigError(f"run.eval_mode must be one of {', '.join(EVAL_MODES)}, got {cfg.run.eval_mode!r}")
     if cfg.replay.sampling not in ("uniform", "recency"):
         raise ConfigError(f"replay.sampling must be 'uniform' or 'recency', got {cfg.replay.sampling!r}")
     for key, value in (("run.steps", cfg.run.steps), ("run.batch_size", cfg.run.batch_size),
