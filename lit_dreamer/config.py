@@ -22,7 +22,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+def config_dir() -> str:
+    """The YAML overlays: lit_dreamer/configs in an installed package, configs/ at the top of a checkout."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "configs")
+
+
+CONFIG_DIR = config_dir()
 
 
 class ConfigError(ValueError):
