@@ -100,7 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown eval key {key!r}; use episodes, mode, seed, tracking_uri, video or env.<key>")
     ckpt = args.ckpt
     if os.path.isdir(ckpt):
-        from callbacks import resolve_last
+        from lit_dreamer.callbacks import resolve_last
         ckpt = resolve_last(os.path.join(ckpt, "checkpoints")) or ckpt
     result = evaluate_checkpoint(ckpt, options, env_overrides)
     print(format_table(result))
