@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,16 @@ def test_every_subpackage_is_listed_in_pyproject():
             parts = init.parent.relative_to(folder).parts
             found.add(".".join((package, *parts)))
     assert found <= listed_packages(), sorted(found - listed_packages())
+
+
+def test_nothing_imports_a_top_level_callbacks_package():
+    # From a checkout `import callbacks` still resolves (the repository root is on sys.path) and would load
+    # a second copy of every callback class; an installed package has no such module at all.
+    pattern = re.compile(r"^\s*\"?(from|import)\s+callbacks\b", re.MULTILINE)  # .ipynb: a JSON string
+    files = [p for folder in ("lit_dreamer", "callbacks", "tests", "scripts", "examples", "notebooks")
+             for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".ipynb")]
+    offenders = [str(p.relative_to(REPO)) for p in files if pattern.search(p.read_text())]
+    assert offenders == [], f"import from lit_dreamer.callbacks instead: {offenders}"
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
