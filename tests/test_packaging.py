@@ -96,9 +96,9 @@ def test_wheel_installs_and_trains_from_another_folder(tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LIT_DREAMER_RUN_NAME")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    where = run([str(python), "-c", "import importlib.util, lit_dreamer, lit_dreamer.callbacks, lit_dreamer.config as c;"
-                 "print(lit_dreamer.__file__, lit_dreamer.callbacks.__file__, c.CONFIG_DIR,"
-                 " importlib.util.find_spec('callbacks'))"], cwd=work, env=env).stdout.split()
+    probe = ("import importlib.util, lit_dreamer, lit_dreamer.callbacks, lit_dreamer.config as c; print("
+             "lit_dreamer.__file__, lit_dreamer.callbacks.__file__, c.CONFIG_DIR, importlib.util.find_spec('callbacks'))")
+    where = run([str(python), "-c", probe], cwd=work, env=env).stdout.split()
     assert all(path.startswith(str(tmp_path / "venv")) for path in where[:3]), where
     assert where[3] == "None", "a top-level `callbacks` package is importable"
 
