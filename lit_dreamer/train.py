@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -11,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
+from lit_dreamer.callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
@@ -40,7 +41,7 @@ def probe_env(cfg: Config) -> EnvInfo:
     """Make one env to read its spaces (fails fast on an unknown id or an unusable space)."""
     try:
         env = make_env(cfg.env.id, **env_kwargs(cfg))
-    except ValueError as err:
+    except (ValueError, ImportError) as err:  # ImportError: an env family whose package is not installed
         raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
     try:
         return env_info(env)
@@ -50,6 +51,26 @@ def probe_env(cfg: Config) -> EnvInfo:
 
 def run_dir(cfg: Config) -> str:
     return cfg.run.dir or os.path.join("runs", cfg.logger.run_name)
+
+
+def check_writable_dir(directory: str, key: str = "run.dir") -> None:
+    """Fail before anything is created when `directory` cannot be made or written to.
+
+    A real write (a temporary file, removed at once) in the nearest folder that exists: permission bits
+    alone would miss a read-only file system, and root passes them all."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key}={directory} cannot be created: {existing} is a file, not a folder; "
+                          f"choose another {key}")
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=".lit_dreamer-write-check-", dir=existing)
+    except OSError as err:
+        raise ConfigError(f"{key}={directory} is not writable: cannot write in {existing} ({err.strerror}); "
+                          f"choose a writable folder with {key}=DIR or fix its permissions") from None
+    os.close(descriptor)
+    os.remove(probe)
 
 
 RUN_NAME_ENV = "LIT_DREAMER_RUN_NAME"
@@ -214,6 +235,7 @@ def fit(cfg: Config) -> dict:
 def _fit_named(cfg: Config) -> dict:
     """`fit` once the run has its name."""
     ckpt_path = resolve_ckpt_path(cfg)
+    check_writable_dir(run_dir(cfg))
     try:
         check_tracking_uri(cfg.logger.tracking_uri)
     except TrackingError as err:
