@@ -235,9 +235,15 @@ def resolve_config_file(path: str) -> str:
     raise ConfigError(f"config file {path!r} not found; give a path or one of: {', '.join(names)}")
 
 
-def load_config(files: list[str] = (), overrides: list[str] = ()) -> Config:
-    """Defaults <- each YAML overlay in order <- dotted key=value overrides; validated and typed."""
+def load_config(files: list[str] = (), overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- base (a saved run's config) <- each YAML overlay in order <- dotted key=value overrides."""
     cfg = OmegaConf.structured(Config)
+    if base is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, base)
+        except OmegaConfBaseException as err:  # a config saved by an older version with a key since renamed
+            reason = str(getattr(err, "msg", err)).splitlines()[0]
+            raise ConfigError(f"the saved config does not fit this version ({reason})") from None
     layers = []
     for path in files:
         path = resolve_config_file(path)
