@@ -221,6 +221,15 @@ def describe_start(ckpt_path: str, info: CheckpointInfo, cfg: Config, continuing
     return "\n".join(lines)
 
 
+def check_replay_beside(ckpt_path: str) -> None:
+    """Training from a checkpoint needs the replay saved in its step-* folder, not the model.ckpt alone."""
+    replay = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "replay-rank0")
+    if not os.path.isdir(replay):
+        raise ConfigError(f"checkpoint {ckpt_path} has no replay beside it ({replay}); to train from it, copy its "
+                          "whole step-* folder (model.ckpt, replay-rank*, collector-rank*.json) and pass "
+                          "that folder or its model.ckpt")
+
+
 def nothing_to_do(info: CheckpointInfo, steps: int) -> str | None:
     """Why a run from this checkpoint would not train, or None if it would."""
     if info.env_steps < steps:

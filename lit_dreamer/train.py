@@ -16,7 +16,7 @@ from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
 from lit_dreamer.module import DreamerModule
-from lit_dreamer.resume import (CheckpointInfo, check_run_dir_free, describe_start, find_checkpoint, inside,
+from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, describe_start, find_checkpoint, inside,
                                 last_checkpoint, nothing_to_do, read_checkpoint, run_record)
 from lit_dreamer.tracking import ResilientMLFlowLogger, TrackingError, check_tracking_uri
 from lit_dreamer.world_model import NON_OBS_KEYS
@@ -199,6 +199,7 @@ def _fit_named(cfg: Config) -> dict:
             print(describe_start(ckpt_path, info, cfg, continuing), flush=True)
         if nothing_to_do(info, cfg.run.steps):
             return finished_summary(cfg, info)
+        check_replay_beside(ckpt_path)
     try:
         check_tracking_uri(cfg.logger.tracking_uri)
     except TrackingError as err:
