@@ -135,7 +135,7 @@ class Config:
     """Keyword arguments of lightning.Trainer (devices, accelerator, precision, strategy, ...)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ckpt_path: Optional[str] = None
-    """Resume from this checkpoint: a model.ckpt path, or 'last' for the newest one in run.dir."""
+    """'last' continues the run in run.dir; a model.ckpt or a run folder branches into a new run.dir (see --resume)."""
 
     def agent(self) -> AgentConfig:
         return AgentConfig(model=self.model, loss_scales=self.loss_scales, behavior=self.behavior, optim=self.optim)
