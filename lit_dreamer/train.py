@@ -16,8 +16,8 @@ from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
 from lit_dreamer.module import DreamerModule
-from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, describe_start, find_checkpoint, inside,
-                                last_checkpoint, nothing_to_do, read_checkpoint, run_record)
+from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, describe_start,
+                                find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
 from lit_dreamer.tracking import ResilientMLFlowLogger, TrackingError, check_tracking_uri
 from lit_dreamer.world_model import NON_OBS_KEYS
 
@@ -84,6 +84,32 @@ def resolve_ckpt_path(cfg: Config) -> str | None:
     if cfg.ckpt_path == "last":
         return last_checkpoint(os.path.join(run_dir(cfg), "checkpoints"), asked="ckpt_path=last")
     return find_checkpoint(cfg.ckpt_path)
+
+
+def check_start(cfg: Config, ckpt_path: str | None) -> tuple[bool, dict | None]:
+    """Whether the run continues run.dir's own checkpoint (not a branch), and the summary if there is nothing to do.
+
+    Says on the console where the run starts and which settings differ from the checkpoint's config.
+    """
+    check_run_dir_free(run_dir(cfg), ckpt_path)
+    if ckpt_path is None:
+        return False, None
+    continuing = inside(ckpt_path, os.path.join(run_dir(cfg), "checkpoints"))
+    info = read_checkpoint(ckpt_path)
+    if rank_zero_only.rank == 0:
+        print(describe_start(ckpt_path, info, cfg, continuing), flush=True)
+    if nothing_to_do(info, cfg.run.steps):
+        return continuing, finished_summary(cfg, info)
+    check_replay_beside(ckpt_path)
+    return continuing, None
+
+
+def finished_summary(cfg: Config, info: CheckpointInfo) -> dict:
+    """The summary of a start from a checkpoint that already holds run.steps: nothing ran, nothing changed."""
+    return {"nothing_to_do": nothing_to_do(info, cfg.run.steps), "env_steps": info.env_steps,
+            "train_steps": info.train_steps, "checkpoint": info.path, "run_dir": run_dir(cfg),
+            "mlflow_run_id": info.mlflow_run_id, "tracking_uri": cfg.logger.tracking_uri,
+            "rank": rank_zero_only.rank, "stopped_by": None}
 
 
 def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
@@ -190,16 +216,9 @@ def fit(cfg: Config) -> dict:
 def _fit_named(cfg: Config) -> dict:
     """`fit` once the run has its name."""
     ckpt_path = resolve_ckpt_path(cfg)
-    check_run_dir_free(run_dir(cfg), ckpt_path)
-    # Continuing the run of run.dir (its own checkpoint), rather than branching from another run's.
-    continuing = ckpt_path is not None and inside(ckpt_path, os.path.join(run_dir(cfg), "checkpoints"))
-    if ckpt_path is not None:
-        info = read_checkpoint(ckpt_path)
-        if rank_zero_only.rank == 0:
-            print(describe_start(ckpt_path, info, cfg, continuing), flush=True)
-        if nothing_to_do(info, cfg.run.steps):
-            return finished_summary(cfg, info)
-        check_replay_beside(ckpt_path)
+    continuing, finished = check_start(cfg, ckpt_path)
+    if finished is not None:
+        return finished
     try:
         check_tracking_uri(cfg.logger.tracking_uri)
     except TrackingError as err:
@@ -252,10 +271,3 @@ def _fit_named(cfg: Config) -> dict:
     }
     return summary
 
-
-def finished_summary(cfg: Config, info: CheckpointInfo) -> dict:
-    """The summary of a start from a checkpoint that already holds run.steps: nothing ran, nothing changed."""
-    return {"nothing_to_do": nothing_to_do(info, cfg.run.steps), "env_steps": info.env_steps,
-            "train_steps": info.train_steps, "checkpoint": info.path, "run_dir": run_dir(cfg),
-            "mlflow_run_id": info.mlflow_run_id, "tracking_uri": cfg.logger.tracking_uri,
-            "rank": rank_zero_only.rank, "stopped_by": None}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_system import (all_runs, cli, client_for, collector_state, explain, fit_cli, fit_in_process, history,
+from tests.test_system import (all_runs, cli, collector_state, explain, fit_cli, fit_in_process, history,
                                in_tmp, load_ckpt, only_run, run_args, tracking_uri)
 
 __all__ = ["in_tmp"]  # a fixture, imported for the tests below
@@ -61,7 +61,7 @@ def test_relaunching_a_finished_run_does_nothing(finished_run, tmp_path):
                       [f"run.steps={STEPS - 10}", "ckpt_path=last"]):
         proc = fit_cli(tmp_path, f"run.prefill={PREFILL}", *overrides)
         assert proc.returncode == 0, explain(proc)
-        assert f"nothing to do: " in proc.stdout and f"already holds {STEPS} env steps" in proc.stdout, explain(proc)
+        assert "nothing to do: " in proc.stdout and f"already holds {STEPS} env steps" in proc.stdout, explain(proc)
         assert state_of(tmp_path) == before  # no step-* folder, no counter, no MLflow point or status change
 
 
@@ -199,7 +199,7 @@ def test_an_older_checkpoint_uses_its_run_folder_only_where_it_really_sits(finis
     ckpt = load_ckpt(last)
     del ckpt[RECORD_KEY]  # as checkpoints were written before they carried their config
     torch.save(ckpt, last)
-    module, cfg, run_id = load_checkpoint(str(last))
+    _, cfg, run_id = load_checkpoint(str(last))
     assert cfg.env.id == "CartPole-v1" and run_id == only_run(in_tmp).info.run_id
     (in_tmp / "x" / "y").mkdir(parents=True)
     shutil.copy(last, in_tmp / "x" / "y" / "model.ckpt")
