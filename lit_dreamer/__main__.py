@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
@@ -19,6 +18,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     fit.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
                      help="YAML overlay, a path or a name in configs/ (repeatable, applied in order)")
+    fit.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR: the config its checkpoint carries, then -c files, then "
+                     "key=value overrides (ckpt_path=last run.dir=RUN_DIR continues it with the command line's "
+                     "config instead; ckpt_path=PATH with a new run.dir branches from PATH)")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied last")
     bench = commands.add_parser("bench", help="time training steps and the collector",
                                 description="Time real training steps (random data of the env's shapes) and the "
@@ -57,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             compare_main(parse_options(args.options))
             return 0
         bench_overrides = [o for o in args.overrides if o.startswith("bench.")]
-        cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("bench.")])
+        if getattr(args, "resume", None):
+            from lit_dreamer.resume import resume_config
+            cfg = resume_config(args.resume, args.config, args.overrides)
+        else:
+            cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("bench.")])
         if args.command == "bench":
             from lit_dreamer.bench import main as bench_main
             bench_main(cfg, bench_options(bench_overrides))
@@ -67,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             from lit_dreamer.train import fit
             summary = fit(cfg)
             if summary["rank"] == 0:
-                print_summary(summary)
+                if summary.get("nothing_to_do"):  # a finished checkpoint: nothing ran, nothing changed
+                    print(summary["nothing_to_do"])
+                else:
+                    print_summary(summary)
             if summary["stopped_by"]:  # the shell's code for a process ended by that signal: 130, 143
                 return 128 + signal.Signals[summary["stopped_by"]].value
     except ConfigError as err:
@@ -98,11 +108,8 @@ def run_eval(args: argparse.Namespace) -> int:
             setattr(options, key, value)
         else:
             raise ConfigError(f"unknown eval key {key!r}; use episodes, mode, seed, tracking_uri, video or env.<key>")
-    ckpt = args.ckpt
-    if os.path.isdir(ckpt):
-        from lit_dreamer.callbacks import resolve_last
-        ckpt = resolve_last(os.path.join(ckpt, "checkpoints")) or ckpt
-    result = evaluate_checkpoint(ckpt, options, env_overrides)
+    from lit_dreamer.resume import find_checkpoint
+    result = evaluate_checkpoint(find_checkpoint(args.ckpt), options, env_overrides)
     print(format_table(result))
     print(f"per episode: {', '.join(f'{r:.1f}' for r in result['returns'])}")
     if "video" in result:
@@ -141,7 +148,8 @@ def print_summary(summary: dict) -> None:
     print(f"MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}")
     print(f"checkpoint {summary['checkpoint']}")
     if summary["stopped_by"]:
-        print(f"stopped by {summary['stopped_by']} before run.steps; continue with ckpt_path=last")
+        print(f"stopped by {summary['stopped_by']} before run.steps; continue with "
+              f"`fit --resume {summary['run_dir']}`")
 
 
 if __name__ == "__main__":

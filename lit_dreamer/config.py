@@ -167,7 +167,7 @@ class Config:
     """Keyword arguments of lightning.Trainer (devices, accelerator, precision, strategy, ...)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ckpt_path: Optional[str] = None
-    """Resume from this checkpoint: a model.ckpt path, or 'last' for the newest one in run.dir."""
+    """'last' continues the run in run.dir; a model.ckpt or a run folder branches into a new run.dir (see --resume)."""
 
     def agent(self) -> AgentConfig:
         return AgentConfig(model=self.model, loss_scales=self.loss_scales, behavior=self.behavior, optim=self.optim)
@@ -287,9 +287,15 @@ def read_config_file(path: str) -> DictConfig:
     return layer
 
 
-def load_config(files: list[str] = (), overrides: list[str] = ()) -> Config:
-    """Defaults <- each YAML overlay in order <- dotted key=value overrides; validated and typed."""
+def load_config(files: list[str] = (), overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- base (a saved run's config) <- each YAML overlay in order <- dotted key=value overrides."""
     cfg = OmegaConf.structured(Config)
+    if base is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, base)
+        except OmegaConfBaseException as err:  # a config saved by an older version with a key since renamed
+            reason = str(getattr(err, "msg", err)).splitlines()[0]
+            raise ConfigError(f"the saved config does not fit this version ({reason})") from None
     layers = []
     for path in files:
         path = resolve_config_file(path)

@@ -83,39 +83,50 @@ class EvalOptions:
     video: str | None = None
 
 
-def run_folder(ckpt_path: str) -> str:
-    """runs/<name>/checkpoints/step-N/model.ckpt -> runs/<name>."""
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))
-
-
 def load_module(ckpt_path: str):
-    """The DreamerModule of a checkpoint (loaded with weights_only=True) and the run's config."""
-    from lit_dreamer.config import ConfigError, from_container
+    """The DreamerModule of a checkpoint (loaded with weights_only=True) and the run config it carries."""
+    module, cfg, _ = load_checkpoint(ckpt_path)
+    return module, cfg
+
+
+def load_checkpoint(ckpt_path: str):
+    """(module, run config, MLflow run id of the training run or None) of a checkpoint."""
+    from lit_dreamer.config import from_container
     from lit_dreamer.module import DreamerModule
-    from omegaconf import OmegaConf
-    if not os.path.isfile(ckpt_path):
-        raise ConfigError(f"checkpoint {ckpt_path!r} does not exist")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"checkpoint {ckpt_path} cannot be loaded safely: {str(err).splitlines()[0]}") from None
-    hp = ckpt["hyper_parameters"]
+    from lit_dreamer.resume import read_checkpoint
+    info = read_checkpoint(ckpt_path, mmap=False)
+    hp = info.hparams
     obs_spec = {k: (tuple(shape), dtype) for k, (shape, dtype) in hp["obs_spec"].items()}
     module = DreamerModule(obs_spec, hp["action_dim"], hp["discrete"], hp["config"])
-    module.load_state_dict(ckpt["state_dict"])
+    module.load_state_dict(info.state_dict)
     module.eval()
-    config_file = os.path.join(run_folder(ckpt_path), "config.yaml")
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"no config.yaml next to the checkpoint's run folder ({config_file}); the env of the "
-                          "run is unknown")
-    return module, from_container(OmegaConf.load(config_file))
+    config, run_id = info.run_config, info.mlflow_run_id
+    if config is None:  # a checkpoint made before checkpoints carried their config
+        config, run_id = config_of_run_folder(ckpt_path)
+    return module, from_container(config), run_id
+
+
+def config_of_run_folder(ckpt_path: str) -> tuple[dict, str | None]:
+    """config.yaml and mlflow_run_id of the run folder an older checkpoint really sits in (R/checkpoints/step-*/)."""
+    from omegaconf import OmegaConf
+
+    from lit_dreamer.config import ConfigError
+    from lit_dreamer.resume import CONFIG_FILE, run_folder_of
+    folder = run_folder_of(ckpt_path)
+    config_file = os.path.join(folder, CONFIG_FILE) if folder else None
+    if config_file is None or not os.path.isfile(config_file):
+        raise ConfigError(f"checkpoint {ckpt_path} carries no config (it predates that) and does not sit in a run "
+                          "folder's checkpoints/step-*/ with its config.yaml; evaluate it where its run saved it")
+    id_file = os.path.join(folder, "mlflow_run_id")
+    run_id = open(id_file).read().strip() if os.path.isfile(id_file) else None
+    return OmegaConf.to_container(OmegaConf.load(config_file)), run_id or None
 
 
 def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dict | None = None) -> dict:
     """Run episodes of a checkpoint's env with its policy; log an eval run to MLflow linked to the training run."""
     from lit_dreamer.envs import make_vector_env
     from lit_dreamer.train import env_kwargs
-    module, cfg = load_module(ckpt_path)
+    module, cfg, training_run_id = load_checkpoint(ckpt_path)
     for key, value in (env_overrides or {}).items():
         setattr(cfg.env, key, value)
     envs = make_vector_env(cfg.env.id, options.episodes, seed=options.seed, **env_kwargs(cfg))
@@ -132,18 +143,19 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
                                               max_steps=100_000, **env_kwargs(cfg))
         result["video"] = write_gif(frames, options.video)
         result["video_return"] = video_return
-    result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, result.get("video"))
+    result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, result.get("video"), training_run_id)
     return result
 
 
-def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats, video: str | None = None) -> str:
+def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats, video: str | None = None,
+                 training_run_id: str | None = None) -> str:
+    """An MLflow run of this evaluation, under the training run when that run is in the same store."""
     import mlflow
     uri = options.tracking_uri or cfg.logger.tracking_uri
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.logger.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.logger.experiment)
-    id_file = os.path.join(run_folder(ckpt_path), "mlflow_run_id")
-    parent = open(id_file).read().strip() if os.path.isfile(id_file) else None
+    parent = training_run_id if training_run_id and run_exists(client, training_run_id) else None
     tags = {"lit_dreamer.kind": "eval"}
     if parent:
         tags["mlflow.parentRunId"] = parent  # shows the eval run under its training run in the MLflow UI
@@ -171,3 +183,13 @@ def format_table(result: dict) -> str:
              f"{s['return']:>10.2f} {s['return_std']:>10.2f} {s['return_min']:>10.2f} {s['return_max']:>10.2f} "
              f"{s['length']:>10.1f}"]
     return "\n".join(lines)
+
+
+def run_exists(client, run_id: str) -> bool:
+    """Whether the store holds this run (a copied checkpoint may come from another store)."""
+    from mlflow.exceptions import MlflowException
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True

@@ -9,7 +9,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_dreamer.callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
@@ -18,6 +17,8 @@ from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
 from lit_dreamer.module import DreamerModule
+from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, describe_start,
+                                find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
 from lit_dreamer.tracking import ResilientMLFlowLogger, TrackingError, check_tracking_uri
 from lit_dreamer.world_model import NON_OBS_KEYS
 
@@ -98,28 +99,43 @@ def default_run_name(cfg: Config) -> str:
 
 
 def resolve_ckpt_path(cfg: Config) -> str | None:
+    """The model.ckpt to start from: run.dir's checkpoints/last for 'last', else a model.ckpt or a run folder."""
     if cfg.ckpt_path is None:
         return None
     if cfg.ckpt_path == "last":
-        path = resolve_last(os.path.join(run_dir(cfg), "checkpoints"))
-        if path is None:
-            raise ConfigError(f"ckpt_path=last but {run_dir(cfg)}/checkpoints has no complete checkpoint; "
-                              "set run.dir to the folder of the run to resume")
-        return path
-    if not os.path.isfile(cfg.ckpt_path):
-        raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
-    return cfg.ckpt_path
+        return last_checkpoint(os.path.join(run_dir(cfg), "checkpoints"), asked="ckpt_path=last")
+    return find_checkpoint(cfg.ckpt_path)
+
+
+def check_start(cfg: Config, ckpt_path: str | None) -> tuple[bool, dict | None]:
+    """Whether the run continues run.dir's own checkpoint (not a branch), and the summary if there is nothing to do.
+
+    Says on the console where the run starts and which settings differ from the checkpoint's config.
+    """
+    check_run_dir_free(run_dir(cfg), ckpt_path)
+    if ckpt_path is None:
+        return False, None
+    continuing = inside(ckpt_path, os.path.join(run_dir(cfg), "checkpoints"))
+    info = read_checkpoint(ckpt_path)
+    if rank_zero_only.rank == 0:
+        print(describe_start(ckpt_path, info, cfg, continuing), flush=True)
+    if nothing_to_do(info, cfg.run.steps):
+        return continuing, finished_summary(cfg, info)
+    check_replay_beside(ckpt_path)
+    return continuing, None
+
+
+def finished_summary(cfg: Config, info: CheckpointInfo) -> dict:
+    """The summary of a start from a checkpoint that already holds run.steps: nothing ran, nothing changed."""
+    return {"nothing_to_do": nothing_to_do(info, cfg.run.steps), "env_steps": info.env_steps,
+            "train_steps": info.train_steps, "checkpoint": info.path, "run_dir": run_dir(cfg),
+            "mlflow_run_id": info.mlflow_run_id, "tracking_uri": cfg.logger.tracking_uri,
+            "rank": rank_zero_only.rank, "stopped_by": None}
 
 
 def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
     """Refuse a checkpoint made for other spaces or another architecture, naming the difference."""
-    try:
-        # weights_only: tensors and plain containers only; a pickled object that would run code is refused.
-        # mmap: only the hyperparameters are read here; Lightning loads the checkpoint for real afterwards.
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        raise ConfigError(f"checkpoint {path} cannot be loaded safely (weights_only=True): "
-                          f"{str(err).splitlines()[0]}; use a checkpoint written by lit_dreamer") from None
+    hparams = read_checkpoint(path).hparams
     for key in ("obs_spec", "action_dim", "discrete"):
         if hparams.get(key) != module.hparams[key]:
             raise ConfigError(f"checkpoint {path} was made for {key}={hparams.get(key)!r}, but this run has "
@@ -198,7 +214,7 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
                              asynchronous=cfg.env.asynchronous, **env_kwargs(cfg))
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
-    callbacks = [collector, checkpoint, GracefulStop()]
+    callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg)]
     if cfg.run.eval_every > 0:
         callbacks.append(EvalCallback(cfg.env.id, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
                                       mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **env_kwargs(cfg)))
@@ -235,6 +251,9 @@ def fit(cfg: Config) -> dict:
 def _fit_named(cfg: Config) -> dict:
     """`fit` once the run has its name."""
     ckpt_path = resolve_ckpt_path(cfg)
+    continuing, finished = check_start(cfg, ckpt_path)
+    if finished is not None:
+        return finished
     check_writable_dir(run_dir(cfg))
     try:
         check_tracking_uri(cfg.logger.tracking_uri)
@@ -251,7 +270,7 @@ def _fit_named(cfg: Config) -> dict:
     # which starts all ranks at once.
     logger, continued = None, False
     if rank_zero_only.rank == 0:
-        logger, continued = make_logger(cfg, directory, resuming=ckpt_path is not None)
+        logger, continued = make_logger(cfg, directory, resuming=continuing)
     if logger is not None and not continued:
         with open(os.path.join(directory, "mlflow_run_id"), "w") as f:
             f.write(logger.run_id)
@@ -287,3 +306,4 @@ def _fit_named(cfg: Config) -> dict:
         "stopped_by": next((cb.stopped_by for cb in callbacks if isinstance(cb, GracefulStop)), None),
     }
     return summary
+

@@ -110,6 +110,7 @@ def test_eval_modes_are_the_run_eval_mode_names_with_the_old_names_as_aliases(tm
         raise ConfigError("stop here")
 
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", evaluate_checkpoint)
+    monkeypatch.setattr("lit_dreamer.resume.find_checkpoint", lambda path: path)  # no real checkpoint needed
     ckpt = str(tmp_path / "model.ckpt")
     for mode in ("mode", "sample"):
         assert main(["eval", "--ckpt", ckpt, f"mode={mode}"]) == 2
