@@ -46,6 +46,8 @@ class EnvConfig:
     """Extra episode time limit in agent steps (None: the env's own)."""
     asynchronous: bool = False
     """Step the envs in subprocesses (gymnasium AsyncVectorEnv)."""
+    nonfinite: str = "cut"
+    """NaN/inf reward or observation: cut (end the episode as truncated, warn once, go on) or error (stop the run)."""
 
 
 @dataclass
@@ -270,6 +272,9 @@ def validate(cfg: Config) -> None:
                           + (f" (did you mean {close[0]}?)" if close else ""))
     if cfg.env.obs not in ("proprio", "pixels"):
         raise ConfigError(f"env.obs must be 'proprio' or 'pixels', got {cfg.env.obs!r}")
+    if cfg.env.nonfinite not in ("cut", "error"):
+        raise ConfigError(f"env.nonfinite must be 'cut' (end the episode and go on) or 'error' (stop the run), "
+                          f"got {cfg.env.nonfinite!r}")
     if cfg.run.eval_mode not in ("mode", "sample"):
         raise ConfigError(f"run.eval_mode must be 'mode' or 'sample', got {cfg.run.eval_mode!r}")
     if cfg.replay.sampling not in ("uniform", "recency"):

@@ -160,7 +160,7 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
                                   recency_half_life=cfg.replay.recency_half_life, seed=cfg.run.seed)
     collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
                              train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
-                             asynchronous=cfg.env.asynchronous, **env_kwargs(cfg))
+                             asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, **env_kwargs(cfg))
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
     callbacks = [collector, checkpoint, GracefulStop()]
