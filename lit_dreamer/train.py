@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
+from callbacks.progress import EnvStepProgressBar
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
@@ -164,6 +165,8 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
     callbacks = [collector, checkpoint, GracefulStop()]
+    if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar turned off
+        callbacks.append(EnvStepProgressBar())
     if cfg.run.eval_every > 0:
         callbacks.append(EvalCallback(cfg.env.id, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
                                       mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **env_kwargs(cfg)))
