@@ -244,7 +244,6 @@ class EnvCollector(Callback):
 
     def reset_envs(self, pl_module: L.LightningModule) -> None:
         obs, infos = self.envs.reset(seed=self.env_seed() + self.env_steps)
-        self.check_nonfinite(infos, np.zeros(self.num_envs, bool))
         n = self.num_envs
         self.obs = obs
         self.reward = np.zeros(n, np.float32)
@@ -256,6 +255,7 @@ class EnvCollector(Callback):
         self.running_return = np.zeros(n, np.float64)
         self.running_length = np.zeros(n, np.int64)
         self.cut = np.zeros(n, bool)
+        self.check_nonfinite(infos, np.zeros(n, bool))  # a first observation CutNonFinite had to reset again for
 
     def random_actions(self) -> np.ndarray:
         n = self.num_envs

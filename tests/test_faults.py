@@ -425,3 +425,41 @@ def test_cut_nonfinite_ends_the_episode_and_the_vector_env_resets_it():
     assert reward[0] == 0 and not truncated.any() and "env_nonfinite" not in infos
     assert np.abs(obs["vector"]).max() <= 0.05
     envs.close()
+
+
+class NaNAtReset(gym.Wrapper):
+    """CartPole whose resets listed in `nan_resets` (1-based, counted per env) return a NaN observation."""
+
+    def __init__(self, nan_resets=(1,)):
+        super().__init__(gym.make("CartPole-v1"))
+        self.nan_resets, self.resets = set(nan_resets), 0
+
+    def reset(self, **kwargs):
+        obs, info = super().reset(**kwargs)
+        self.resets += 1
+        return (obs * np.nan if self.resets in self.nan_resets else obs), info
+
+
+gym.register(id="LitDreamerNaNFirstReset-v0", entry_point=NaNAtReset)
+# make_env's seeding reset is the first: the collector's own first reset is the second.
+gym.register(id="LitDreamerNaNSecondReset-v0", entry_point=NaNAtReset, kwargs={"nan_resets": (2,)})
+
+
+def test_a_nonfinite_first_observation_is_reset_again_and_reported():
+    from lit_dreamer.envs import make_env
+    from lit_dreamer.envs.faults import CutNonFinite
+    env = CutNonFinite(make_env("LitDreamerNaNFirstReset-v0"))
+    obs, info = env.reset(seed=0)
+    assert np.isfinite(obs["vector"]).all() and info["env_nonfinite"] == "observation 'vector'"
+    obs, info = env.reset()
+    assert "env_nonfinite" not in info
+
+
+def test_the_collector_counts_a_nonfinite_first_observation(in_tmp):
+    import json
+    summary = fit(config(in_tmp, "env.id=LitDreamerNaNSecondReset-v0", "run.steps=40", "run.prefill=20"))
+    assert summary["env_steps"] == 40
+    state = json.loads(open(os.path.join(os.path.dirname(summary["checkpoint"]), "collector-rank0.json")).read())
+    assert state["nonfinite_env_values"] == 1 and state["cut_episodes"] == 0
+    replay = Replay.load(os.path.join(os.path.dirname(summary["checkpoint"]), "replay-rank0"))
+    assert np.isfinite(replay._data["vector"][:40]).all()
