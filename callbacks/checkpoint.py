@@ -26,7 +26,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.env_collector import find_collector, total_env_steps
+from lit_dreamer.callbacks.env_collector import find_collector, total_env_steps
 
 log = logging.getLogger(__name__)
 

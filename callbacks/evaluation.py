@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.env_collector import EnvStepSchedule, total_env_steps
+from lit_dreamer.callbacks.env_collector import EnvStepSchedule, total_env_steps
 from lit_dreamer.envs import make_vector_env
 from lit_dreamer.evaluation import run_episodes
 

@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
-from callbacks.env_collector import find_collector, total_env_steps
+from lit_dreamer.callbacks.env_collector import find_collector, total_env_steps
 
 
 def plain_number(value: Any) -> str:

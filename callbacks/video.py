@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.env_collector import EnvStepSchedule, total_env_steps
+from lit_dreamer.callbacks.env_collector import EnvStepSchedule, total_env_steps
 from lit_dreamer.tracking import ResilientMLFlowLogger
 from lit_dreamer.video import open_loop, open_loop_frames, open_loop_plot, record_episode, write_gif
 

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from lit_dreamer.compare import options_help
-from lit_dreamer.config import ConfigError, help_text, load_config, to_yaml
+from lit_dreamer.config import ConfigError, help_text, load_config, to_annotated_yaml
 from lit_dreamer.envs.faults import NonFiniteEnvError
 from lit_dreamer.module import NonFiniteTrainingError
 
@@ -30,11 +30,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint",
                                    description="Run episodes of a checkpoint's env with its policy, print a table "
                                    "and log an eval run to MLflow under the training run. Keys: episodes=N, "
-                                   "mode=deterministic|stochastic, seed=N, tracking_uri=URI, video=PATH.gif, env.<key>=VALUE.")
+                                   "mode=mode|sample (the policy's most likely action, the default, or sampled as "
+                                   "in training; deterministic|stochastic are deprecated aliases), seed=N, "
+                                   "tracking_uri=URI, video=PATH.gif, env.<key>=VALUE.")
     evaluate.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
     config = commands.add_parser("config", help="print the resolved config as YAML",
-                                 description="Print the config that fit would run with.")
+                                 description="Print the config that fit would run with; comments give the "
+                                 "model dimensions that model.size fills in.")
     config.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
     config.add_argument("overrides", nargs="*", metavar="key=value")
     compare = commands.add_parser("compare", help="compare MLflow runs: a table and learning curves",
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             from lit_dreamer.bench import main as bench_main
             bench_main(cfg, bench_options(bench_overrides))
         elif args.command == "config":
-            print(to_yaml(cfg), end="")
+            print(to_annotated_yaml(cfg), end="")
         elif args.command == "fit":
             from lit_dreamer.train import fit
             summary = fit(cfg)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from lit_dreamer.evaluation import EVAL_MODES, EvalOptions, evaluate_checkpoint, format_table
+    from lit_dreamer.evaluation import EvalOptions, eval_mode, evaluate_checkpoint, format_table
     options, env_overrides = EvalOptions(), {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -91,16 +94,14 @@ def run_eval(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
             setattr(options, key, int(value))
         elif key == "mode":
-            if value not in EVAL_MODES:
-                raise ConfigError(f"mode must be one of {', '.join(EVAL_MODES)}, got {value!r}")
-            options.mode = value
+            options.mode = eval_mode(value)
         elif key in ("tracking_uri", "video"):
             setattr(options, key, value)
         else:
             raise ConfigError(f"unknown eval key {key!r}; use episodes, mode, seed, tracking_uri, video or env.<key>")
     ckpt = args.ckpt
     if os.path.isdir(ckpt):
-        from callbacks import resolve_last
+        from lit_dreamer.callbacks import resolve_last
         ckpt = resolve_last(os.path.join(ckpt, "checkpoints")) or ckpt
     result = evaluate_checkpoint(ckpt, options, env_overrides)
     print(format_table(result))

@@ -6,6 +6,7 @@ YAML configs only override these; the docstring of each field is what `fit --hel
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 # Section 6 of the spec: stoch K = 32 everywhere, 8 GRU blocks.
 SIZES: dict[str, dict[str, int]] = {
@@ -41,9 +42,13 @@ class ModelConfig:
     """CNN kernel size of encoder and decoder."""
     cnn_strided: bool = False
     """Stride-2 convs (decoder: transposed) instead of conv + 2x2 max-pool / upsample + conv; a reference-code option."""
-    dense_bias: bool = False
-    """Bias in the Linear before each RMSNorm (reference code; the spec has none). Without it a layer sees only
-    the direction of its input: a 1-dim action's magnitude, or the overall scale of an observation vector, is lost."""
+    dense_bias: bool = True
+    """Zero-initialized bias in the Linear before each RMSNorm (the reference code's Linear). Without it a layer
+    sees only the direction of its input: a 1-dim action's magnitude, or the overall scale of an observation
+    vector, is lost. Checkpoints made before this key existed load with it off."""
+    decoder_projection_norm: bool = True
+    """RMSNorm + SiLU after the image decoder's Linear projection, as after every hidden layer (reference code).
+    Off, Linear -> upsample -> conv compose into one linear map. Checkpoints made before this key load with it off."""
     stoch: int = 32
     """Number K of categorical latents."""
     blocks: int = 8
@@ -71,12 +76,36 @@ class ModelConfig:
     mlp_keys: str = ".*"
     """Regex: vector observation keys read by the MLP encoder and decoder."""
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> "ModelConfig":
+        """The model config a checkpoint saved, with every key it predates filled in as it was made.
+
+        Keys it lacks take their LEGACY_MODEL_DEFAULTS value, never today's default: a checkpoint written
+        before `dense_bias` existed has no biases, whatever ModelConfig now defaults to.
+        """
+        unknown = sorted(set(saved) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"saved model config has keys this version does not know: {', '.join(unknown)}")
+        legacy = {k: v for k, v in LEGACY_MODEL_DEFAULTS.items() if k not in saved}
+        return cls(**legacy, **saved)
+
     def resolved(self) -> "ModelConfig":
         """A copy with every None dimension filled in from the preset."""
         if self.size not in SIZES:
             raise ValueError(f"unknown model.size {self.size!r}; choose one of {', '.join(SIZES)}")
         preset = SIZES[self.size]
         return replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+
+
+# What a checkpoint made before a ModelConfig key existed was built with: the behaviour the code had then,
+# which is not always today's default. Keys of the first release are not listed (they were always saved).
+LEGACY_MODEL_DEFAULTS: dict[str, Any] = {
+    "cnn_mults": [2, 3, 4, 4],
+    "cnn_kernel": 5,
+    "cnn_strided": False,
+    "dense_bias": False,
+    "decoder_projection_norm": False,
+}
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
-from callbacks import EnvCollector
+from lit_dreamer.callbacks import EnvCollector
 from lit_dreamer.config import Config
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.module import DreamerModule

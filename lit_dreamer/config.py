@@ -16,12 +16,20 @@ import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+def config_dir() -> str:
+    """The YAML overlays: lit_dreamer/configs in an installed package, configs/ at the top of a checkout."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "configs")
+
+
+CONFIG_DIR = config_dir()
 
 
 class ConfigError(ValueError):
@@ -121,7 +129,31 @@ class LoggerConfig:
 
 
 def default_trainer() -> dict[str, Any]:
-    return {"accelerator": "cpu", "devices": 1, "precision": "32-true", "strategy": "auto"}
+    # accelerator "auto" is Lightning's own default: a GPU when there is one (trainer.accelerator=cpu forces the CPU).
+    return {"accelerator": "auto", "devices": 1, "precision": "32-true", "strategy": "auto"}
+
+
+# lightning.Trainer arguments that `fit` passes itself, each with the supported way to get its effect.
+# Given again in `trainer`, the Trainer call would fail with "got multiple values" after the MLflow
+# run is open, so they are refused when the config is checked.
+FIT_TRAINER_ARGS: dict[str, str] = {
+    "logger": "fit logs to MLflow: set logger.tracking_uri, logger.experiment or logger.run_name",
+    "callbacks": "fit adds its own callbacks: to add others, build the Trainer yourself from "
+                 "lit_dreamer.train.build (see the README's script example)",
+    "max_steps": "set the run's length in env steps with run.steps",
+    "max_epochs": "set the run's length in env steps with run.steps",
+    "enable_checkpointing": "fit saves checkpoints with their replay: set run.checkpoint_every (env steps)",
+    "log_every_n_steps": "set run.log_every (training steps)",
+    "num_sanity_val_steps": "fit has no validation loop: evaluation is set with run.eval_every and run.eval_episodes",
+    "default_root_dir": "set the run's folder with run.dir",
+}
+
+
+def check_trainer_arg(name: str, source: str) -> None:
+    """Refuse a trainer argument that fit sets itself, naming the setting to use instead."""
+    if name in FIT_TRAINER_ARGS:
+        raise ConfigError(f"trainer.{name} in {source} is set by fit itself and cannot be overridden; "
+                          f"{FIT_TRAINER_ARGS[name]}")
 
 
 @dataclass
@@ -189,7 +221,9 @@ def help_text() -> str:
         lines.append(f"  {key} = {default!r}")
         if doc:
             lines.append(f"      {doc}")
-    lines.append("  trainer.<any lightning.Trainer argument> (e.g. trainer.max_time=00:01:00:00)")
+    lines.append("  trainer.<any lightning.Trainer argument> (e.g. trainer.max_time=00:01:00:00),")
+    lines.append("      except those fit sets itself (run.steps, run.dir, run.log_every, ... replace them):")
+    lines.append(f"      {', '.join(FIT_TRAINER_ARGS)}")
     return "\n".join(lines)
 
 
@@ -215,6 +249,7 @@ def check_keys(keys: list[str], source: str) -> None:
     for key in keys:
         head, _, rest = key.partition(".")
         if head == "trainer":
+            check_trainer_arg(rest.split(".")[0], source)
             if rest.split(".")[0] not in trainer_args:
                 close = difflib.get_close_matches(rest, sorted(trainer_args), n=3)
                 raise ConfigError(f"unknown key {key!r} in {source}: lightning.Trainer has no argument {rest!r}"
@@ -237,15 +272,30 @@ def resolve_config_file(path: str) -> str:
     raise ConfigError(f"config file {path!r} not found; give a path or one of: {', '.join(names)}")
 
 
+def read_config_file(path: str) -> DictConfig:
+    """One YAML overlay; a syntax error names the file, line and column instead of a parser traceback."""
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"YAML syntax error in config file {path}{where}: {problem}; fix the file "
+                          "(indent with spaces, close every bracket and quote)") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config file {path} holds a {type(layer).__name__}, not sections of keys; "
+                          "write it as e.g. `run:\n  steps: 5000`")
+    layer.pop("defaults", None)
+    return layer
+
+
 def load_config(files: list[str] = (), overrides: list[str] = ()) -> Config:
     """Defaults <- each YAML overlay in order <- dotted key=value overrides; validated and typed."""
     cfg = OmegaConf.structured(Config)
     layers = []
     for path in files:
         path = resolve_config_file(path)
-        layer = OmegaConf.load(path)
-        layer.pop("defaults", None)
-        layers.append((layer, f"config file {path}"))
+        layers.append((read_config_file(path), f"config file {path}"))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. run.steps=5000)")
@@ -266,6 +316,8 @@ def load_config(files: list[str] = (), overrides: list[str] = ()) -> Config:
 def validate(cfg: Config) -> None:
     """Checks that need values, not just keys."""
     from lit_dreamer.agent_config import SIZES
+    for name in cfg.trainer:  # a Config built in code or read back from a run's config.yaml skips check_keys
+        check_trainer_arg(name, "the trainer section")
     if cfg.model.size not in SIZES:
         close = difflib.get_close_matches(cfg.model.size, list(SIZES), n=1)
         raise ConfigError(f"unknown model.size {cfg.model.size!r}; choose one of {', '.join(SIZES)}"
@@ -275,8 +327,9 @@ def validate(cfg: Config) -> None:
     if cfg.env.nonfinite not in ("cut", "error"):
         raise ConfigError(f"env.nonfinite must be 'cut' (end the episode and go on) or 'error' (stop the run), "
                           f"got {cfg.env.nonfinite!r}")
-    if cfg.run.eval_mode not in ("mode", "sample"):
-        raise ConfigError(f"run.eval_mode must be 'mode' or 'sample', got {cfg.run.eval_mode!r}")
+    from lit_dreamer.evaluation import EVAL_MODES
+    if cfg.run.eval_mode not in EVAL_MODES:
+        raise ConfigError(f"run.eval_mode must be one of {', '.join(EVAL_MODES)}, got {cfg.run.eval_mode!r}")
     if cfg.replay.sampling not in ("uniform", "recency"):
         raise ConfigError(f"replay.sampling must be 'uniform' or 'recency', got {cfg.replay.sampling!r}")
     for key, value in (("run.steps", cfg.run.steps), ("run.batch_size", cfg.run.batch_size),
@@ -296,6 +349,33 @@ def validate(cfg: Config) -> None:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def preset_comment(model: ModelConfig, key: str) -> str:
+    """What the model.size preset gives a dimension, for a comment beside its value ('' if not a preset key)."""
+    from lit_dreamer.agent_config import SIZES
+    preset = SIZES.get(model.size, {})
+    if key not in preset:
+        return ""
+    if getattr(model, key) is None:
+        return f"{preset[key]} from model.size={model.size}"
+    return f"overrides the {preset[key]} of model.size={model.size}"
+
+
+def to_annotated_yaml(cfg: Config) -> str:
+    """`to_yaml` with a comment beside each model dimension giving its model.size preset value.
+
+    The values themselves stay as configured (null: take the preset's), so the printed config loads
+    back meaning the same thing, and `-c defaults model.size=size12m` still means size12m."""
+    lines, section = [], None
+    for line in to_yaml(cfg).splitlines():
+        if not line.startswith(" "):
+            section = line.split(":")[0]
+        elif section == "model" and not line.startswith("   "):
+            comment = preset_comment(cfg.model, line.strip().split(":")[0])
+            line = f"{line}  # {comment}" if comment else line
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def to_flat_dict(cfg: Config) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,13 +55,29 @@ def run_episodes(module, envs, *, mode: str = "mode", seed: int = 0, max_steps: 
 # --------------------------------------------------------------------------------------------------
 # `python -m lit_dreamer eval --ckpt PATH`
 
-EVAL_MODES = {"deterministic": "mode", "stochastic": "sample"}
+# The evaluation policy, one vocabulary for run.eval_mode and `eval mode=`: the policy's most likely
+# action, or a sample as in training. The eval command's first names stay accepted for old scripts.
+EVAL_MODES = ("mode", "sample")
+DEPRECATED_EVAL_MODES = {"deterministic": "mode", "stochastic": "sample"}
+
+
+def eval_mode(value: str, key: str = "mode") -> str:
+    """`value` as one of EVAL_MODES; an old alias is mapped with one deprecation line on stderr."""
+    if value in DEPRECATED_EVAL_MODES:
+        new = DEPRECATED_EVAL_MODES[value]
+        print(f"warning: {key}={value} is deprecated and will be removed; use {key}={new}", file=sys.stderr)
+        return new
+    if value not in EVAL_MODES:
+        from lit_dreamer.config import ConfigError
+        raise ConfigError(f"{key} must be one of {', '.join(EVAL_MODES)} (the most likely action, or sampled "
+                          f"as in training), got {value!r}")
+    return value
 
 
 @dataclass
 class EvalOptions:
     episodes: int = 10
-    mode: str = "deterministic"
+    mode: str = "mode"
     seed: int = 12345
     tracking_uri: str | None = None
     video: str | None = None
@@ -104,14 +121,14 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     envs = make_vector_env(cfg.env.id, options.episodes, seed=options.seed, **env_kwargs(cfg))
     try:
         torch.manual_seed(options.seed)
-        stats = run_episodes(module, envs, mode=EVAL_MODES[options.mode], seed=options.seed)
+        stats = run_episodes(module, envs, mode=options.mode, seed=options.seed)
     finally:
         envs.close()
     result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
               "env": cfg.env.id, "checkpoint": os.path.abspath(ckpt_path)}
     if options.video:
         from lit_dreamer.video import record_episode, write_gif
-        frames, video_return = record_episode(module, cfg.env.id, mode=EVAL_MODES[options.mode], seed=options.seed,
+        frames, video_return = record_episode(module, cfg.env.id, mode=options.mode, seed=options.seed,
                                               max_steps=100_000, **env_kwargs(cfg))
         result["video"] = write_gif(frames, options.video)
         result["video_return"] = video_return

@@ -25,13 +25,17 @@ class NonFiniteTrainingError(RuntimeError):
 
 
 def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
-    """Accept an AgentConfig, a plain nested dict (from a checkpoint or YAML), or None (defaults)."""
+    """Accept an AgentConfig, a plain nested dict as a checkpoint saves it, or None (defaults).
+
+    A dict is read as saved: a model key it predates takes the value it was made with (ModelConfig.from_saved),
+    so that `load_from_checkpoint` and `eval` rebuild an old checkpoint's architecture, not today's.
+    """
     if config is None:
         return AgentConfig()
     if isinstance(config, AgentConfig):
         return config
     return AgentConfig(
-        model=ModelConfig(**config.get("model", {})),
+        model=ModelConfig.from_saved(config.get("model", {})),
         loss_scales=LossScales(**config.get("loss_scales", {})),
         behavior=BehaviorConfig(**config.get("behavior", {})),
         optim=OptimConfig(**config.get("optim", {})),

@@ -1,8 +1,8 @@
 """Network building blocks: norms, MLPs, block-diagonal layers, the block GRU, CNN encoder and decoder.
 
 Plain `nn.Module`s; nothing here knows about Lightning. Every hidden layer is
-Linear (no bias, since a norm follows) -> RMSNorm -> SiLU, initialized with a truncated normal
-scaled by fan-in, as in the DreamerV3 reference code.
+Linear (with a zero-initialized bias when `bias=True`) -> RMSNorm -> SiLU, initialized with a truncated
+normal scaled by fan-in, as in the DreamerV3 reference code.
 """
 
 from __future__ import annotations
@@ -291,21 +291,28 @@ class ImageEncoder(nn.Module):
 
 
 class ImageDecoder(nn.Module):
-    """Linear to a (C_last, S/16, S/16) map, then 4 stages of 2x nearest upsample + conv 5x5.
+    """Linear to a (C_last, S/16, S/16) map, RMSNorm + SiLU, then 4 stages of 2x nearest upsample + conv 5x5.
 
     All but the last stage are followed by RMSNorm + SiLU; the last conv outputs the image
     channels, squashed by a sigmoid to [0, 1]. `strided=True`: each stage is one stride-2
     transposed conv instead of upsample + conv.
+
+    `projection_norm=False` is the layout of checkpoints made before it existed: the projection
+    (with a bias, whatever `bias` says) goes straight into the first upsample + conv, so the two
+    compose into one linear map.
     """
 
     def __init__(self, feat_dim: int, out_channels: int, image_size: int, depth: int,
-                 mults=(2, 3, 4, 4), kernel: int = 5, strided: bool = False):
+                 mults=(2, 3, 4, 4), kernel: int = 5, strided: bool = False, projection_norm: bool = True,
+                 bias: bool = False):
         super().__init__()
         self.strided = strided
         chans = stage_channels(depth, mults)
         self.min_size = image_size // 2 ** len(mults)
         self.top_channels = chans[-1]
-        self.project = linear(feat_dim, chans[-1] * self.min_size ** 2)
+        self.project = linear(feat_dim, chans[-1] * self.min_size ** 2, bias=bias or not projection_norm)
+        # Normalized over channels at each position of the map, like the conv stages (and the reference).
+        self.project_norm = ChannelRMSNorm(chans[-1]) if projection_norm else None
         ins = chans[::-1]  # e.g. [4d, 4d, 3d, 2d]
         outs = chans[::-1][1:] + [out_channels]  # e.g. [4d, 3d, 2d, C]
         self.convs = nn.ModuleList(
@@ -316,6 +323,8 @@ class ImageDecoder(nn.Module):
         """feat: (N, F). Returns (N, H, W, C) in [0, 1]."""
         x = self.project(feat).view(-1, self.top_channels, self.min_size, self.min_size)
         x = x.contiguous(memory_format=torch.channels_last)
+        if self.project_norm is not None:
+            x = F.silu(self.project_norm(x))
         for i, conv_layer in enumerate(self.convs):
             x = conv_layer(x if self.strided else F.interpolate(x, scale_factor=2, mode="nearest"))
             if i < len(self.norms):

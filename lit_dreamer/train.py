@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -11,8 +12,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
-from callbacks.progress import EnvStepProgressBar
+from lit_dreamer.callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
+from lit_dreamer.callbacks.progress import EnvStepProgressBar
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
@@ -41,7 +42,7 @@ def probe_env(cfg: Config) -> EnvInfo:
     """Make one env to read its spaces (fails fast on an unknown id or an unusable space)."""
     try:
         env = make_env(cfg.env.id, **env_kwargs(cfg))
-    except ValueError as err:
+    except (ValueError, ImportError) as err:  # ImportError: an env family whose package is not installed
         raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
     try:
         return env_info(env)
@@ -51,6 +52,26 @@ def probe_env(cfg: Config) -> EnvInfo:
 
 def run_dir(cfg: Config) -> str:
     return cfg.run.dir or os.path.join("runs", cfg.logger.run_name)
+
+
+def check_writable_dir(directory: str, key: str = "run.dir") -> None:
+    """Fail before anything is created when `directory` cannot be made or written to.
+
+    A real write (a temporary file, removed at once) in the nearest folder that exists: permission bits
+    alone would miss a read-only file system, and root passes them all."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key}={directory} cannot be created: {existing} is a file, not a folder; "
+                          f"choose another {key}")
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=".lit_dreamer-write-check-", dir=existing)
+    except OSError as err:
+        raise ConfigError(f"{key}={directory} is not writable: cannot write in {existing} ({err.strerror}); "
+                          f"choose a writable folder with {key}=DIR or fix its permissions") from None
+    os.close(descriptor)
+    os.remove(probe)
 
 
 RUN_NAME_ENV = "LIT_DREAMER_RUN_NAME"
@@ -104,13 +125,27 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
         if hparams.get(key) != module.hparams[key]:
             raise ConfigError(f"checkpoint {path} was made for {key}={hparams.get(key)!r}, but this run has "
                               f"{key}={module.hparams[key]!r}; use the env settings it was trained with")
-    # A key the checkpoint lacks was added to ModelConfig after it was written: it had that key's default.
-    saved = {**asdict(ModelConfig()), **hparams.get("config", {}).get("model", {})}
+    # A key the checkpoint lacks was added to ModelConfig after it was written: it has the value it was made
+    # with (LEGACY_MODEL_DEFAULTS), which may differ from today's default.
+    try:
+        saved = asdict(ModelConfig.from_saved(hparams.get("config", {}).get("model", {})))
+    except ValueError as err:
+        raise ConfigError(f"checkpoint {path}: {err}; it was written by another version of lit_dreamer") from None
     wanted = module.hparams["config"]["model"]
     diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"checkpoint {path} has another model config ({detail})")
+        overrides = " ".join(f"model.{k}={_override_value(a)}" for k, (a, _) in diff.items())
+        raise ConfigError(f"checkpoint {path} has another model config ({detail}); to load it, set {overrides}")
+
+
+def _override_value(value) -> str:
+    """A value as a `key=value` command-line override spells it (YAML: lowercase booleans, no spaces)."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
 
 
 def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:
@@ -203,6 +238,7 @@ def fit(cfg: Config) -> dict:
 def _fit_named(cfg: Config) -> dict:
     """`fit` once the run has its name."""
     ckpt_path = resolve_ckpt_path(cfg)
+    check_writable_dir(run_dir(cfg))
     try:
         check_tracking_uri(cfg.logger.tracking_uri)
     except TrackingError as err:

@@ -71,7 +71,8 @@ class WorldModel(nn.Module):
                          post_layers=cfg.post_layers, unimix=cfg.unimix, bias=cfg.dense_bias)
         feat = self.rssm.feat_dim
         if self.image_keys:
-            self.image_decoder = ImageDecoder(feat, sum(self.image_channels), size, cfg.depth, **cnn)
+            self.image_decoder = ImageDecoder(feat, sum(self.image_channels), size, cfg.depth, **cnn,
+                                              projection_norm=cfg.decoder_projection_norm, bias=cfg.dense_bias)
         if self.vector_keys:
             self.vector_decoder = nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers, cfg.dense_bias),
                                                 linear(cfg.units, sum(self.vector_dims)))

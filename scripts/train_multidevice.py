@@ -13,7 +13,7 @@ import argparse
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
-from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback
+from lit_dreamer.callbacks import DreamerCheckpoint, EnvCollector, EvalCallback
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, ModelConfig
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import make_env

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lit_dreamer.actor_critic import ActorCritic
 from lit_dreamer.agent_config import SIZES, AgentConfig, BehaviorConfig, ModelConfig
@@ -365,20 +366,94 @@ def test_dense_bias_decides_whether_the_dynamics_see_an_actions_magnitude(dense_
         assert gap < 1e-3 and embed_gap < 1e-3, (gap, embed_gap)
 
 
-def test_checkpoint_check_reads_a_key_the_checkpoint_predates_as_its_default(tmp_path):
+def test_checkpoint_check_reads_a_key_the_checkpoint_predates_as_it_was_made(tmp_path):
+    # dense_bias was added (off) after the first release and is now on by default: a checkpoint without
+    # the key has no biases, so it must read as False, not as today's default.
     from dataclasses import replace
 
     from lit_dreamer.config import ConfigError
     from lit_dreamer.module import DreamerModule
     from lit_dreamer.train import check_checkpoint_matches
     spec = {"vector": ((5,), np.float32)}
-    old = DreamerModule(spec, 1, False, AgentConfig(model=TINY))
+    legacy = replace(TINY, dense_bias=False)
+    old = DreamerModule(spec, 1, False, AgentConfig(model=legacy))
     hparams = dict(old.hparams)
     hparams["config"] = {**hparams["config"], "model": {k: v for k, v in hparams["config"]["model"].items()
                                                         if k != "dense_bias"}}
     path = tmp_path / "old.ckpt"
     torch.save({"hyper_parameters": hparams}, path)
-    check_checkpoint_matches(str(path), DreamerModule(spec, 1, False, AgentConfig(model=TINY)))
-    with pytest.raises(ConfigError, match="model.dense_bias: checkpoint False vs requested True"):
-        check_checkpoint_matches(str(path), DreamerModule(spec, 1, False,
-                                                         AgentConfig(model=replace(TINY, dense_bias=True))))
+    check_checkpoint_matches(str(path), DreamerModule(spec, 1, False, AgentConfig(model=legacy)))
+    with pytest.raises(ConfigError, match="model.dense_bias: checkpoint False vs requested True.*"
+                                          "set model.dense_bias=false"):
+        check_checkpoint_matches(str(path), DreamerModule(spec, 1, False, AgentConfig(model=TINY)))
+    hparams["config"]["model"]["wider_gru"] = True  # written by a version with a key this one lacks
+    torch.save({"hyper_parameters": hparams}, path)
+    with pytest.raises(ConfigError, match="keys this version does not know: wider_gru"):
+        check_checkpoint_matches(str(path), DreamerModule(spec, 1, False, AgentConfig(model=legacy)))
+
+
+def test_a_fresh_config_has_dense_bias_and_the_decoder_projection_norm():
+    from lit_dreamer.config import load_config
+    for model in (ModelConfig(), load_config().model):  # the dataclass and configs/defaults.yaml
+        assert model.dense_bias is True and model.decoder_projection_norm is True
+    wm = WorldModel(OBS_SPEC, 3, TINY)
+    assert wm.rssm.action_proj[0].bias is not None and wm.vector_encoder.mlp[0][0].bias is not None
+    assert wm.image_decoder.project.bias is not None and wm.image_decoder.project_norm is not None
+
+
+@pytest.mark.parametrize("projection_norm", [False, True])
+def test_image_decoder_projection_is_a_normalized_hidden_layer(projection_norm):
+    # Golden: the map the first upsample + conv reads is SiLU(RMSNorm over channels(Linear(feat))) with the
+    # norm on, and the bare Linear (linear in feat, so it composes with the conv into one map) with it off.
+    torch.manual_seed(0)
+    dec = ImageDecoder(6, 3, 32, depth=2, projection_norm=projection_norm)
+    assert (dec.project_norm is not None) == projection_norm
+    with torch.no_grad():
+        if projection_norm:
+            dec.project_norm.weight.uniform_(0.5, 1.5)  # away from its ones init, so the scale is checked
+    seen = {}
+    dec.convs[0].register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    feat = torch.randn(5, 6)
+    dec(feat)
+    x = dec.project(feat).view(5, 8, 2, 2)  # C_last = depth * 4, S/16 = 2
+    if projection_norm:
+        weight = dec.project_norm.weight.view(1, 8, 1, 1)
+        x = F.silu(x * torch.rsqrt(x.square().mean(1, keepdim=True) + 1e-4) * weight)
+    torch.testing.assert_close(seen["x"], F.interpolate(x, scale_factor=2, mode="nearest"))
+    if projection_norm:  # and gradients reach the norm's scale and the projection through it
+        dec(feat).square().sum().backward()
+        for grad in (dec.project_norm.weight.grad, dec.project.weight.grad):
+            assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_a_pixel_checkpoint_from_before_the_new_keys_loads_and_behaves_as_made(tmp_path):
+    # Written without dense_bias and decoder_projection_norm in its hparams: rebuilt as eval and
+    # Lightning's load_from_checkpoint rebuild it (from the saved hparams), it has neither, and its
+    # weights load strictly; today's defaults would need parameters it does not hold.
+    from dataclasses import asdict, replace
+
+    import lightning as L
+
+    from lit_dreamer.module import DreamerModule
+    torch.manual_seed(0)
+    legacy = replace(TINY, dense_bias=False, decoder_projection_norm=False)
+    old = DreamerModule(OBS_SPEC, 2, False, AgentConfig(model=legacy))
+    hparams = dict(old.hparams)
+    hparams["config"] = {**hparams["config"], "model": {k: v for k, v in hparams["config"]["model"].items()
+                                                        if k not in ("dense_bias", "decoder_projection_norm")}}
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": hparams, "state_dict": old.state_dict(),
+                "pytorch-lightning_version": L.__version__}, path)
+    ckpt = torch.load(path, weights_only=True)
+    rebuilt = DreamerModule(OBS_SPEC, 2, False, ckpt["hyper_parameters"]["config"])  # what eval does
+    loaded = DreamerModule.load_from_checkpoint(path, weights_only=True)
+    feat = torch.randn(3, old.world_model.rssm.feat_dim)
+    for module in (rebuilt, loaded):
+        assert module.cfg.model == legacy
+        assert module.world_model.image_decoder.project_norm is None
+        assert module.world_model.rssm.action_proj[0].bias is None
+        module.load_state_dict(ckpt["state_dict"])  # strict: every parameter there, none extra
+        torch.testing.assert_close(module.world_model.image_decoder(feat), old.world_model.image_decoder(feat))
+    with pytest.raises(RuntimeError, match="project_norm.weight"):
+        DreamerModule(OBS_SPEC, 2, False, AgentConfig(model=TINY)).load_state_dict(ckpt["state_dict"])
+    assert asdict(rebuilt.cfg) == asdict(loaded.cfg)

@@ -65,7 +65,7 @@ def test_eval_command_prints_a_table_and_logs_a_linked_mlflow_run(tmp_path, monk
     summary = fit(load_config(["debug"], [f"run.dir={tmp_path}/run", f"logger.tracking_uri={uri}"]))
     capsys.readouterr()
     video = tmp_path / "episode.gif"
-    assert main(["eval", "--ckpt", str(tmp_path / "run"), "episodes=3", "mode=deterministic", f"video={video}"]) == 0
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "episodes=3", "mode=mode", f"video={video}"]) == 0
     out = capsys.readouterr().out
     assert "CartPole-v1: 3 episodes" in out and "mean" in out
     client = mlflow.MlflowClient(uri)
@@ -80,7 +80,7 @@ def test_eval_command_prints_a_table_and_logs_a_linked_mlflow_run(tmp_path, monk
     mean = float(np.mean([m.value for m in episodes]))
     assert run.data.metrics["eval/return"] == mean
     assert f"{mean:.2f}" in out
-    assert run.data.params["mode"] == "deterministic" and run.data.params["episodes"] == "3"
+    assert run.data.params["mode"] == "mode" and run.data.params["episodes"] == "3"
     # The video shows one whole episode: (steps + 1) frames of 1/20 s; CartPole pays 1 per step.
     from PIL import Image
     video_return = float(out.split("video of one episode (return ")[1].split(")")[0])
@@ -95,4 +95,38 @@ def test_eval_command_rejects_bad_keys(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path / "nothing.ckpt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", "--ckpt", str(tmp_path), "mode=greedy"]) == 2
-    assert "deterministic, stochastic" in capsys.readouterr().err
+    assert "mode must be one of mode, sample" in capsys.readouterr().err
+
+
+def test_eval_modes_are_the_run_eval_mode_names_with_the_old_names_as_aliases(tmp_path, monkeypatch, capsys):
+    import lit_dreamer.evaluation as evaluation
+    from lit_dreamer.__main__ import main
+    from lit_dreamer.config import ConfigError
+
+    seen = []
+
+    def evaluate_checkpoint(ckpt, options, env_overrides):
+        seen.append(options.mode)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", evaluate_checkpoint)
+    ckpt = str(tmp_path / "model.ckpt")
+    for mode in ("mode", "sample"):
+        assert main(["eval", "--ckpt", ckpt, f"mode={mode}"]) == 2
+        assert capsys.readouterr().err == "error: stop here\n"
+    for old, new in (("deterministic", "mode"), ("stochastic", "sample")):
+        assert main(["eval", "--ckpt", ckpt, f"mode={old}"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"warning: mode={old} is deprecated and will be removed; use mode={new}", "error: stop here"]
+    assert seen == ["mode", "sample", "mode", "sample"]
+    assert evaluation.EvalOptions().mode == "mode" and evaluation.EVAL_MODES == ("mode", "sample")
+    assert load_config([], ["run.eval_mode=sample"]).run.eval_mode == "sample"
+
+
+def test_eval_help_names_the_modes(capsys):
+    import pytest
+    from lit_dreamer.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mode=mode|sample" in text and "deterministic|stochastic are deprecated aliases" in text

@@ -159,7 +159,7 @@ def test_a_dead_env_subprocess_is_replaced(in_tmp, monkeypatch):
     FaultyCartPole.steps = 0
     monkeypatch.setenv("FAULTY_AT", "30")
     monkeypatch.setenv("FAULTY_MODE", "exit")
-    import callbacks.env_collector as env_collector
+    import lit_dreamer.callbacks.env_collector as env_collector
     made, make = [], env_collector.make_vector_env
     monkeypatch.setattr(env_collector, "make_vector_env", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
     summary = fit(config(in_tmp, "env.id=LitDreamerFaulty-v0", "env.num_envs=2", "env.asynchronous=true",
@@ -211,7 +211,7 @@ def test_keep_checkpoints_sets_how_many_saves_stay(in_tmp, tmp_path_factory):
     assert folders == ["step-000000000031", "step-000000000041", "step-000000000045"]
     assert all((in_tmp / "run" / "checkpoints" / f / "model.ckpt").is_file() for f in folders)
     # 0 keeps every save.
-    from callbacks.checkpoint import DreamerCheckpoint
+    from lit_dreamer.callbacks.checkpoint import DreamerCheckpoint
     root = tmp_path_factory.mktemp("keep_all")
     for step in (10, 20, 30, 40):
         (root / f"step-{step:012d}").mkdir()

@@ -135,7 +135,7 @@ def test_ctrl_c_or_sigterm_ends_the_run_after_the_step_with_a_checkpoint(tmp_pat
 
 
 def test_a_second_ctrl_c_aborts_at_once():
-    from callbacks import GracefulStop
+    from lit_dreamer.callbacks import GracefulStop
     stop = GracefulStop()
     with pytest.warns(UserWarning, match="SIGINT received"):
         stop.handle(signal.SIGINT, None)

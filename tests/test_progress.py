@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.progress import EnvStepProgressBar, plain_number
+from lit_dreamer.callbacks.progress import EnvStepProgressBar, plain_number
 from lit_dreamer.config import load_config
 from lit_dreamer.train import fit
 

@@ -2,8 +2,11 @@
 
 import os
 
+os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco
+
 import mlflow
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -90,3 +93,65 @@ def test_video_upload_failures_are_reported_and_training_goes_on(tmp_path, monke
     assert (tmp_path / "run" / "videos" / "episode-000000100.gif").is_file()
     reported = [r.getMessage() for r in caplog.records if "MLflow log_artifact failed" in r.getMessage()]
     assert reported and "artifact store unreachable" in reported[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Real dm_control pixels: MuJoCo renders upside down and dm_control returns a flipped view (negative
+# strides), which torch.as_tensor refuses. Random images and CartPole never have one.
+
+DMC_PIXELS = ["env.id=dmc/cartpole-balance", "env.obs=pixels", "env.image_size=16", "env.time_limit=20"]
+
+
+def test_dmc_pixel_observations_and_frames_are_contiguous():
+    from lit_dreamer.envs import make_env
+    env = make_env("dmc/cartpole-balance", obs="pixels", image_size=16, render=True, seed=0)
+    try:
+        obs, _ = env.reset(seed=0)
+        step_obs = env.step(env.action_space.sample())[0]
+        frame = env.render()
+    finally:
+        env.close()
+    for array in (obs["image"], step_obs["image"], frame):
+        assert array.flags["C_CONTIGUOUS"] and min(array.strides) > 0, array.strides
+        assert torch.as_tensor(array).shape == (16, 16, 3)
+    assert obs["image"].std() > 5  # a real render, not a blank frame
+
+
+@pytest.fixture(scope="module")
+def dmc_pixel_run(tmp_path_factory):
+    """A tiny dm_control pixel run with videos due at 40 and 80 env steps (episodes cut at 20 steps)."""
+    root = tmp_path_factory.mktemp("dmc_pixels")
+    cwd = os.getcwd()
+    os.chdir(root)
+    torch.set_num_threads(1)
+    uri = f"sqlite:///{root}/mlflow.db"
+    try:
+        summary = fit(load_config(["debug"], [*DMC_PIXELS, "run.steps=80", "run.prefill=30", "run.video_every=40",
+                                              f"run.dir={root}/run", f"logger.tracking_uri={uri}"]))
+    finally:
+        os.chdir(cwd)
+    return root, uri, summary
+
+
+def test_video_callback_on_dmc_pixels_writes_episodes_and_open_loop_videos(dmc_pixel_run):
+    root, uri, summary = dmc_pixel_run
+    assert summary["env_steps"] == 80
+    names = sorted(os.path.basename(a.path)
+                   for a in mlflow.MlflowClient(uri).list_artifacts(summary["mlflow_run_id"], "videos"))
+    assert names == ["episode-000000040.gif", "episode-000000080.gif", "openloop-image-000000040.gif",
+                     "openloop-image-000000080.gif"]
+    # The episode: 20 steps (the time limit) + the first frame, at the render size, 50 ms each.
+    assert gif_info(root / "run" / "videos" / "episode-000000080.gif") == (21 * 50, (16, 16))
+    # Open loop: one frame per step of the batch length (8) at 5 fps; rows truth, prediction, difference
+    # (16 px + 4 border each way), one column per replayed sequence (debug batch size 4).
+    assert gif_info(root / "run" / "videos" / "openloop-image-000000080.gif") == (8 * 200, (4 * 20, 3 * 16 + 4))
+
+
+def test_eval_command_writes_a_video_of_a_dmc_pixel_checkpoint(dmc_pixel_run, tmp_path, monkeypatch, capsys):
+    from lit_dreamer.__main__ import main
+    root, uri, _ = dmc_pixel_run
+    monkeypatch.chdir(root)
+    video = tmp_path / "eval.gif"
+    assert main(["eval", "--ckpt", str(root / "run"), "episodes=1", f"video={video}"]) == 0
+    assert "dmc/cartpole-balance: 1 episodes" in capsys.readouterr().out
+    assert gif_info(video) == (21 * 50, (16, 16))

@@ -71,7 +71,8 @@ class DictObservation(gym.ObservationWrapper):
 
     Dict observations keep their keys (nested dicts joined with "/"); scalars become shape (1,),
     numeric vectors float32, uint8 HxWx{1,3} boxes stay images. Anything else raises a ValueError at
-    construction that names the key, its shape and dtype.
+    construction that names the key, its shape and dtype. Observations and `render()` frames are
+    C-contiguous arrays.
     """
 
     def __init__(self, env: gym.Env):
@@ -95,10 +96,17 @@ class DictObservation(gym.ObservationWrapper):
             observation = {self._top_level_key: observation}
         else:
             observation = _flatten_values(observation)
+        # Contiguous copies: dm_control renders upside down and returns a flipped view (negative strides),
+        # which torch.as_tensor refuses; every consumer (collector, eval, videos) then gets a plain array.
         return {
-            key: np.asarray(observation[key], dtype=space.dtype).reshape(space.shape)
+            key: np.ascontiguousarray(np.asarray(observation[key], dtype=space.dtype).reshape(space.shape))
             for key, space in self.observation_space.spaces.items()
         }
+
+    def render(self) -> Any:
+        """The env's frame as a contiguous array (dm_control's is a flipped view with negative strides)."""
+        frame = self.env.render()
+        return np.ascontiguousarray(frame) if isinstance(frame, np.ndarray) else frame
 
 
 def adapt_action_space(env: gym.Env) -> gym.Env:

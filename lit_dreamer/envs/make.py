@@ -101,6 +101,18 @@ def _unknown_id_error(env_id: str, gym_id: str) -> ValueError:
     return ValueError(f"unknown environment id {env_id!r}{looked_up}; {hint}")
 
 
+def _import_env_module(module: str, full_id: str) -> None:
+    """Import the module named by a ``module:Env-v0`` id (importing it registers its envs), or raise a ValueError."""
+    try:
+        importlib.import_module(module)
+    except ImportError as error:  # also a missing dependency of that module: the message names which
+        raise ValueError(
+            f"cannot import {module!r}, the module part of {full_id!r} ({error}); install the package that "
+            f"provides it or add its folder to PYTHONPATH, or drop the '{module}:' prefix if the env is "
+            "registered already"
+        ) from None
+
+
 def resolve_env_id(env_id: str) -> ResolvedEnvId:
     """Map a user-facing id to its family and registry id, or raise a ValueError with suggestions."""
     if env_id.startswith(("dmc/", "dm_control/")):
@@ -114,7 +126,7 @@ def resolve_env_id(env_id: str) -> ResolvedEnvId:
     else:
         if ":" in env_id:
             module, env_id = env_id.split(":", 1)
-            importlib.import_module(module)
+            _import_env_module(module, f"{module}:{env_id}")
         resolved = ResolvedEnvId("gym", env_id)
     if resolved.gym_id not in gym.registry:
         raise _unknown_id_error(env_id, resolved.gym_id)
