@@ -9,6 +9,9 @@ current policy until the fractional credit of training steps reaches one:
 so that replayed steps / env steps equals train_ratio exactly over a run, at any ratio, and
 the count is per rank (each rank trains on its own replay shard, so the ratio means the same at
 any device count). It never steps an environment inside `training_step`.
+
+Collection stops at `total_steps` (run.steps): a prefill longer than the run is cut to the run's
+length, and the steps a training step is owed are not taken past the end.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lit_dreamer.envs import action_dim, action_kind, close_by_force, env_action, frames_per_step, make_vector_env
-from lit_dreamer.envs.faults import ERROR_KEY
+from lit_dreamer.envs.faults import ERROR_KEY, NONFINITE_KEY, NonFiniteEnvError
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +45,24 @@ class EnvCollector(Callback):
         total_steps: env steps over all ranks after which training stops (None: never).
         prefill: env steps over all ranks collected with a uniform random policy before training.
         train_ratio: replayed steps per env step.
+        nonfinite: what a NaN or inf reward or observation does: "cut" ends that episode as truncated at
+            the last finite step (warned once, counted), "error" raises NonFiniteEnvError.
         env_kwargs: passed to `make_env` (obs, action_repeat, image_size, time_limit).
     """
 
     def __init__(self, env_id: str, *, num_envs: int = 1, seed: int = 0, train_ratio: float = 512.0,
                  prefill: int = 1000, total_steps: int | None = None, asynchronous: bool = False,
-                 **env_kwargs: Any):
+                 nonfinite: str = "cut", **env_kwargs: Any):
         super().__init__()
+        if nonfinite not in ("cut", "error"):
+            raise ValueError(f"nonfinite must be 'cut' or 'error', got {nonfinite!r}")
+        if total_steps is not None and prefill > total_steps:
+            log.warning("run.prefill=%d is more than run.steps=%d: prefilling %d steps, so the whole run acts "
+                        "randomly", prefill, total_steps, total_steps)
+            prefill = total_steps
         self.env_id, self.num_envs, self.seed = env_id, num_envs, seed
         self.train_ratio, self.prefill, self.total_steps = train_ratio, prefill, total_steps
-        self.asynchronous, self.env_kwargs = asynchronous, env_kwargs
+        self.asynchronous, self.nonfinite, self.env_kwargs = asynchronous, nonfinite, env_kwargs
         self.envs = None
         # Counters of this rank, kept in checkpoints.
         self.env_steps = 0
@@ -61,6 +72,8 @@ class EnvCollector(Callback):
         self.nonfinite_actions = 0
         self.env_restarts = 0
         self.cut_episodes = 0
+        self.nonfinite_env_values = 0
+        self.warned_nonfinite = False
         self.best_return = -math.inf
         self.last_return = math.nan
         self.episode_return = MeanMetric()
@@ -80,13 +93,17 @@ class EnvCollector(Callback):
         if stage != "fit" or self.envs is not None:
             return
         self.rank, self.world_size = trainer.global_rank, trainer.world_size
-        self.envs = make_vector_env(self.env_id, self.num_envs, seed=self.env_seed(), asynchronous=self.asynchronous,
-                                    **self.env_kwargs)
+        self.envs = self.make_envs(self.env_seed())
         self.discrete = action_kind(self.envs) == "discrete"
         self.action_size = action_dim(self.envs)
         self.frames_per_step = frames_per_step(self.envs)
         self.rng = np.random.default_rng(self.env_seed())
         self.episode_return.to(pl_module.device), self.episode_length.to(pl_module.device)
+
+    def make_envs(self, seed: int) -> Any:
+        # The envs cut at a non-finite value in both modes; in "error" mode the collector then stops.
+        return make_vector_env(self.env_id, self.num_envs, seed=seed, asynchronous=self.asynchronous,
+                               cut_nonfinite=True, **self.env_kwargs)
 
     def env_seed(self) -> int:
         # Each rank gets its own seeds; each env of a rank gets seed + index inside make_vector_env.
@@ -100,15 +117,26 @@ class EnvCollector(Callback):
         prefill_per_rank = math.ceil(self.prefill / self.world_size)
         batch_length = trainer.datamodule.batch_length
         replay = trainer.datamodule.replay
+        # The first batch needs batch_length + 1 steps per env, even in a run shorter than that.
         while len(replay) < max(prefill_per_rank, self.num_envs * (batch_length + 1)):
+            if len(replay) >= self.num_envs * (batch_length + 1) and self.budget_spent():
+                break
             self.step(trainer, pl_module, random=True)
+        # Episodes of the prefill count too (a short run may have no other); against env steps as always.
+        self.log_episodes(trainer, self.env_steps * self.world_size)
         self._timer_start = time.perf_counter()
+
+    def budget_spent(self) -> bool:
+        """Whether the run's env steps (all ranks) reached total_steps."""
+        return self.total_steps is not None and self.env_steps * self.world_size >= self.total_steps
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         dm = trainer.datamodule
         credit_per_step = self.num_envs * self.train_ratio / (dm.batch_size * dm.batch_length)
-        while self.credit < 1.0:
+        # At the end of the run the last training step may be owed a fraction of its env steps: the
+        # run stops at total_steps rather than overshoot it.
+        while self.credit < 1.0 and not self.budget_spent():
             self.step(trainer, pl_module, random=False)
             self.credit += credit_per_step
         self.credit -= 1.0
@@ -125,6 +153,7 @@ class EnvCollector(Callback):
                    "train/episodes": float(self.episodes * self.world_size),
                    "train/nonfinite_actions": float(self.nonfinite_actions),
                    "train/env_restarts": float(self.env_restarts), "train/cut_episodes": float(self.cut_episodes),
+                   "train/nonfinite_env_values": float(self.nonfinite_env_values),
                    "replay/steps": float(len(trainer.datamodule.replay)),
                    "replay/capacity_mb": trainer.datamodule.replay.nbytes / 2**20}
         if self.collect_time > 0:
@@ -134,9 +163,10 @@ class EnvCollector(Callback):
             elapsed = time.perf_counter() - self._timer_start
             metrics["perf/train_steps_per_s"] = self.session_train_steps / max(elapsed, 1e-9)
         pl_module.log_dict(metrics, on_step=True, batch_size=1)
-        bar = {"env_steps": float(total), "train_steps": float(pl_module.train_steps), "return": self.last_return}
+        # The progress bar counts env steps itself (callbacks/progress.py).
+        bar = {"train_steps": float(pl_module.train_steps), "return": self.last_return}
         if "perf/train_steps_per_s" in metrics:
-            bar["steps/s"] = metrics["perf/train_steps_per_s"]
+            bar["train_steps/s"] = metrics["perf/train_steps_per_s"]
         pl_module.log_dict(bar, on_step=True, batch_size=1, prog_bar=True, logger=False)
         if self.train_steps_seen % trainer.log_every_n_steps == 0:
             self.log_episodes(trainer, total)
@@ -157,6 +187,11 @@ class EnvCollector(Callback):
             trainer.logger.log_metrics({"train/return": float(ret), "train/length": float(length)}, step=env_steps)
 
     @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Episodes that ended after the last logging interval would otherwise never reach the logger.
+        self.log_episodes(trainer, self.env_steps * self.world_size)
+
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.envs is not None:
             self.envs.close()
@@ -165,7 +200,8 @@ class EnvCollector(Callback):
     # Counters that are equal on every rank go into the Lightning checkpoint (which holds rank 0's
     # callback state); what differs per rank is saved by DreamerCheckpoint beside the replay shard.
     SHARED_STATE = ("env_steps", "credit", "train_steps_seen")
-    RANK_STATE = ("episodes", "nonfinite_actions", "best_return", "last_return", "env_restarts", "cut_episodes")
+    RANK_STATE = ("episodes", "nonfinite_actions", "best_return", "last_return", "env_restarts", "cut_episodes",
+                  "nonfinite_env_values")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -207,7 +243,7 @@ class EnvCollector(Callback):
                 self.load_rank_state(json.load(f))
 
     def reset_envs(self, pl_module: L.LightningModule) -> None:
-        obs, _ = self.envs.reset(seed=self.env_seed() + self.env_steps)
+        obs, infos = self.envs.reset(seed=self.env_seed() + self.env_steps)
         n = self.num_envs
         self.obs = obs
         self.reward = np.zeros(n, np.float32)
@@ -219,6 +255,7 @@ class EnvCollector(Callback):
         self.running_return = np.zeros(n, np.float64)
         self.running_length = np.zeros(n, np.int64)
         self.cut = np.zeros(n, bool)
+        self.check_nonfinite(infos, np.zeros(n, bool))  # a first observation CutNonFinite had to reset again for
 
     def random_actions(self) -> np.ndarray:
         n = self.num_envs
@@ -277,6 +314,7 @@ class EnvCollector(Callback):
         self.is_terminal = np.asarray(terminated, bool) & ~self.is_first
         self.is_last = (np.asarray(terminated, bool) | np.asarray(truncated, bool)) & ~self.is_first
         self.prev_action = action.astype(np.float32)
+        self.check_nonfinite(infos, self.is_last)
         crashed = np.asarray(infos.get(f"_{ERROR_KEY}", np.zeros(self.num_envs, bool)), bool)
         if crashed.any():
             # RestartOnError rebuilt these envs and cut their episodes (truncated, reward 0).
@@ -292,9 +330,29 @@ class EnvCollector(Callback):
             self.envs.close(**({"terminate": True} if self.asynchronous else {}))
         except Exception:  # noqa: BLE001 - closing a broken env may fail too
             close_by_force(self.envs)
-        self.envs = make_vector_env(self.env_id, self.num_envs, seed=self.env_seed() + 7919 * self.env_restarts,
-                                    asynchronous=self.asynchronous, **self.env_kwargs)
+        self.envs = self.make_envs(self.env_seed() + 7919 * self.env_restarts)
         self.reset_envs(pl_module)
+
+    def check_nonfinite(self, infos: dict, is_last: np.ndarray) -> None:
+        """Count the envs whose step (or reset) held a NaN or inf; stop in "error" mode, else warn once.
+
+        CutNonFinite already replaced such a step by the truncated end of its episode (the last finite
+        observation, reward 0): here the episode is marked cut, so its return is not logged.
+        """
+        flagged = np.asarray(infos.get(f"_{NONFINITE_KEY}", np.zeros(self.num_envs, bool)), bool)
+        if not flagged.any():
+            return
+        self.nonfinite_env_values += int(flagged.sum())
+        where = "; ".join(f"env {i}: {infos[NONFINITE_KEY][i]}" for i in np.flatnonzero(flagged))
+        at = f"after {self.env_steps * self.world_size} env steps (rank {self.rank}, {where})"
+        if self.nonfinite == "error":
+            raise NonFiniteEnvError(f"the environment returned a NaN or infinite value {at}; fix the env, or set "
+                                    "env.nonfinite=cut to end such episodes as truncated and go on")
+        self.cut |= flagged & is_last
+        if not self.warned_nonfinite:
+            self.warned_nonfinite = True
+            log.warning("the environment returned a NaN or infinite value %s; its episode ends there as truncated "
+                        "(warned once; counted in train/nonfinite_env_values; env.nonfinite=error stops instead)", at)
 
     def track_episodes(self) -> None:
         """Count the step just recorded; close the episodes whose last step it was.

@@ -8,6 +8,7 @@ import sys
 
 from lit_dreamer.compare import options_help
 from lit_dreamer.config import ConfigError, help_text, load_config, to_annotated_yaml
+from lit_dreamer.envs.faults import NonFiniteEnvError
 from lit_dreamer.module import NonFiniteTrainingError
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteTrainingError as err:
+    except (NonFiniteTrainingError, NonFiniteEnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

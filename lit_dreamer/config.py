@@ -54,6 +54,8 @@ class EnvConfig:
     """Extra episode time limit in agent steps (None: the env's own)."""
     asynchronous: bool = False
     """Step the envs in subprocesses (gymnasium AsyncVectorEnv)."""
+    nonfinite: str = "cut"
+    """NaN/inf reward or observation: cut (end the episode as truncated, warn once, go on) or error (stop the run)."""
 
 
 @dataclass
@@ -328,6 +330,9 @@ def validate(cfg: Config) -> None:
                           + (f" (did you mean {close[0]}?)" if close else ""))
     if cfg.env.obs not in ("proprio", "pixels"):
         raise ConfigError(f"env.obs must be 'proprio' or 'pixels', got {cfg.env.obs!r}")
+    if cfg.env.nonfinite not in ("cut", "error"):
+        raise ConfigError(f"env.nonfinite must be 'cut' (end the episode and go on) or 'error' (stop the run), "
+                          f"got {cfg.env.nonfinite!r}")
     from lit_dreamer.evaluation import EVAL_MODES
     if cfg.run.eval_mode not in EVAL_MODES:
         raise ConfigError(f"run.eval_mode must be one of {', '.join(EVAL_MODES)}, got {cfg.run.eval_mode!r}")

@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_dreamer.callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
+from lit_dreamer.callbacks.progress import EnvStepProgressBar
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
@@ -211,10 +212,12 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
                                   recency_half_life=cfg.replay.recency_half_life, seed=cfg.run.seed)
     collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
                              train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
-                             asynchronous=cfg.env.asynchronous, **env_kwargs(cfg))
+                             asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, **env_kwargs(cfg))
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
     callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg)]
+    if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar turned off
+        callbacks.append(EnvStepProgressBar())
     if cfg.run.eval_every > 0:
         callbacks.append(EvalCallback(cfg.env.id, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
                                       mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **env_kwargs(cfg)))

@@ -3,6 +3,7 @@ never reach an environment."""
 
 import math
 import os
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -320,3 +321,145 @@ def test_resuming_into_a_killed_mlflow_run_marks_it_running(in_tmp, monkeypatch)
     monkeypatch.setattr(mlflow.MlflowClient, "update_run", outage)
     logger.mark_running()
     assert logger.failures == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# NaN or infinite rewards and observations from an environment
+
+
+class NonFiniteCartPole(gym.Wrapper):
+    """CartPole whose every `every`-th step (counted per env, across episodes) puts `value` into `entry`
+    ("reward", or "vector" for the observation)."""
+
+    def __init__(self, entry="reward", value=float("nan"), every=7):
+        super().__init__(gym.make("CartPole-v1"))
+        self.entry, self.value, self.every, self.steps = entry, value, every, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.steps += 1
+        if self.steps % self.every == 0:
+            if self.entry == "reward":
+                reward = self.value
+            else:
+                obs = obs.copy()
+                obs[2] = self.value
+        return obs, reward, terminated, truncated, info
+
+
+gym.register(id="LitDreamerNaNReward-v0", entry_point=NonFiniteCartPole, max_episode_steps=500)
+gym.register(id="LitDreamerInfObs-v0", entry_point=NonFiniteCartPole, max_episode_steps=500,
+             kwargs={"entry": "vector", "value": float("inf")})
+
+
+def cli_fit(root, *overrides):
+    from lit_dreamer.__main__ import main
+    return main(["fit", "-c", "debug", f"run.dir={root}/run", f"logger.tracking_uri=sqlite:///{root}/mlflow.db",
+                 *overrides])
+
+
+def test_nonfinite_rewards_cut_their_episode_and_never_reach_the_replay(in_tmp, caplog):
+    import json
+    code = cli_fit(in_tmp, "env.id=LitDreamerNaNReward-v0", "run.steps=60", "run.prefill=20")
+    assert code == 0
+    last = in_tmp / "run" / "checkpoints" / "last"
+    replay = Replay.load(str(last / "replay-rank0"))
+    data = {k: v[:60, 0] for k, v in replay._data.items()}
+    assert all(np.isfinite(v).all() for v in data.values() if v.dtype.kind == "f")
+    # Row k that is not an episode's first step holds CartPole step number j (counted across episodes):
+    # exactly the rows with j % 7 == 0 are the cut ends of their episodes.
+    step_number = np.cumsum(~data["is_first"])
+    cut = ~data["is_first"] & (step_number % 7 == 0)
+    assert cut.sum() >= 5
+    assert (data["is_last"] & ~data["is_terminal"] == cut).all()
+    rows = np.flatnonzero(cut)
+    assert (data["reward"][rows] == 0).all()
+    assert (data["vector"][rows] == data["vector"][rows - 1]).all()  # the last finite observation, repeated
+    following = rows[rows < 59] + 1
+    assert data["is_first"][following].all()
+    # Actions line up: zero on every first step, a one-hot action (the one that led here) everywhere else.
+    assert (data["action"][data["is_first"]] == 0).all()
+    assert (data["action"][~data["is_first"]].sum(-1) == 1).all()
+    state = json.loads((last / "collector-rank0.json").read_text())
+    # The step the collector holds (not yet recorded) was CartPole step J + 1 unless the last row ended an episode.
+    steps_taken = step_number[-1] + (0 if data["is_last"][-1] else 1)
+    assert state["nonfinite_env_values"] == steps_taken // 7
+    assert state["cut_episodes"] == cut.sum()
+    warnings = [r for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert len(warnings) == 1 and "env 0: reward" in warnings[0].getMessage()
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    run_id = (in_tmp / "run" / "mlflow_run_id").read_text().strip()
+    counts = client.get_metric_history(run_id, "train/nonfinite_env_values")
+    assert counts[-1].value == state["nonfinite_env_values"]
+
+
+def test_nonfinite_observations_stop_the_run_in_error_mode(in_tmp, capsys):
+    code = cli_fit(in_tmp, "env.id=LitDreamerInfObs-v0", "run.steps=60", "run.prefill=20", "env.nonfinite=error")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert re.search(r"error: the environment returned a NaN or infinite value after \d+ env steps "
+                     r"\(rank 0, env 0: observation 'vector'\).*env\.nonfinite=cut", err), err
+
+
+def test_nonfinite_mode_is_checked():
+    from lit_dreamer.config import ConfigError
+    with pytest.raises(ConfigError, match="env.nonfinite must be 'cut' .* or 'error' .*got 'skip'"):
+        load_config(["debug"], ["env.nonfinite=skip"])
+
+
+def test_cut_nonfinite_ends_the_episode_and_the_vector_env_resets_it():
+    from lit_dreamer.envs import make_vector_env
+    envs = make_vector_env("LitDreamerNaNReward-v0", 1, seed=0, cut_nonfinite=True)
+    obs, _ = envs.reset(seed=0)
+    for step in range(1, 8):  # alternating pushes keep the pole up past step 7
+        previous = obs["vector"].copy()
+        obs, reward, terminated, truncated, infos = envs.step(np.array([step % 2]))
+        assert np.isfinite(reward).all() and np.isfinite(obs["vector"]).all()
+        assert not terminated.any() and truncated.any() == (step == 7)
+    # Step 7 was NaN: it ends the episode as truncated, with the last finite observation and reward 0.
+    assert list(infos["env_nonfinite"]) == ["reward"] and reward[0] == 0
+    assert (obs["vector"] == previous).all()
+    # The next step starts a new episode (NEXT_STEP autoreset): reward 0, a fresh observation.
+    obs, reward, terminated, truncated, infos = envs.step(np.array([0]))
+    assert reward[0] == 0 and not truncated.any() and "env_nonfinite" not in infos
+    assert np.abs(obs["vector"]).max() <= 0.05
+    envs.close()
+
+
+class NaNAtReset(gym.Wrapper):
+    """CartPole whose resets listed in `nan_resets` (1-based, counted per env) return a NaN observation."""
+
+    def __init__(self, nan_resets=(1,)):
+        super().__init__(gym.make("CartPole-v1"))
+        self.nan_resets, self.resets = set(nan_resets), 0
+
+    def reset(self, **kwargs):
+        obs, info = super().reset(**kwargs)
+        self.resets += 1
+        return (obs * np.nan if self.resets in self.nan_resets else obs), info
+
+
+gym.register(id="LitDreamerNaNFirstReset-v0", entry_point=NaNAtReset)
+# make_env's seeding reset is the first: the collector's own first reset is the second.
+gym.register(id="LitDreamerNaNSecondReset-v0", entry_point=NaNAtReset, kwargs={"nan_resets": (2,)})
+
+
+def test_a_nonfinite_first_observation_is_reset_again_and_reported():
+    from lit_dreamer.envs import make_env
+    from lit_dreamer.envs.faults import CutNonFinite
+    env = CutNonFinite(make_env("LitDreamerNaNFirstReset-v0"))
+    obs, info = env.reset(seed=0)
+    assert np.isfinite(obs["vector"]).all() and info["env_nonfinite"] == "observation 'vector'"
+    obs, info = env.reset()
+    assert "env_nonfinite" not in info
+
+
+def test_the_collector_counts_a_nonfinite_first_observation(in_tmp):
+    import json
+    summary = fit(config(in_tmp, "env.id=LitDreamerNaNSecondReset-v0", "run.steps=40", "run.prefill=20"))
+    assert summary["env_steps"] == 40
+    state = json.loads(open(os.path.join(os.path.dirname(summary["checkpoint"]), "collector-rank0.json")).read())
+    assert state["nonfinite_env_values"] == 1 and state["cut_episodes"] == 0
+    replay = Replay.load(os.path.join(os.path.dirname(summary["checkpoint"]), "replay-rank0"))
+    assert np.isfinite(replay._data["vector"][:40]).all()

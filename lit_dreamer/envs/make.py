@@ -22,7 +22,7 @@ from gymnasium import spaces
 from gymnasium.wrappers import AddRenderObservation, AtariPreprocessing, RepeatAction, ResizeObservation, TimeLimit
 
 from lit_dreamer.envs.adapters import DictObservation, adapt_action_space
-from lit_dreamer.envs.faults import RestartOnError
+from lit_dreamer.envs.faults import CutNonFinite, RestartOnError
 from lit_dreamer.envs.spaces import FRAMES_PER_STEP_KEY
 
 OBS_MODES = ("proprio", "pixels")
@@ -253,15 +253,17 @@ def make_env(
     return env
 
 
-def _restarting_env(env_id: str, seed: int, make_env_kwargs: dict) -> gym.Env:
+def _restarting_env(env_id: str, seed: int, cut_nonfinite: bool, make_env_kwargs: dict) -> gym.Env:
     """make_env wrapped so that an exception in step or reset rebuilds it (with a fresh seed)."""
     def factory(restarts: int | None) -> gym.Env:
-        return make_env(env_id, seed=seed + 7919 * (restarts or 0), **make_env_kwargs)
+        env = make_env(env_id, seed=seed + 7919 * (restarts or 0), **make_env_kwargs)
+        return CutNonFinite(env) if cut_nonfinite else env
     return RestartOnError(factory)
 
 
 def make_vector_env(
-    env_id: str, num_envs: int, *, seed: int, asynchronous: bool = False, **make_env_kwargs
+    env_id: str, num_envs: int, *, seed: int, asynchronous: bool = False, cut_nonfinite: bool = False,
+    **make_env_kwargs
 ) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``make_env(env_id, **make_env_kwargs)`` seeded seed, seed+1, ...
 
@@ -271,9 +273,12 @@ def make_vector_env(
     False. The collector marks that step ``is_first`` itself (and stores a zero action for it).
 
     Each sub-env is wrapped in ``RestartOnError``: an exception inside it rebuilds it and ends its
-    episode as truncated, with ``infos["env_error"]`` naming the exception.
+    episode as truncated, with ``infos["env_error"]`` naming the exception. With ``cut_nonfinite`` a
+    NaN or infinite reward or observation ends the episode the same way (``CutNonFinite``), with
+    ``infos["env_nonfinite"]`` naming the entries.
     """
-    env_fns = [functools.partial(_restarting_env, env_id, seed + index, make_env_kwargs) for index in range(num_envs)]
+    env_fns = [functools.partial(_restarting_env, env_id, seed + index, cut_nonfinite, make_env_kwargs)
+               for index in range(num_envs)]
     vector_class = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
     return vector_class(env_fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 

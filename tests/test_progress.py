@@ -1,0 +1,58 @@
+"""The training progress bar: env steps out of run.steps, plain numbers, no v_num, no epoch."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lit_dreamer.callbacks.progress import EnvStepProgressBar, plain_number
+from lit_dreamer.config import load_config
+from lit_dreamer.train import fit
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIT_DREAMER_RUN_NAME", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def test_numbers_are_plain():
+    assert [plain_number(v) for v in (1530.25, 475.0, 95.5, 12.345, 0.0123, -250.6, 12, float("nan"))] == \
+        ["1530", "475", "95.5", "12.3", "0.0123", "-251", "12", "nan"]
+
+
+def test_the_metrics_have_no_v_num_and_no_exponents():
+    logger = SimpleNamespace(version="3f2a9c1d")  # what MLflow's run id gives Lightning's v_num
+    trainer = SimpleNamespace(loggers=[logger], progress_bar_metrics={"return": 1530.25, "train_steps": 1200.0})
+    metrics = EnvStepProgressBar().get_metrics(trainer, None)
+    assert metrics == {"return": "1530", "train_steps": "1200"}
+
+
+def bar_lines(text: str) -> list[str]:
+    return [line.strip() for line in re.split(r"[\r\n]", text) if line.startswith("env steps")]
+
+
+def test_the_bar_counts_env_steps_to_run_steps_and_resumes_without_an_epoch(in_tmp, capsys):
+    def run(*overrides):
+        cfg = load_config(["debug"], [f"run.dir={in_tmp}/run", f"logger.tracking_uri=sqlite:///{in_tmp}/mlflow.db",
+                                      "trainer.enable_progress_bar=true", "run.prefill=60", *overrides])
+        fit(cfg)
+        return capsys.readouterr().out
+
+    first = run("run.steps=100")
+    lines = bar_lines(first)
+    # The bar starts after the prefill, at 60 env steps of 100, and ends full; tqdm shows an ETA (<mm:ss).
+    assert lines[0].split("|")[2].strip().startswith("60/100 [")
+    assert re.search(r"\| 100/100 \[\d\d:\d\d<00:00, ", lines[-1]), lines[-1]
+    assert "return=" in lines[-1] and "train_steps=40" in lines[-1]
+    resumed = run("run.steps=140", "ckpt_path=last")
+    lines = bar_lines(resumed)
+    assert lines[0].split("|")[2].strip().startswith("100/140 [")
+    assert "| 140/140 [" in lines[-1]
+    for text in (first, resumed):
+        assert "v_num" not in text and "Epoch" not in text and "e+" not in text
