@@ -73,15 +73,13 @@ def run_folder(ckpt_path: str) -> str:
 
 def load_module(ckpt_path: str):
     """The DreamerModule of a checkpoint (loaded with weights_only=True) and the run's config."""
+    from lit_dreamer.checkpoint_files import read_checkpoint
     from lit_dreamer.config import ConfigError, from_container
     from lit_dreamer.module import DreamerModule
     from omegaconf import OmegaConf
     if not os.path.isfile(ckpt_path):
         raise ConfigError(f"checkpoint {ckpt_path!r} does not exist")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"checkpoint {ckpt_path} cannot be loaded safely: {str(err).splitlines()[0]}") from None
+    ckpt = read_checkpoint(ckpt_path)  # weights_only; names an empty, corrupt or unsafe file
     hp = ckpt["hyper_parameters"]
     obs_spec = {k: (tuple(shape), dtype) for k, (shape, dtype) in hp["obs_spec"].items()}
     module = DreamerModule(obs_spec, hp["action_dim"], hp["discrete"], hp["config"])

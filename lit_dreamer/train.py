@@ -8,11 +8,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
 from lit_dreamer.agent_config import ModelConfig
+from lit_dreamer.checkpoint_files import check_checkpoint_folder, read_checkpoint
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
@@ -92,13 +92,9 @@ def resolve_ckpt_path(cfg: Config) -> str | None:
 
 def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
     """Refuse a checkpoint made for other spaces or another architecture, naming the difference."""
-    try:
-        # weights_only: tensors and plain containers only; a pickled object that would run code is refused.
-        # mmap: only the hyperparameters are read here; Lightning loads the checkpoint for real afterwards.
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        raise ConfigError(f"checkpoint {path} cannot be loaded safely (weights_only=True): "
-                          f"{str(err).splitlines()[0]}; use a checkpoint written by lit_dreamer") from None
+    # mmap: only the hyperparameters are read here; Lightning loads the checkpoint for real afterwards.
+    hparams = read_checkpoint(path, mmap=True)["hyper_parameters"]
+    check_checkpoint_folder(path)  # the replay and counters beside it, before anything is written
     for key in ("obs_spec", "action_dim", "discrete"):
         if hparams.get(key) != module.hparams[key]:
             raise ConfigError(f"checkpoint {path} was made for {key}={hparams.get(key)!r}, but this run has "
