@@ -54,12 +54,18 @@ def finished_run(tmp_path_factory):
 
 @pytest.fixture
 def run_copy(finished_run, in_tmp):
+    """A copy of the finished run with its MLflow store, so that a resume finds its MLflow run."""
     shutil.copytree(finished_run / "run", in_tmp / "run", symlinks=True)
+    shutil.copy(finished_run / "mlflow.db", in_tmp / "mlflow.db")
     return in_tmp / "run"
 
 
 def files_of(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def contents_of(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def truncate(path):
@@ -98,7 +104,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_older_complete_
     from lit_dreamer.__main__ import main
     apply, file, problem = DAMAGES[damage]
     apply(run_copy / "checkpoints" / LAST)
-    before = files_of(in_tmp)
+    before = contents_of(in_tmp)
     code = main(["fit", "-c", "debug", f"run.dir={run_copy}", f"logger.tracking_uri=sqlite:///{in_tmp}/mlflow.db",
                  "run.steps=60", "run.prefill=20", "ckpt_path=last"])
     err = capsys.readouterr().err
@@ -107,7 +113,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_older_complete_
     assert line.startswith("error: ") and file in line and problem in line, line
     assert f"checkpoint {run_copy / 'checkpoints' / LAST} is damaged" in line
     assert f"ckpt_path={run_copy / 'checkpoints' / OLDER / 'model.ckpt'}" in line  # a hint, not a fallback
-    assert files_of(in_tmp) == before  # nothing written: no new checkpoint, no MLflow run
+    assert contents_of(in_tmp) == before  # nothing written: no checkpoint, no MLflow run or status change
 
 
 def test_a_damaged_checkpoint_with_no_older_complete_one_says_so(run_copy, capsys):
