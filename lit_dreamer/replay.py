@@ -379,13 +379,18 @@ def _read_meta(file: str) -> dict[str, Any]:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ReplaySnapshotError(file, f"has format {found!r}, expected {_FORMAT_VERSION}")
     try:
-        # Every key load() reads, with the types it needs: a damaged file fails here, not halfway.
-        int(meta["capacity"]) // int(meta["num_envs"]), int(meta["state"]["rows_added"]), dict(meta["state"]["rng"])
-        float(meta["recency_half_life"]), str(meta["sampling"]), meta["files"]["has_context"]
+        # Every key that load() reads, with the type it needs: a damaged file fails here, not halfway.
+        if int(meta["capacity"]) < int(meta["num_envs"]) or int(meta["num_envs"]) < 1:
+            raise ValueError(f"capacity {meta['capacity']} and num_envs {meta['num_envs']} do not fit")
+        int(meta["state"]["rows_added"])
+        dict(meta["state"]["rng"])
+        float(meta["recency_half_life"])
         dtypes = [np.dtype(dtype) for _, dtype in meta["spec"].values()]
         if set(meta["files"]["data"]) != set(meta["spec"]) or not isinstance(meta["files"]["context"], dict):
             raise ValueError("the files listed differ from the spec")
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        if not isinstance(meta["files"]["has_context"], str) or meta["sampling"] not in SAMPLING_MODES:
+            raise ValueError("files.has_context or sampling is not what save() writes")
+    except (KeyError, TypeError, ValueError) as err:
         raise ReplaySnapshotError(file, f"is incomplete or malformed ({type(err).__name__}: {err})") from None
     if any(dtype.hasobject for dtype in dtypes):
         raise ReplaySnapshotError(file, "lists an object dtype, which a replay never stores")
@@ -393,8 +398,8 @@ def _read_meta(file: str) -> dict[str, Any]:
 
 
 def _check_array(file: str, shape: tuple[int, ...], dtype: np.dtype | None) -> None:
-    """Refuse a missing .npy, one of another shape or dtype (None: any non-object dtype for the trailing
-    axes), one holding Python objects, or one shorter than its header says."""
+    """Refuse a missing .npy, one holding Python objects, one shorter than its header says, or one of
+    another dtype or shape (dtype None: a latent, any dtype and any trailing axes after ``shape``)."""
     try:
         with open(file, "rb") as handle:
             version = np.lib.format.read_magic(handle)
