@@ -42,7 +42,8 @@ def read_checkpoint(path: str, *, mmap: bool = False) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - a damaged archive fails in many ways inside torch
         raise damaged(path, f"is empty or corrupt ({_first_line(err)})") from None
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
-        raise damaged(path, "is not a lit_dreamer checkpoint (it has no hyper_parameters)")
+        raise ConfigError(f"{path} is no lit_dreamer checkpoint (it has no hyper_parameters); use a model.ckpt "
+                          "from a run's checkpoints/step-* folder")
     return checkpoint
 
 
