@@ -238,9 +238,9 @@ class EnvCollector(Callback):
                                     "resume with the same number of devices it was saved with")
         trainer.datamodule.load_replay(path)
         state_file = os.path.join(folder, f"collector-rank{self.rank}.json")
-        if os.path.isfile(state_file):
-            with open(state_file) as f:
-                self.load_rank_state(json.load(f))
+        # Never skipped when missing: this rank's counters and RNG would silently start from zero.
+        with open(state_file) as f:
+            self.load_rank_state(json.load(f))
 
     def reset_envs(self, pl_module: L.LightningModule) -> None:
         obs, infos = self.envs.reset(seed=self.env_seed() + self.env_steps)

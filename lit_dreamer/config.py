@@ -77,7 +77,7 @@ class RunConfig:
     log_every: int = 10
     """Log metrics every this many training steps."""
     checkpoint_every: int = 10000
-    """Save a checkpoint (with replay) every this many env steps, and at the end."""
+    """Save a checkpoint (with replay) every this many env steps (0: never), and always at the end."""
     keep_checkpoints: int = 2
     """Newest checkpoint folders kept in run.dir/checkpoints (older ones are deleted; 0: keep all)."""
     eval_every: int = 5000
@@ -344,6 +344,9 @@ def validate(cfg: Config) -> None:
                        ("model.cnn_kernel", cfg.model.cnn_kernel)):
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.run.checkpoint_every < 0:
+        raise ConfigError(f"run.checkpoint_every must be >= 0 (0: only the checkpoint at the end), "
+                          f"got {cfg.run.checkpoint_every}")
     if cfg.run.keep_checkpoints < 0:
         raise ConfigError(f"run.keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {cfg.run.keep_checkpoints}")
     if not cfg.model.cnn_mults or min(cfg.model.cnn_mults) <= 0:

@@ -47,6 +47,8 @@ SAMPLING_MODES = ("uniform", "recency")
 _RESERVED_KEYS = ("index", "context_valid")
 _COPY_CHUNK_BYTES = 64 << 20
 _FORMAT_VERSION = 1
+_NPY_HEADER_BOUND = 4096  # np.save pads its header to a multiple of 64 bytes; far less than this
+_META_BOUND = 64 << 10
 
 
 def _file_name(kind: str, position: int, name: str) -> str:
@@ -299,20 +301,24 @@ class Replay:
             "files": files,
         }
 
+    @property
+    def snapshot_nbytes(self) -> int:
+        """Bytes that ``save`` writes now: the rows that hold data, plus a bound for headers and meta.json."""
+        filled = self._filled
+        arrays = [*self._data.values(), *self._context.values(), self._has_context]
+        return sum(array[:filled].nbytes + _NPY_HEADER_BOUND for array in arrays) + _META_BOUND
+
     @classmethod
     def load(cls, path: str, directory: str | None = None) -> Replay:
         """Restore a snapshot written by ``save``, into RAM or into memmaps in ``directory``.
 
         Arrays are read through read-only memmaps and copied in chunks, so RAM never holds the
-        snapshot and the storage at once.
+        snapshot and the storage at once. A missing, truncated or otherwise damaged file raises
+        ReplaySnapshotError naming it, before anything is allocated.
         """
-        snapshot = _find_snapshot(os.path.abspath(path))
+        snapshot, meta = check_snapshot(path)
         if directory is not None and os.path.realpath(directory) == os.path.realpath(snapshot):
             raise ValueError("load the replay into a directory other than the snapshot it reads")
-        with open(os.path.join(snapshot, "meta.json")) as file:
-            meta = json.load(file)
-        if meta.get("format") != _FORMAT_VERSION:
-            raise ValueError(f"snapshot {snapshot!r} has format {meta.get('format')}, expected {_FORMAT_VERSION}")
         spec = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in meta["spec"].items()}
         replay = cls(
             spec,
@@ -332,6 +338,92 @@ class Replay:
         replay.load_state_dict(meta["state"])
         return replay
 
+
+class ReplaySnapshotError(ValueError):
+    """A replay snapshot that cannot be loaded: ``file`` is the missing or damaged file, ``problem`` says how."""
+
+    def __init__(self, file: str, problem: str):
+        super().__init__(f"replay snapshot file {file} {problem}")
+        self.file, self.problem = file, problem
+
+
+class MissingReplaySnapshot(ReplaySnapshotError, FileNotFoundError):
+    """No snapshot at all where one was expected (also a FileNotFoundError)."""
+
+
+def check_snapshot(path: str) -> tuple[str, dict[str, Any]]:
+    """The snapshot folder of ``path`` and its meta.json, once every file it lists is checked.
+
+    Reads only headers and sizes, not the data: cheap enough to run before each resume.
+    """
+    snapshot = _find_snapshot(os.path.abspath(path))
+    meta = _read_meta(os.path.join(snapshot, "meta.json"))
+    rows = meta["capacity"] // meta["num_envs"]
+    filled = min(int(meta["state"]["rows_added"]), rows)
+    for key, file_name in meta["files"]["data"].items():
+        shape, dtype = meta["spec"][key]
+        _check_array(os.path.join(snapshot, file_name), (filled, meta["num_envs"], *shape), np.dtype(dtype))
+    for file_name in meta["files"]["context"].values():
+        _check_array(os.path.join(snapshot, file_name), (filled, meta["num_envs"]), None)
+    _check_array(os.path.join(snapshot, meta["files"]["has_context"]), (filled, meta["num_envs"]), np.dtype(np.bool_))
+    return snapshot, meta
+
+
+def _read_meta(file: str) -> dict[str, Any]:
+    try:
+        with open(file) as handle:
+            meta = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReplaySnapshotError(file, f"cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ReplaySnapshotError(file, f"has format {found!r}, expected {_FORMAT_VERSION}")
+    try:
+        # Every key that load() reads, with the type it needs: a damaged file fails here, not halfway.
+        if int(meta["capacity"]) < int(meta["num_envs"]) or int(meta["num_envs"]) < 1:
+            raise ValueError(f"capacity {meta['capacity']} and num_envs {meta['num_envs']} do not fit")
+        int(meta["state"]["rows_added"])
+        dict(meta["state"]["rng"])
+        float(meta["recency_half_life"])
+        dtypes = [np.dtype(dtype) for _, dtype in meta["spec"].values()]
+        if set(meta["files"]["data"]) != set(meta["spec"]) or not isinstance(meta["files"]["context"], dict):
+            raise ValueError("the files listed differ from the spec")
+        if not isinstance(meta["files"]["has_context"], str) or meta["sampling"] not in SAMPLING_MODES:
+            raise ValueError("files.has_context or sampling is not what save() writes")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ReplaySnapshotError(file, f"is incomplete or malformed ({type(err).__name__}: {err})") from None
+    if any(dtype.hasobject for dtype in dtypes):
+        raise ReplaySnapshotError(file, "lists an object dtype, which a replay never stores")
+    return meta
+
+
+def _check_array(file: str, shape: tuple[int, ...], dtype: np.dtype | None) -> None:
+    """Refuse a missing .npy, one holding Python objects, one shorter than its header says, or one of
+    another dtype or shape (dtype None: a latent, any dtype and any trailing axes after ``shape``)."""
+    try:
+        with open(file, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise ValueError(f".npy version {version} is not one np.save writes for a replay")
+            header = read_header[version](handle)
+            data_start = handle.tell()
+    except FileNotFoundError:
+        raise ReplaySnapshotError(file, "is missing") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ReplaySnapshotError(file, f"has no valid .npy header ({err})") from None
+    found_shape, fortran, found_dtype = header
+    if found_dtype.hasobject:
+        raise ReplaySnapshotError(file, "holds Python objects (object dtype), which a replay never stores")
+    if dtype is not None and found_dtype != dtype:
+        raise ReplaySnapshotError(file, f"has dtype {found_dtype}, expected {dtype}")
+    if fortran or tuple(found_shape[: len(shape)]) != shape or (dtype is not None and len(found_shape) != len(shape)):
+        raise ReplaySnapshotError(file, f"has shape {tuple(found_shape)}, expected {shape}"
+                                        + ("" if dtype is not None else " followed by the latent's shape"))
+    expected = data_start + math.prod(found_shape) * found_dtype.itemsize
+    size = os.path.getsize(file)
+    if size < expected:
+        raise ReplaySnapshotError(file, f"is truncated ({size} of {expected} bytes)")
 
 def _write_file(path: str, payload: bytes) -> None:
     with open(path, "wb") as file:
@@ -371,4 +463,6 @@ def _find_snapshot(path: str) -> str:
     leftovers = [old for old in glob.glob(f"{glob.escape(path)}.old-*") if os.path.exists(os.path.join(old, "meta.json"))]
     if leftovers:
         return max(leftovers, key=os.path.getmtime)
-    raise FileNotFoundError(f"no replay snapshot at {path!r} (expected {os.path.join(path, 'meta.json')})")
+    if os.path.isdir(path):
+        raise MissingReplaySnapshot(os.path.join(path, "meta.json"), "is missing (a snapshot is complete once it has one)")
+    raise MissingReplaySnapshot(path, "is missing: no replay snapshot there")

@@ -13,17 +13,16 @@ model.ckpt is enough to branch from or to evaluate.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from typing_extensions import override
 
 from lit_dreamer.callbacks import resolve_last
+from lit_dreamer.checkpoint_files import open_checkpoint
 from lit_dreamer.config import Config, ConfigError, flatten, load_config, to_flat_dict
 
 RECORD_KEY = "lit_dreamer"  # the checkpoint's top-level entry written by RunRecord
@@ -73,27 +72,8 @@ class CheckpointInfo:
     state_dict: dict
 
 
-def load_checkpoint_dict(path: str, mmap: bool = True) -> dict:
-    """torch.load with weights_only=True; a damaged or unsafe file becomes a ConfigError that says which."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path!r} does not exist")
-    if os.path.getsize(path) == 0:
-        raise ConfigError(f"checkpoint {path} is empty or corrupt (0 bytes); use an older step-* folder")
-    try:
-        # weights_only: tensors and plain containers only; a pickled object that would run code is refused.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        raise ConfigError(f"checkpoint {path} cannot be loaded safely (weights_only=True): "
-                          f"{str(err).splitlines()[0]}; use a checkpoint written by lit_dreamer") from None
-    except Exception as err:  # noqa: BLE001 - a truncated zip or tensor file fails in many types
-        raise ConfigError(f"checkpoint {path} is empty or corrupt ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); use an older step-* folder") from None
-
-
 def read_checkpoint(path: str, mmap: bool = True) -> CheckpointInfo:
-    ckpt = load_checkpoint_dict(path, mmap=mmap)
-    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt:
-        raise ConfigError(f"checkpoint {path} is not a lit_dreamer checkpoint (no hyper_parameters)")
+    ckpt = open_checkpoint(path, mmap=mmap)  # names an empty, corrupt, unsafe or foreign file
     record = ckpt.get(RECORD_KEY) or {}
     saver = ckpt.get("callbacks", {}).get("DreamerCheckpoint", {})
     train_steps = ckpt.get("state_dict", {}).get("train_steps")

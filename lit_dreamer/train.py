@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lit_dreamer.callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
 from lit_dreamer.agent_config import ModelConfig
+from lit_dreamer.checkpoint_files import check_checkpoint_folder
 from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
@@ -123,6 +124,7 @@ def check_start(cfg: Config, ckpt_path: str | None) -> tuple[bool, dict | None]:
     if nothing_to_do(info, cfg.run.steps):
         return continuing, finished_summary(cfg, info)
     check_replay_beside(ckpt_path)
+    check_checkpoint_folder(ckpt_path)  # the replay and counters beside it, before anything is written
     return continuing, None
 
 

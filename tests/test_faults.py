@@ -184,8 +184,9 @@ def test_a_dead_env_subprocess_is_replaced(in_tmp, monkeypatch):
 # Disk full and MLflow failures do not stop training
 
 
-def test_a_failed_checkpoint_write_does_not_stop_training(in_tmp, monkeypatch):
+def test_a_failed_checkpoint_write_does_not_stop_training(in_tmp, monkeypatch, caplog):
     import errno
+    import logging
     original, calls = Replay.save, {"n": 0}
 
     def save(self, path):
@@ -195,8 +196,12 @@ def test_a_failed_checkpoint_write_does_not_stop_training(in_tmp, monkeypatch):
         return original(self, path)
 
     monkeypatch.setattr(Replay, "save", save)
-    summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20", "run.checkpoint_every=10"))
+    with caplog.at_level(logging.WARNING, logger="callbacks.checkpoint"):
+        summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20", "run.checkpoint_every=10"))
     assert summary["env_steps"] == 45 and summary["train_steps"] == 25
+    warnings = [r.getMessage() for r in caplog.records if r.name == "callbacks.checkpoint"]
+    assert len(warnings) == 2 and "No space left" in warnings[0]
+    assert warnings[1] == "checkpoint saved again after 1 failed saves"
     folders = sorted(p.name for p in (in_tmp / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
     # Saves at 21 (ok), 31 (disk full: no complete checkpoint), 41 and 45 (ok; only the newest two kept).
     assert os.path.realpath(in_tmp / "run" / "checkpoints" / "last").endswith("step-000000000045")

@@ -73,6 +73,9 @@ def resume_and_check(root: Path, expected_last: str, total: int = TOTAL) -> None
         np.testing.assert_array_equal(replay._data[key][:saved_steps], saved_replay._data[key][:saved_steps])
     # The first step recorded after the resume starts a new episode (the envs were reset).
     assert replay._data["is_first"][saved_steps].all()
+    # What the killed save left (a half-written snapshot, model.ckpt.tmp, a .last-<pid> link) is gone.
+    checkpoints = root / "run" / "checkpoints"
+    assert not [str(p) for p in checkpoints.rglob("*") if ".tmp" in p.name or p.name.startswith(".last-")]
 
 
 @pytest.mark.slow
