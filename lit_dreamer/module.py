@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_dreamer.actor_critic import ActorCritic
+from lit_dreamer.actor_critic import ActorCritic, Imagination
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
@@ -68,6 +68,7 @@ class DreamerModule(L.LightningModule):
         # Off unless a benchmark switches it on; shared with the actor-critic for its two phases.
         self.timer = PhaseTimer()
         self.actor_critic.timer = self.timer
+        self.actor_critic.gather = self.gather_returns
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.consecutive_skips = 0
@@ -101,24 +102,23 @@ class DreamerModule(L.LightningModule):
         # 2. Imagination: roll out the policy in the prior from every posterior state.
         start = post.detach().flatten()
         start_cont = 1.0 - batch["is_terminal"].flatten(0, 1).float()
-        ac_losses, ac_metrics, returns, spread = self.actor_critic.imagine_loss(
-            self.world_model, start, start_cont, gather=self.gather_returns)
-        metrics.update(ac_metrics)
+        imagination = self.actor_critic.imagine_loss(self.world_model, start, start_cont)
+        metrics.update(imagination.metrics)
 
         # 3. Critic on the replayed sequence, bootstrapped from the imagined returns of each step.
         with self.timer("actor_critic"):
-            repval = self.actor_critic.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T))
+            repval = self.actor_critic.replay_value_loss(post.feat(), batch, imagination.returns[:, 0].view(B, T))
 
-        losses = {**wm_losses, **ac_losses, "repval": repval}
+        losses = {**wm_losses, **imagination.losses, "repval": repval}
         assert losses.keys() == self.scales.keys(), (sorted(losses), sorted(self.scales))
         means = {k: v.float().mean() for k, v in losses.items()}
         total = sum(self.scales[k] * v for k, v in means.items())
-        stepped = self.optimize(total, means, spread, metrics)
+        stepped = self.optimize(total, means, imagination, metrics)
         self.log_metrics({**{f"loss/{k}": v for k, v in means.items()}, **metrics})
         # A skipped step's posteriors may hold NaN: they must not become replay context.
         return {"context": self.context_entries(post) if stepped else None}
 
-    def optimize(self, total: Tensor, means: dict[str, Tensor], spread: Tensor, metrics: dict) -> bool:
+    def optimize(self, total: Tensor, means: dict[str, Tensor], imagination: Imagination, metrics: dict) -> bool:
         """One backward over the summed loss, then step all three optimizers, or none of them.
 
         A non-finite loss or gradient skips the update (optimizers, slow critic and normalizer stay
@@ -151,8 +151,7 @@ class DreamerModule(L.LightningModule):
         with self.timer("optimizer"):
             for opt in optimizers:
                 opt.step()
-            self.actor_critic.update_slow_critic()
-        self.actor_critic.normalizer.commit(spread)
+            self.actor_critic.commit(imagination)
         self.train_steps += 1
         for name, opt in zip(self.parts(), optimizers):
             metrics[f"lr/{name}"] = torch.tensor(opt.optimizer.current_lr())
