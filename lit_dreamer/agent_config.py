@@ -196,8 +196,3 @@ class AgentConfig:
     loss_scales: LossScales = field(default_factory=LossScales)
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-
-
-def as_dict(obj) -> dict:
-    """Dataclass to a flat-ish dict (for logging), without the dataclasses.asdict deep copy."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 from lit_dreamer.actor_critic import ActorCritic, Imagination
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
@@ -82,6 +83,7 @@ class DreamerModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------
     # Optimization
 
+    @override
     def configure_optimizers(self):
         o = self.cfg.optim
         kwargs = dict(betas=(o.beta1, o.beta2), eps=o.eps, agc=o.agc, pmin=o.pmin, warmup=o.warmup)
@@ -92,6 +94,7 @@ class DreamerModule(L.LightningModule):
             LaProp(ac.critic.parameters(), lr=o.critic_lr or o.lr, **kwargs),
         ]
 
+    @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         B, T = batch["is_first"].shape
 
@@ -163,6 +166,7 @@ class DreamerModule(L.LightningModule):
             return returns
         return self.all_gather(returns.detach()).flatten()
 
+    @override
     def on_train_batch_end(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], batch_idx: int) -> None:
         datamodule = self.trainer.datamodule
         context = outputs["context"]

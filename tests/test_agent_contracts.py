@@ -487,3 +487,13 @@ def test_a_pixel_checkpoint_from_before_the_new_keys_loads_and_behaves_as_made(t
     with pytest.raises(RuntimeError, match="project_norm.weight"):
         DreamerModule(OBS_SPEC, 2, False, AgentConfig(model=TINY)).load_state_dict(ckpt["state_dict"])
     assert asdict(rebuilt.cfg) == asdict(loaded.cfg)
+
+
+def test_every_lightning_hook_the_module_overrides_is_marked_override():
+    import lightning as L
+
+    from lit_dreamer.module import DreamerModule
+    hooks = [name for name, value in vars(DreamerModule).items()
+             if callable(value) and not name.startswith("__") and hasattr(L.LightningModule, name)]
+    assert {"configure_optimizers", "training_step", "on_train_batch_end"} <= set(hooks)
+    assert [name for name in hooks if not getattr(vars(DreamerModule)[name], "__override__", False)] == []
