@@ -12,7 +12,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_dreamer.actor_critic import ActorCritic, Imagination
-from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
+from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig,
+                                     WorldModelConfig, migrate_moved_keys)
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
 from lit_dreamer.timing import PhaseTimer
@@ -29,14 +30,17 @@ def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
     """Accept an AgentConfig, a plain nested dict as a checkpoint saves it, or None (defaults).
 
     A dict is read as saved: a model key it predates takes the value it was made with (ModelConfig.from_saved),
-    so that `load_from_checkpoint` and `eval` rebuild an old checkpoint's architecture, not today's.
+    so that `load_from_checkpoint` and `eval` rebuild an old checkpoint's architecture, not today's; a key
+    saved in the section it has since left is read from there (migrate_moved_keys).
     """
     if config is None:
         return AgentConfig()
     if isinstance(config, AgentConfig):
         return config
+    config = migrate_moved_keys(config)
     return AgentConfig(
         model=ModelConfig.from_saved(config.get("model", {})),
+        world_model=WorldModelConfig(**config.get("world_model", {})),
         loss_scales=LossScales(**config.get("loss_scales", {})),
         behavior=BehaviorConfig(**config.get("behavior", {})),
         optim=OptimConfig(**config.get("optim", {})),
@@ -62,7 +66,7 @@ class DreamerModule(L.LightningModule):
         self.automatic_optimization = False
         self.cfg = cfg
         self.obs_spec, self.action_dim, self.discrete = obs_spec, action_dim, discrete
-        self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.behavior.free_nats)
+        self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats)
         self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior)
         self.scales = {f"rec/{k}": cfg.loss_scales.rec for k in self.world_model.decoded_keys}
         self.scales.update({k: v for k, v in asdict(cfg.loss_scales).items() if k != "rec"})

@@ -497,3 +497,39 @@ def test_every_lightning_hook_the_module_overrides_is_marked_override():
              if callable(value) and not name.startswith("__") and hasattr(L.LightningModule, name)]
     assert {"configure_optimizers", "training_step", "on_train_batch_end"} <= set(hooks)
     assert [name for name in hooks if not getattr(vars(DreamerModule)[name], "__override__", False)] == []
+
+
+def test_a_checkpoint_and_run_config_from_before_free_nats_moved_load_with_its_value(tmp_path):
+    # Made as the code before the move saved it: free_nats under `behavior` in the checkpoint's hyperparameters
+    # and in the run's config.yaml. A non-default value, so that falling back to the default would show.
+    from dataclasses import asdict, replace
+
+    import lightning as L
+    import yaml
+
+    from lit_dreamer.config import Config, to_flat_dict
+    from lit_dreamer.evaluation import load_module
+    from lit_dreamer.module import DreamerModule
+    from lit_dreamer.train import check_checkpoint_matches
+    agent = AgentConfig(model=TINY, world_model=replace(AgentConfig().world_model, free_nats=0.5))
+    new = DreamerModule(OBS_SPEC, 2, False, agent)
+    hparams = dict(new.hparams)
+    old_config = {k: dict(v) for k, v in hparams["config"].items() if k != "world_model"}
+    old_config["behavior"]["free_nats"] = 0.5
+    hparams["config"] = old_config
+    folder = tmp_path / "runs" / "old" / "checkpoints" / "step-000000000010"
+    folder.mkdir(parents=True)
+    path = folder / "model.ckpt"
+    torch.save({"hyper_parameters": hparams, "state_dict": new.state_dict(),
+                "pytorch-lightning_version": L.__version__}, path)
+    run_config = asdict(Config(model=TINY))
+    del run_config["world_model"]
+    run_config["behavior"]["free_nats"] = 0.5
+    (tmp_path / "runs" / "old" / "config.yaml").write_text(yaml.safe_dump(run_config))
+
+    evaluated, cfg = load_module(str(path))  # what `eval` does
+    loaded = DreamerModule.load_from_checkpoint(path, weights_only=True)
+    for module in (evaluated, loaded):
+        assert module.cfg == agent and module.world_model.free_nats == 0.5
+    assert cfg.world_model.free_nats == 0.5 and "behavior.free_nats" not in to_flat_dict(cfg)
+    check_checkpoint_matches(str(path), new)  # resuming it: the moved key is no model mismatch
