@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,8 +51,35 @@ class Critic(nn.Module):
         return TwoHot(self.net(feat))
 
 
+@dataclass
+class Imagination:
+    """What the imagination phase of one training step produced.
+
+    `spread` is the return normalizer's state after this step, not yet stored: `ActorCritic.commit`
+    stores it once the update has happened, so a skipped step leaves the normalizer untouched.
+    """
+
+    losses: dict[str, Tensor]
+    """`policy` and `value`, each (N, H)."""
+    metrics: dict[str, Tensor]
+    """Scalars keyed `ac/...`."""
+    returns: Tensor
+    """Lambda returns (N, H)."""
+    spread: Tensor
+    """() the normalizer's peeked EMA of the return spread."""
+
+
+def same_device_only(returns: Tensor) -> Tensor:
+    """The default `ActorCritic.gather`: on one device the returns are all there is."""
+    return returns
+
+
 class ActorCritic(nn.Module):
-    """Actor, critic, slow critic and return normalizer, with the imagination and replay losses."""
+    """Actor, critic, slow critic and return normalizer, with the imagination and replay losses.
+
+    `gather` collects the imagined returns of all devices before the normalizer's percentiles are taken,
+    so every rank computes the same scale; the system that runs several devices sets it (as it sets `timer`).
+    """
 
     def __init__(self, feat_dim: int, action_dim: int, discrete: bool, model: ModelConfig,
                  behavior: BehaviorConfig):
@@ -64,21 +92,23 @@ class ActorCritic(nn.Module):
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.normalizer = ReturnNormalizer(rate=behavior.retnorm_rate, limit=behavior.retnorm_limit)
         self.timer = PhaseTimer()
+        self.gather: Callable[[Tensor], Tensor] = same_device_only
 
     @torch.no_grad()
-    def update_slow_critic(self) -> None:
-        """slow <- (1 - rate) * slow + rate * critic, every training step."""
+    def commit(self, imagination: Imagination) -> None:
+        """After an update that happened: step the slow critic and store the normalizer's new spread.
+
+        slow <- (1 - rate) * slow + rate * critic, every training step; skipped steps call neither.
+        """
         for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
             slow.lerp_(fast, self.cfg.slow_rate)
+        self.normalizer.commit(imagination.spread)
 
-    def imagine_loss(self, wm: WorldModel, start: State, start_cont: Tensor, gather: Callable[[Tensor], Tensor] = None
-                     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
+    def imagine_loss(self, wm: WorldModel, start: State, start_cont: Tensor) -> Imagination:
         """Actor and critic losses on rollouts from N start states (gradient already stopped).
 
-        start_cont (N,) = 1 - is_terminal of the replayed start step. Returns losses (N, H) keyed
-        `policy` and `value`, metrics, the lambda returns (N, H), and the normalizer's peeked spread
-        (computed time-major inside, see `behavior_losses`).
-        `gather` collects the returns of all devices for the percentiles (identity on one device).
+        start_cont (N,) = 1 - is_terminal of the replayed start step. Computed time-major inside,
+        see `behavior_losses`.
         """
         params, samples = [], []
 
@@ -103,17 +133,16 @@ class ActorCritic(nn.Module):
                 cont = wm.cont(feat[1:]).mean()
                 cont = torch.cat([start_cont[None].to(cont.dtype), cont])
         with self.timer("actor_critic"):
-            return self.behavior_losses(feat, torch.stack(samples), torch.stack(params), reward, cont, gather)
+            return self.behavior_losses(feat, torch.stack(samples), torch.stack(params), reward, cont)
 
-    def behavior_losses(self, feat: Tensor, actions: Tensor, policy_params: Tensor, reward: Tensor, cont: Tensor,
-                        gather: Callable[[Tensor], Tensor] | None
-                        ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
+    def behavior_losses(self, feat: Tensor, actions: Tensor, policy_params: Tensor, reward: Tensor, cont: Tensor
+                        ) -> Imagination:
         """Actor and critic losses on imagined trajectories: lambda returns, advantages, weights.
 
         Inputs are time-major: feat, reward, cont (H+1, N); actions and policy_params (H, N), those
         of states 0..H-1. Only those H states are trained; the last state is only the returns'
         bootstrap, so the critic reads it without gradient and the slow critic not at all.
-        Returns losses and lambda returns batch-major, (N, H) (transposed views).
+        Its losses and lambda returns are batch-major, (N, H) (transposed views).
         """
         policy_dist = self.actor.dist(policy_params)
         with torch.no_grad():
@@ -125,7 +154,7 @@ class ActorCritic(nn.Module):
         # Weight of step t: product of the discounts up to it (a terminal start contributes nothing).
         weight = (torch.cumprod(discount, 0) / self.cfg.gamma)[:-1]
         returns = lambda_returns(reward.T, discount.T, value.T, self.cfg.lam).T  # (H, N); the function is batch-major
-        spread = self.normalizer.peek(gather(returns) if gather else returns)
+        spread = self.normalizer.peek(self.gather(returns))
         advantage = (returns - value[:-1]) / self.normalizer.scale(spread)
         entropy = policy_dist.entropy()
         losses = {
@@ -138,7 +167,7 @@ class ActorCritic(nn.Module):
             "ac/reward": reward[1:].mean(), "ac/cont": cont.mean(), "ac/weight": weight.mean(),
             "ac/return_scale": self.normalizer.scale(spread), "ac/slow_value": slow_value.mean(),
         }
-        return losses, metrics, returns.T, spread
+        return Imagination(losses, metrics, returns.T, spread)
 
     def replay_value_loss(self, post_feat: Tensor, batch: dict[str, Tensor], imagined_returns: Tensor) -> Tensor:
         """Critic loss on the replayed sequence itself (its gradient reaches the world model).

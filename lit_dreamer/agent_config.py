@@ -109,6 +109,39 @@ LEGACY_MODEL_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
+class WorldModelConfig:
+    """World-model training settings (its network sizes are in `model`, which a checkpoint must match)."""
+
+    free_nats: float = 1.0
+    """Free bits of the KL losses: a dynamics or representation KL below this is clamped and not optimized."""
+
+
+# Keys that moved from one section to another: old dotted key -> new one. A config file, a saved config.yaml or
+# a checkpoint's hyperparameters written before the move are read through `migrate_moved_keys`.
+MOVED_KEYS: dict[str, str] = {
+    "behavior.free_nats": "world_model.free_nats",
+}
+
+
+def migrate_moved_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a nested config dict (a file's or a checkpoint's, any subset of sections) with moved keys in
+    their new place. Raises ValueError when a key is set in both places (which one was meant is unclear)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if not isinstance(out.get(old_section), dict) or old_key not in out[old_section]:
+            continue
+        value = out[old_section].pop(old_key)
+        target = out.setdefault(new_section, {})
+        if target is None:
+            target = out[new_section] = {}
+        if new_key in target:
+            raise ValueError(f"{old} and {new} are both set; {old} is the old name of {new}: keep only {new}")
+        target[new_key] = value
+    return out
+
+
+@dataclass
 class LossScales:
     """Weights of the loss terms; keys must match the loss dict exactly."""
 
@@ -150,8 +183,6 @@ class BehaviorConfig:
     """EMA rate of the return percentile spread."""
     retnorm_limit: float = 1.0
     """Advantages are divided by max(limit, spread)."""
-    free_nats: float = 1.0
-    """Free bits of the KL losses."""
     min_std: float = 0.1
     """Minimum std of the bounded-normal policy."""
     max_std: float = 1.0
@@ -193,11 +224,7 @@ class AgentConfig:
     """Everything the DreamerModule needs besides the spaces."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
     loss_scales: LossScales = field(default_factory=LossScales)
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-
-
-def as_dict(obj) -> dict:
-    """Dataclass to a flat-ish dict (for logging), without the dataclasses.asdict deep copy."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}

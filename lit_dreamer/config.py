@@ -20,7 +20,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
+from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig,
+                                     WorldModelConfig, migrate_moved_keys)
 
 def config_dir() -> str:
     """The YAML overlays: lit_dreamer/configs in an installed package, configs/ at the top of a checkout."""
@@ -162,6 +163,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
     loss_scales: LossScales = field(default_factory=LossScales)
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -172,7 +174,8 @@ class Config:
     """'last' continues the run in run.dir; a model.ckpt or a run folder branches into a new run.dir (see --resume)."""
 
     def agent(self) -> AgentConfig:
-        return AgentConfig(model=self.model, loss_scales=self.loss_scales, behavior=self.behavior, optim=self.optim)
+        return AgentConfig(model=self.model, world_model=self.world_model, loss_scales=self.loss_scales,
+                           behavior=self.behavior, optim=self.optim)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,6 +310,7 @@ def load_config(files: list[str] = (), overrides: list[str] = (), base: dict | N
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. run.steps=5000)")
         layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
     for layer, source in layers:
+        layer = migrated(layer, source)
         check_keys(list(flatten(OmegaConf.to_container(layer))), source)
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -317,6 +321,14 @@ def load_config(files: list[str] = (), overrides: list[str] = (), base: dict | N
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     return config
+
+
+def migrated(layer: DictConfig, source: str) -> DictConfig:
+    """The layer with keys that moved section (e.g. behavior.free_nats) in their new place: old files still load."""
+    try:
+        return OmegaConf.create(migrate_moved_keys(OmegaConf.to_container(layer)))
+    except ValueError as err:
+        raise ConfigError(f"{err} (in {source})") from None
 
 
 def validate(cfg: Config) -> None:
@@ -392,4 +404,6 @@ def to_flat_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_container(data: dict | DictConfig) -> Config:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+    """A saved config (a run's config.yaml), read through the key migrations like a config file."""
+    layer = data if isinstance(data, DictConfig) else OmegaConf.create(data)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), migrated(layer, "the saved config")))

@@ -9,9 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
-from lit_dreamer.actor_critic import ActorCritic
-from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig
+from lit_dreamer.actor_critic import ActorCritic, Imagination
+from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig,
+                                     WorldModelConfig, migrate_moved_keys)
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
 from lit_dreamer.timing import PhaseTimer
@@ -28,14 +30,17 @@ def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
     """Accept an AgentConfig, a plain nested dict as a checkpoint saves it, or None (defaults).
 
     A dict is read as saved: a model key it predates takes the value it was made with (ModelConfig.from_saved),
-    so that `load_from_checkpoint` and `eval` rebuild an old checkpoint's architecture, not today's.
+    so that `load_from_checkpoint` and `eval` rebuild an old checkpoint's architecture, not today's; a key
+    saved in the section it has since left is read from there (migrate_moved_keys).
     """
     if config is None:
         return AgentConfig()
     if isinstance(config, AgentConfig):
         return config
+    config = migrate_moved_keys(config)
     return AgentConfig(
         model=ModelConfig.from_saved(config.get("model", {})),
+        world_model=WorldModelConfig(**config.get("world_model", {})),
         loss_scales=LossScales(**config.get("loss_scales", {})),
         behavior=BehaviorConfig(**config.get("behavior", {})),
         optim=OptimConfig(**config.get("optim", {})),
@@ -61,13 +66,14 @@ class DreamerModule(L.LightningModule):
         self.automatic_optimization = False
         self.cfg = cfg
         self.obs_spec, self.action_dim, self.discrete = obs_spec, action_dim, discrete
-        self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.behavior.free_nats)
+        self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats)
         self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior)
         self.scales = {f"rec/{k}": cfg.loss_scales.rec for k in self.world_model.decoded_keys}
         self.scales.update({k: v for k, v in asdict(cfg.loss_scales).items() if k != "rec"})
         # Off unless a benchmark switches it on; shared with the actor-critic for its two phases.
         self.timer = PhaseTimer()
         self.actor_critic.timer = self.timer
+        self.actor_critic.gather = self.gather_returns
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.consecutive_skips = 0
@@ -81,6 +87,7 @@ class DreamerModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------
     # Optimization
 
+    @override
     def configure_optimizers(self):
         o = self.cfg.optim
         kwargs = dict(betas=(o.beta1, o.beta2), eps=o.eps, agc=o.agc, pmin=o.pmin, warmup=o.warmup)
@@ -91,6 +98,7 @@ class DreamerModule(L.LightningModule):
             LaProp(ac.critic.parameters(), lr=o.critic_lr or o.lr, **kwargs),
         ]
 
+    @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         B, T = batch["is_first"].shape
 
@@ -101,24 +109,23 @@ class DreamerModule(L.LightningModule):
         # 2. Imagination: roll out the policy in the prior from every posterior state.
         start = post.detach().flatten()
         start_cont = 1.0 - batch["is_terminal"].flatten(0, 1).float()
-        ac_losses, ac_metrics, returns, spread = self.actor_critic.imagine_loss(
-            self.world_model, start, start_cont, gather=self.gather_returns)
-        metrics.update(ac_metrics)
+        imagination = self.actor_critic.imagine_loss(self.world_model, start, start_cont)
+        metrics.update(imagination.metrics)
 
         # 3. Critic on the replayed sequence, bootstrapped from the imagined returns of each step.
         with self.timer("actor_critic"):
-            repval = self.actor_critic.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T))
+            repval = self.actor_critic.replay_value_loss(post.feat(), batch, imagination.returns[:, 0].view(B, T))
 
-        losses = {**wm_losses, **ac_losses, "repval": repval}
+        losses = {**wm_losses, **imagination.losses, "repval": repval}
         assert losses.keys() == self.scales.keys(), (sorted(losses), sorted(self.scales))
         means = {k: v.float().mean() for k, v in losses.items()}
         total = sum(self.scales[k] * v for k, v in means.items())
-        stepped = self.optimize(total, means, spread, metrics)
+        stepped = self.optimize(total, means, imagination, metrics)
         self.log_metrics({**{f"loss/{k}": v for k, v in means.items()}, **metrics})
         # A skipped step's posteriors may hold NaN: they must not become replay context.
         return {"context": self.context_entries(post) if stepped else None}
 
-    def optimize(self, total: Tensor, means: dict[str, Tensor], spread: Tensor, metrics: dict) -> bool:
+    def optimize(self, total: Tensor, means: dict[str, Tensor], imagination: Imagination, metrics: dict) -> bool:
         """One backward over the summed loss, then step all three optimizers, or none of them.
 
         A non-finite loss or gradient skips the update (optimizers, slow critic and normalizer stay
@@ -151,8 +158,7 @@ class DreamerModule(L.LightningModule):
         with self.timer("optimizer"):
             for opt in optimizers:
                 opt.step()
-            self.actor_critic.update_slow_critic()
-        self.actor_critic.normalizer.commit(spread)
+            self.actor_critic.commit(imagination)
         self.train_steps += 1
         for name, opt in zip(self.parts(), optimizers):
             metrics[f"lr/{name}"] = torch.tensor(opt.optimizer.current_lr())
@@ -164,6 +170,7 @@ class DreamerModule(L.LightningModule):
             return returns
         return self.all_gather(returns.detach()).flatten()
 
+    @override
     def on_train_batch_end(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], batch_idx: int) -> None:
         datamodule = self.trainer.datamodule
         context = outputs["context"]

@@ -38,6 +38,14 @@ class State:
 
 
 class RSSM(nn.Module):
+    """Recurrent state-space model: a block GRU over h, a prior p(z | h) and a posterior q(z | h, embed).
+
+    Holds the projections of h, z and the action into the GRU, the GRU, and the prior and posterior heads
+    (K categorical latents of C classes, `unimix` mixed with uniform). `observe(embed (B, T, E), action
+    (B, T, A), is_first (B, T))` returns the posterior State (B, T) and the prior logits (B, T, K, C);
+    `imagine(start State (N,), policy, H)` returns features (H+1, N, F) time-major, F = `feat_dim` = D + K*C.
+    """
+
     def __init__(self, embed_dim: int, action_dim: int, *, deter: int, hidden: int, stoch: int, classes: int,
                  blocks: int = 8, prior_layers: int = 2, post_layers: int = 1, unimix: float = 0.01,
                  bias: bool = False):

@@ -47,6 +47,15 @@ def split_obs_keys(obs_spec: dict[str, tuple[tuple[int, ...], np.dtype]], cnn_ke
 
 
 class WorldModel(nn.Module):
+    """Encoder, RSSM, decoder, reward and continue heads: what the agent learns of its environment.
+
+    Holds an image encoder/decoder for the uint8 HxWxC keys and an MLP encoder/decoder for the vector keys
+    (`split_obs_keys`), the `rssm`, and two heads. `encode` maps observations (B, T, ...) to an embedding
+    (B, T, E); `decode` maps features (B, T, F) to one distribution per decoded key; `reward` and `cont` map
+    features (..., F) to a two-hot reward and a Bernoulli continue; `loss(batch)` returns (losses (B, T) by
+    name, posterior State (B, T), scalar metrics). Shapes: B batch, T time, E embedding, F = rssm.feat_dim.
+    """
+
     def __init__(self, obs_spec: dict[str, tuple[tuple[int, ...], np.dtype]], action_dim: int, cfg: ModelConfig,
                  free_nats: float = 1.0):
         super().__init__()

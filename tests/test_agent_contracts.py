@@ -10,6 +10,7 @@ from lit_dreamer.agent_config import SIZES, AgentConfig, BehaviorConfig, ModelCo
 from lit_dreamer.distributions import BoundedNormal, TwoHot
 from lit_dreamer.losses import actor_loss, critic_loss, lambda_returns
 from lit_dreamer.nets import BlockGRU, BlockLinear, ImageDecoder, ImageEncoder
+from lit_dreamer.normalizer import ReturnNormalizer
 from lit_dreamer.rssm import State
 from lit_dreamer.world_model import WorldModel, split_obs_keys
 
@@ -67,7 +68,9 @@ def test_imagination_and_losses_shapes(discrete):
     batch = make_batch(discrete=discrete)
     _, post, _ = wm.loss(batch)
     start = post.detach().flatten()
-    losses, metrics, returns, spread = ac.imagine_loss(wm, start, torch.ones(B * T))
+    imagination = ac.imagine_loss(wm, start, torch.ones(B * T))
+    losses, returns = imagination.losses, imagination.returns
+    assert imagination.spread.shape == ()
     assert losses["policy"].shape == (B * T, H)
     assert losses["value"].shape == (B * T, H)
     assert returns.shape == (B * T, H)
@@ -78,6 +81,32 @@ def test_imagination_and_losses_shapes(discrete):
     assert feat.shape == (H + 1, B * T, 32 + 16) and feat.is_contiguous()
     assert torch.equal(feat[0], start.feat())
     assert len(seen) == H and all(torch.equal(f, g) for f, g in zip(seen, feat[:-1]))  # the policy saw states 0..H-1
+
+
+def test_percentiles_read_the_gathered_returns_and_commit_moves_slow_critic_and_normalizer_together():
+    # Under DDP the system sets `gather` to an all-gather: the spread must come from every rank's returns.
+    wm, ac = make_agent()
+    torch.nn.init.normal_(ac.critic.net.out.weight, std=0.3)  # critic != slow critic, so the EMA moves
+    ac.gather = lambda returns: torch.cat([returns.flatten(), returns.flatten() + 50.0])  # a second rank's
+    _, post, _ = wm.loss(make_batch())
+    imagination = ac.imagine_loss(wm, post.detach().flatten(), torch.ones(B * T))
+    both = torch.cat([imagination.returns.flatten(), imagination.returns.flatten() + 50.0])
+    torch.testing.assert_close(imagination.spread, ReturnNormalizer().peek(both))
+    assert imagination.spread > ReturnNormalizer().peek(imagination.returns)  # the gathered values count
+    # Nothing is stored until the update happened.
+    slow = [p.clone() for p in ac.slow_critic.parameters()]
+    assert ac.normalizer.spread.item() == 0.0
+    ac.commit(imagination)
+    assert ac.normalizer.spread.item() == imagination.spread.item()
+    for before, after, fast in zip(slow, ac.slow_critic.parameters(), ac.critic.parameters()):
+        torch.testing.assert_close(after, before + ac.cfg.slow_rate * (fast - before))
+    assert any(not torch.equal(a, b) for a, b in zip(slow, ac.slow_critic.parameters()))
+
+
+def test_the_system_hands_its_all_gather_to_the_actor_critic():
+    from lit_dreamer.module import DreamerModule
+    module = DreamerModule(OBS_SPEC, 3, True, AgentConfig(model=TINY))
+    assert module.actor_critic.gather == module.gather_returns
 
 
 def test_imagination_feeds_the_dynamics_clipped_continuous_actions_but_scores_the_raw_sample(monkeypatch):
@@ -107,7 +136,7 @@ def test_imagined_rewards_and_continues_line_up_with_the_states_they_arrive_in(m
     wm, ac = make_agent()
     torch.nn.init.normal_(wm.reward_head.out.weight, std=0.3)  # the reward head starts at zero
     seen = {}
-    monkeypatch.setattr(ac, "behavior_losses", lambda feat, actions, params, reward, cont, gather: seen.update(
+    monkeypatch.setattr(ac, "behavior_losses", lambda feat, actions, params, reward, cont: seen.update(
         feat=feat, actions=actions, params=params, reward=reward, cont=cont))
     _, post, _ = wm.loss(make_batch())
     start_cont = torch.tensor([1.0, 0.0]).repeat(B * T // 2)
@@ -134,8 +163,9 @@ def test_behavior_losses_equal_those_computed_on_all_imagined_states(discrete):
     actions = ac.actor.dist(params).sample().detach()
     reward, cont = torch.randn(N, H + 1, generator=g), (torch.rand(N, H + 1, generator=g) > 0.2).float()
     # behavior_losses takes time-major inputs; the reference below is computed batch-major.
-    losses, metrics, returns, _ = ac.behavior_losses(feat.transpose(0, 1).contiguous(), actions.transpose(0, 1),
-                                                     params.transpose(0, 1), reward.T, cont.T, None)
+    imagination = ac.behavior_losses(feat.transpose(0, 1).contiguous(), actions.transpose(0, 1),
+                                     params.transpose(0, 1), reward.T, cont.T)
+    losses, metrics, returns = imagination.losses, imagination.metrics, imagination.returns
     assert losses["policy"].shape == losses["value"].shape == returns.shape == (N, H)
     (losses["policy"].mean() + losses["value"].mean()).backward()
     got = [p.grad.clone() for p in (*ac.actor.parameters(), *ac.critic.parameters())]
@@ -205,7 +235,7 @@ def test_actor_and_critic_losses_put_no_gradient_on_the_world_model(discrete):
     wm, ac = make_agent(discrete)
     batch = make_batch(discrete=discrete)
     _, post, _ = wm.loss(batch)
-    losses, _, _, _ = ac.imagine_loss(wm, post.detach().flatten(), torch.ones(B * T))
+    losses = ac.imagine_loss(wm, post.detach().flatten(), torch.ones(B * T)).losses
     (losses["policy"].mean() + losses["value"].mean()).backward()
     assert all(g is None or torch.count_nonzero(g) == 0 for g in grads_of(wm))
     assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads_of(ac.actor))
@@ -218,7 +248,7 @@ def test_replay_value_loss_reaches_the_world_model():
     wm, ac = make_agent()
     batch = make_batch()
     _, post, _ = wm.loss(batch)
-    _, _, returns, _ = ac.imagine_loss(wm, post.detach().flatten(), torch.ones(B * T))
+    returns = ac.imagine_loss(wm, post.detach().flatten(), torch.ones(B * T)).returns
     # A non-zero critic output layer so that gradients flow back through the critic's trunk.
     torch.nn.init.normal_(ac.critic.net.out.weight, std=0.1)
     ac.replay_value_loss(post.feat(), batch, returns[:, 0].view(B, T)).mean().backward()
@@ -457,3 +487,49 @@ def test_a_pixel_checkpoint_from_before_the_new_keys_loads_and_behaves_as_made(t
     with pytest.raises(RuntimeError, match="project_norm.weight"):
         DreamerModule(OBS_SPEC, 2, False, AgentConfig(model=TINY)).load_state_dict(ckpt["state_dict"])
     assert asdict(rebuilt.cfg) == asdict(loaded.cfg)
+
+
+def test_every_lightning_hook_the_module_overrides_is_marked_override():
+    import lightning as L
+
+    from lit_dreamer.module import DreamerModule
+    hooks = [name for name, value in vars(DreamerModule).items()
+             if callable(value) and not name.startswith("__") and hasattr(L.LightningModule, name)]
+    assert {"configure_optimizers", "training_step", "on_train_batch_end"} <= set(hooks)
+    assert [name for name in hooks if not getattr(vars(DreamerModule)[name], "__override__", False)] == []
+
+
+def test_a_checkpoint_and_run_config_from_before_free_nats_moved_load_with_its_value(tmp_path):
+    # Made as the code before the move saved it: free_nats under `behavior` in the checkpoint's hyperparameters
+    # and in the run's config.yaml. A non-default value, so that falling back to the default would show.
+    from dataclasses import asdict, replace
+
+    import lightning as L
+    import yaml
+
+    from lit_dreamer.config import Config, to_flat_dict
+    from lit_dreamer.evaluation import load_module
+    from lit_dreamer.module import DreamerModule
+    from lit_dreamer.train import check_checkpoint_matches
+    agent = AgentConfig(model=TINY, world_model=replace(AgentConfig().world_model, free_nats=0.5))
+    new = DreamerModule(OBS_SPEC, 2, False, agent)
+    hparams = dict(new.hparams)
+    old_config = {k: dict(v) for k, v in hparams["config"].items() if k != "world_model"}
+    old_config["behavior"]["free_nats"] = 0.5
+    hparams["config"] = old_config
+    folder = tmp_path / "runs" / "old" / "checkpoints" / "step-000000000010"
+    folder.mkdir(parents=True)
+    path = folder / "model.ckpt"
+    torch.save({"hyper_parameters": hparams, "state_dict": new.state_dict(),
+                "pytorch-lightning_version": L.__version__}, path)
+    run_config = asdict(Config(model=TINY))
+    del run_config["world_model"]
+    run_config["behavior"]["free_nats"] = 0.5
+    (tmp_path / "runs" / "old" / "config.yaml").write_text(yaml.safe_dump(run_config))
+
+    evaluated, cfg = load_module(str(path))  # what `eval` does
+    loaded = DreamerModule.load_from_checkpoint(path, weights_only=True)
+    for module in (evaluated, loaded):
+        assert module.cfg == agent and module.world_model.free_nats == 0.5
+    assert cfg.world_model.free_nats == 0.5 and "behavior.free_nats" not in to_flat_dict(cfg)
+    check_checkpoint_matches(str(path), new)  # resuming it: the moved key is no model mismatch

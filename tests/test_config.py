@@ -250,3 +250,19 @@ def test_a_runs_config_yaml_keeps_null_dimensions(tmp_path, monkeypatch):
     saved = load_config([str(tmp_path / "run" / "config.yaml")], ["model.size=size12m"])
     assert [getattr(saved.model, key) for key in SIZES["size1m"]] == [None] * 5
     assert vars(saved.model.resolved()).items() >= SIZES["size12m"].items()
+
+
+def test_a_config_file_from_before_free_nats_moved_to_world_model_still_loads(tmp_path):
+    # free_nats was behavior.free_nats until it moved to the world model's section: old files keep working.
+    old = tmp_path / "old.yaml"
+    old.write_text("behavior:\n  free_nats: 0.25\n  horizon: 5\n")
+    cfg = load_config([str(old)])
+    assert cfg.world_model.free_nats == 0.25 and cfg.behavior.horizon == 5
+    assert not hasattr(cfg.behavior, "free_nats")
+    assert load_config([str(old)], ["world_model.free_nats=0.5"]).world_model.free_nats == 0.5  # later wins
+    assert load_config([], ["behavior.free_nats=0.75"]).world_model.free_nats == 0.75
+    both = tmp_path / "both.yaml"
+    both.write_text("behavior:\n  free_nats: 0.25\nworld_model:\n  free_nats: 0.5\n")
+    with pytest.raises(ConfigError, match="behavior.free_nats and world_model.free_nats are both set.*keep only "
+                                          f"world_model.free_nats.*{both}"):
+        load_config([str(both)])
