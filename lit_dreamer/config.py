@@ -297,7 +297,7 @@ def load_config(files: list[str] = (), overrides: list[str] = (), base: dict | N
     cfg = OmegaConf.structured(Config)
     if base is not None:
         try:
-            cfg = OmegaConf.merge(cfg, base)
+            cfg = OmegaConf.merge(cfg, migrated(OmegaConf.create(base), "the saved config"))
         except OmegaConfBaseException as err:  # a config saved by an older version with a key since renamed
             reason = str(getattr(err, "msg", err)).splitlines()[0]
             raise ConfigError(f"the saved config does not fit this version ({reason})") from None

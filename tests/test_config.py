@@ -266,3 +266,9 @@ def test_a_config_file_from_before_free_nats_moved_to_world_model_still_loads(tm
     with pytest.raises(ConfigError, match="behavior.free_nats and world_model.free_nats are both set.*keep only "
                                           f"world_model.free_nats.*{both}"):
         load_config([str(both)])
+
+
+def test_a_saved_config_from_before_free_nats_moved_is_a_valid_resume_base():
+    # `fit --resume` starts from the saved config (the checkpoint's, or an older run's config.yaml).
+    cfg = load_config([], ["run.seed=2"], base={"behavior": {"free_nats": 0.5}, "run": {"seed": 1}})
+    assert cfg.world_model.free_nats == 0.5 and cfg.run.seed == 2
