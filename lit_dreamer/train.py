@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from lit_dreamer.callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
+from lit_dreamer.callbacks import (DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback,
+                                   resolve_last)
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.checkpoint_files import check_checkpoint_folder
-from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml
+from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml, validate
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
 from lit_dreamer.module import DreamerModule
@@ -236,6 +237,7 @@ def env_kwargs(cfg: Config) -> dict:
 
 def fit(cfg: Config) -> dict:
     """Train as configured; returns a summary dict (also printed by the CLI)."""
+    validate(cfg)  # load_config validates; a Config built in a script is checked here before anything runs
     if cfg.logger.run_name is not None or TORCHRUN_ID_ENV in os.environ:
         cfg.logger.run_name = cfg.logger.run_name or default_run_name(cfg)  # torchrun: the same on every rank
         return _fit_named(cfg)

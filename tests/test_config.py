@@ -272,3 +272,12 @@ def test_a_saved_config_from_before_free_nats_moved_is_a_valid_resume_base():
     # `fit --resume` starts from the saved config (the checkpoint's, or an older run's config.yaml).
     cfg = load_config([], ["run.seed=2"], base={"behavior": {"free_nats": 0.5}, "run": {"seed": 1}})
     assert cfg.world_model.free_nats == 0.5 and cfg.run.seed == 2
+
+
+def test_fit_from_a_script_checks_the_config_before_anything_runs(tmp_path, monkeypatch):
+    from lit_dreamer.config import Config
+    from lit_dreamer.train import fit
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="trainer.max_steps"):
+        fit(Config(trainer={"accelerator": "cpu", "max_steps": 5}))
+    assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store
