@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lit_dreamer.config import ConfigError, default_tracking_uri, field_docs
+from lit_dreamer.tracking import KIND_TAG
 
 
 class CompareError(ConfigError):
@@ -231,7 +232,6 @@ def experiment_runs(client, experiment: str) -> list:
     return runs
 
 
-KIND_TAG = "lit_dreamer.kind"
 KINDS = ("train", "eval")
 
 
