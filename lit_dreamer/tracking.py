@@ -153,16 +153,43 @@ def read_run_id(directory: str) -> tuple[str | None, str]:
     if not os.path.isfile(path):
         return None, f"{path} does not exist"
     try:
-        with open(path, encoding="ascii") as f:
-            text = f.read().strip()
-    except (OSError, UnicodeDecodeError) as err:
+        with open(path, "rb") as f:
+            text = f.read().decode("ascii").strip()
+    except OSError as err:
         return None, f"{path} cannot be read ({one_line(err)})"
+    except UnicodeDecodeError:
+        return None, f"{path} is damaged (it holds bytes that are no run id)"
     # MLflow run ids are 32 hex digits (a uuid4); anything else is a damaged file, not an id to ask the store for.
     if not text:
         return None, f"{path} is empty"
     if not all(c in "0123456789abcdef" for c in text.lower()) or len(text) > 64:
         return None, f"{path} is damaged (it holds {text[:40]!r}, not a run id)"
     return text, ""
+
+
+def continued_run_id(directory: str, uri: str) -> str | None:
+    """The MLflow run a resume in this run dir continues, or None (and a line saying why) for a new one.
+
+    None when the run dir's mlflow_run_id is missing, empty or damaged, or names a run this store does
+    not hold (another tracking URI, or a relative sqlite path started from another folder).
+    """
+    run_id, problem = read_run_id(directory)
+    if run_id is not None and run_status(uri, run_id) is None:
+        problem = f"MLflow run {run_id} of {directory} is not in the tracking store {uri}{saved_uri_hint(directory, uri)}"
+    if problem:
+        log.warning("%s: this resume logs to a new MLflow run, tagged resumed_from", problem)
+        return None
+    return run_id
+
+
+def saved_uri_hint(directory: str, uri: str) -> str:
+    """Where the run's config.yaml says it logged, when that differs from uri (relative paths: from where fit ran)."""
+    from omegaconf import OmegaConf
+    try:
+        saved = OmegaConf.load(os.path.join(directory, "config.yaml")).logger.tracking_uri
+    except Exception:  # noqa: BLE001 - only a hint: no file, bad YAML, no such key
+        return ""
+    return f" (its config.yaml logged to {saved})" if saved != uri else ""
 
 
 def run_status(uri: str, run_id: str) -> str | None:

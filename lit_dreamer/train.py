@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import time
@@ -12,7 +11,6 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
 
 from callbacks import DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback, resolve_last
 from lit_dreamer.agent_config import ModelConfig
@@ -21,11 +19,8 @@ from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.tracking import (KIND_TAG, RUN_ID_FILE, ResilientMLFlowLogger, TrackingError, check_tracking_uri,
-                                  claim_run_dir, mark_orphaned_run, read_run_id, run_status)
+                                  claim_run_dir, continued_run_id, mark_orphaned_run)
 from lit_dreamer.world_model import NON_OBS_KEYS
-
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,31 +145,10 @@ def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[Logger | N
         return CSVLogger(directory, name="", version="csv"), resuming
     if backend == "tensorboard":
         return TensorBoardLogger(directory, name="", version="tensorboard", default_hp_metric=False), resuming
-    run_id = continued_run_id(cfg, directory) if resuming else None
+    run_id = continued_run_id(directory, cfg.logger.tracking_uri) if resuming else None
     logger = ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
                                    tracking_uri=cfg.logger.tracking_uri, run_id=run_id, tags={KIND_TAG: "train"})
     return logger, run_id is not None
-
-
-def continued_run_id(cfg: Config, directory: str) -> str | None:
-    """The MLflow run a resume in this run dir continues, or None (and a line saying why) for a new one."""
-    uri = cfg.logger.tracking_uri
-    run_id, problem = read_run_id(directory)
-    if run_id is not None and run_status(uri, run_id) is None:
-        problem = f"MLflow run {run_id} of {directory} is not in the tracking store {uri}{saved_uri_hint(directory, uri)}"
-    if problem:
-        log.warning("%s: this resume logs to a new MLflow run, tagged resumed_from", problem)
-        return None
-    return run_id
-
-
-def saved_uri_hint(directory: str, uri: str) -> str:
-    """Where the run's config.yaml says it logged, when that differs from uri (relative paths: from where fit ran)."""
-    try:
-        saved = OmegaConf.load(os.path.join(directory, "config.yaml")).logger.tracking_uri
-    except Exception:  # noqa: BLE001 - only a hint: no file, bad YAML, no such key
-        return ""
-    return f" (its config.yaml logged to {saved})" if saved != uri else ""
 
 
 def record_run(cfg: Config, directory: str, logger: Logger | None, continued: bool, ckpt_path: str | None) -> None:
