@@ -1,4 +1,9 @@
-"""MLflow tracking that cannot stop training: a checked URI up front, and a logger that survives failures."""
+"""MLflow tracking that cannot stop training, and a run folder's record of its MLflow run.
+
+A checked URI up front; a logger that survives store failures; which MLflow run a run folder continues
+(`mlflow_run_id`, checked against the store a resume logs to); and which process is writing it
+(`running.json`), so that the next `fit` can end the run of a process that was killed outright.
+"""
 
 from __future__ import annotations
 
