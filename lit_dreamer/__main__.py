@@ -6,10 +6,14 @@ import argparse
 import signal
 import sys
 
-from lit_dreamer.compare import options_help
-from lit_dreamer.config import ConfigError, help_text, load_config, to_annotated_yaml
-from lit_dreamer.envs.faults import NonFiniteEnvError
-from lit_dreamer.module import NonFiniteTrainingError
+from lit_dreamer.quiet import quiet_startup
+
+quiet_startup()  # before the imports below load MLflow, Lightning and (later) pygame
+
+from lit_dreamer.compare import options_help  # noqa: E402
+from lit_dreamer.config import ConfigError, help_text, load_config, to_annotated_yaml  # noqa: E402
+from lit_dreamer.envs.faults import NonFiniteEnvError  # noqa: E402
+from lit_dreamer.module import NonFiniteTrainingError  # noqa: E402
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -115,7 +119,10 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"per episode: {', '.join(f'{r:.1f}' for r in result['returns'])}")
     if "video" in result:
         print(f"video of one episode (return {result['video_return']:.1f}): {result['video']}")
-    print(f"MLflow eval run {result['mlflow_run_id']}")
+    if "mlflow_run_id" in result:
+        print(f"MLflow eval run {result['mlflow_run_id']}")
+    else:
+        print(f"table appended to {result['csv']} (the run's logger.backend is not mlflow)")
     return 0
 
 
@@ -146,7 +153,7 @@ def print_summary(summary: dict) -> None:
     if summary["eval"]:
         e = summary["eval"]
         print(f"last evaluation: return {e['return']:.1f} +- {e['return_std']:.1f} over {e['episodes']} episodes")
-    print(f"MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}")
+    print(summary["logs"])
     print(f"checkpoint {summary['checkpoint']}")
     if summary["stopped_by"]:
         print(f"stopped by {summary['stopped_by']} before run.steps; continue with "

@@ -4,7 +4,7 @@ The runs of an experiment are grouped by a param (default `env.id`). The table h
 (final and best value of the metric, env steps, wall time, throughput, git commit) and one mean row per
 group. The figure has the group mean curves with 95% bootstrap bands over runs, and the interquartile
 mean (IQM) of each group at its last grid step: the aggregate rliable recommends for a few seeds
-(Agarwal et al., *Deep RL at the Edge of the Statistical Precipice*, 2021).
+(Agarwal et al., *Deep RL at the Edge of the Statistical Precipice*, 2021), computed as rliable does.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lit_dreamer.config import ConfigError, default_tracking_uri, field_docs
+from lit_dreamer.tracking import KIND_TAG
 
 
 class CompareError(ConfigError):
@@ -39,12 +40,19 @@ class CompareOptions:
     tracking_uri: str = field(default_factory=default_tracking_uri)
     """MLflow tracking URI (default: $MLFLOW_TRACKING_URI when set, else sqlite:///mlflow.db)."""
     runs: str = ""
-    """Comma-separated run ids or id prefixes (as in the table's id column); empty: every run."""
+    """Comma-separated run ids or id prefixes (as in the table's id column); empty: every run of the kinds below."""
+    kinds: str = "train"
+    """Comma-separated kinds of run to include: train (fit), eval (eval --ckpt), or train,eval. Runs named in
+    runs= are included whatever their kind."""
+
+
+MLFLOW_ONLY = ("compare reads MLflow only: runs trained with logger.backend=tensorboard, csv or none are not in "
+               "a tracking store (their metrics are in their run folder)")
 
 
 def options_help() -> str:
     docs = field_docs(CompareOptions)
-    lines, defaults = ["Options (key=value):", ""], CompareOptions()
+    lines, defaults = [MLFLOW_ONLY + ".", "", "Options (key=value):", ""], CompareOptions()
     for f in fields(CompareOptions):
         lines += [f"  {f.name} = {getattr(defaults, f.name)!r}", f"      {docs.get(f.name, '')}"]
     return "\n".join(lines)
@@ -98,21 +106,22 @@ def step_grid(run_steps: Sequence[np.ndarray], max_points: int = 200) -> np.ndar
     return np.linspace(first, last, max(count, 2) if last > first else 1)
 
 
-def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Interquartile mean: the mean of the middle 50% of the values (along axis).
+IQM_DEFINITION = "IQM: rliable's 25% trimmed mean (scipy.stats.trim_mean(x, 0.25)): floor(n/4) runs dropped at each end"
 
-    The i-th smallest of n values (i = 1..n) covers the quantile interval [(i-1)/n, i/n] and is weighted
-    by the part of it inside [0.25, 0.75], divided by 0.5. For n divisible by 4 this is the plain mean of
-    the middle n/2 values (rliable's IQM); otherwise the values at the edges count in part: n=3 weighs
-    the sorted values 1/6, 2/3, 1/6, n=5 weighs the middle three 0.3, 0.4, 0.3, and n=1 or 2 is the mean.
+
+def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Interquartile mean as rliable computes it: a 25% trimmed mean along axis.
+
+    The floor(n/4) smallest and floor(n/4) largest values are dropped and the rest averaged with equal
+    weight (rliable's `aggregate_iqm` is `scipy.stats.trim_mean(scores, 0.25)`). For n < 4 nothing is
+    dropped: the IQM of 3 runs is their mean. NaN for no values.
     """
     ordered = np.moveaxis(np.sort(np.asarray(values, dtype=float), axis=axis), axis, -1)
     n = ordered.shape[-1]
     if n == 0:
         return np.full(ordered.shape[:-1], np.nan)
-    edges = np.arange(n + 1) / n
-    weights = np.clip(np.minimum(edges[1:], 0.75) - np.maximum(edges[:-1], 0.25), 0.0, None) / 0.5
-    return ordered @ weights
+    cut = n // 4
+    return ordered[..., cut:n - cut].mean(axis=-1)
 
 
 def bootstrap_ci(values: Sequence[float], statistic: Callable = np.mean, confidence: float = 0.95,
@@ -202,7 +211,7 @@ def open_client(uri: str):
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         # MLflow would create an empty database here; a typo in the path should not leave a file behind.
         raise CompareError(f"no MLflow database at {uri[len('sqlite:///'):]}: run `fit` first, or point "
-                           "tracking_uri= at the database the runs went to")
+                           f"tracking_uri= at the database the runs went to; {MLFLOW_ONLY}")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -210,7 +219,7 @@ def experiment_runs(client, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise CompareError(f"no experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
+        raise CompareError(f"no experiment {experiment!r}; experiments: {', '.join(names) or 'none'} ({MLFLOW_ONLY})")
     runs, token = [], None
     while True:
         page = client.search_runs([found.experiment_id], max_results=1000, page_token=token)
@@ -221,6 +230,22 @@ def experiment_runs(client, experiment: str) -> list:
     if not runs:
         raise CompareError(f"experiment {experiment!r} has no runs")
     return runs
+
+
+KINDS = ("train", "eval")
+
+
+def run_kind(run) -> str:
+    """train or eval; runs logged before the tag existed were all fit runs (eval tagged itself from the start)."""
+    return run.data.tags.get(KIND_TAG, "train")
+
+
+def parse_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise CompareError(f"kinds={text!r}: use a comma-separated list of {', '.join(KINDS)} (e.g. kinds=train,eval)")
+    return kinds
 
 
 def select_runs(runs: list, wanted: Sequence[str]) -> list:
@@ -261,12 +286,26 @@ def summarize_run(client, run, metric: str, group_by: str) -> RunSummary:
         git_commit=source_commit(run))
 
 
-def load_runs(options: CompareOptions) -> list[RunSummary]:
-    """The experiment's (or the selected) runs, sorted by group and name; fails if none has the metric."""
+def load_runs(options: CompareOptions, notes: list[str] | None = None) -> list[RunSummary]:
+    """The experiment's runs of the wanted kinds (or the selected runs), sorted by group and name.
+
+    Fails if none has the metric. A line about the runs left out for their kind is appended to notes.
+    """
+    kinds = parse_kinds(options.kinds)
     client = open_client(options.tracking_uri)
     runs = experiment_runs(client, options.experiment)
     if options.runs:
         runs = select_runs(runs, [r.strip() for r in options.runs.split(",") if r.strip()])
+    else:
+        left_out = [r for r in runs if run_kind(r) not in kinds]
+        runs = [r for r in runs if run_kind(r) in kinds]
+        if left_out and notes is not None:
+            counts = {k: sum(run_kind(r) == k for r in left_out) for k in KINDS}
+            what = ", ".join(plural(n, f"{k} run") for k, n in counts.items() if n)
+            notes.append(f"left out: {what} (kinds={options.kinds}; add kinds=train,eval to include them)")
+        if not runs:
+            raise CompareError(f"experiment {options.experiment!r} has no runs of kinds={options.kinds}; "
+                               f"it has {', '.join(sorted({run_kind(r) for r in left_out}))} runs (set kinds=)")
     if not any(options.metric in r.data.metrics for r in runs):
         keys = sorted(set().union(*(r.data.metrics for r in runs)))
         raise CompareError(f"no run has the metric {options.metric!r}; metrics: {', '.join(keys) or 'none'}")
@@ -351,9 +390,21 @@ def format_table(header: Sequence[str], sections: Sequence[Sequence[Sequence[str
     return "\n".join(parts)
 
 
+def iqm_of(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(iqm(present)) if present else None
+
+
+def group_iqm_row(name: str, runs: Sequence[RunSummary]) -> list[str]:
+    """The IQM (rliable's, see iqm) over the group's runs of their final and best values."""
+    return [f"IQM of {len(runs)}", "", name, format_value(iqm_of([r.final for r in runs])),
+            format_value(iqm_of([r.best for r in runs])), "", "", "", ""]
+
+
 def comparison_table(runs: Sequence[RunSummary]) -> str:
-    groups = by_group(runs)
-    return format_table(TABLE_HEADER, [[run_row(r) for r in runs], [group_row(g, rs) for g, rs in groups.items()]])
+    """One row per run, then a mean row and an IQM row per group, then what the IQM is."""
+    group_rows = [row for g, rs in by_group(runs).items() for row in (group_row(g, rs), group_iqm_row(g, rs))]
+    return format_table(TABLE_HEADER, [[run_row(r) for r in runs], group_rows]) + f"\n\n{IQM_DEFINITION}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,7 +436,7 @@ def plot_comparison(groups: Sequence[GroupCurve], metric: str):
         f"{g.name}\nn={len(g.final_values)} at {g.grid[-1]:,.0f}" for g in groups])
     iqm_axes.set_ylim(-0.5, len(groups) - 0.5)
     iqm_axes.invert_yaxis()
-    iqm_axes.set(xlabel=metric, title="IQM at the last step (95% CI)")
+    iqm_axes.set(xlabel=metric, title="IQM at the last step (95% CI)\nrliable's: 25% trimmed mean")
     iqm_axes.grid(axis="x", alpha=0.3)
     return figure
 
@@ -400,7 +451,8 @@ def plural(count: int, noun: str) -> str:
 
 def main(options: CompareOptions) -> list[GroupCurve]:
     """Print the table, write the figure; returns the plotted groups."""
-    runs = load_runs(options)
+    notes: list[str] = []
+    runs = load_runs(options, notes)
     print(comparison_table(runs))
     groups = [group_curve(name, [(r.steps, r.values) for r in members if r.steps.size])
               for name, members in by_group(runs).items() if any(r.steps.size for r in members)]
@@ -410,4 +462,6 @@ def main(options: CompareOptions) -> list[GroupCurve]:
     note = f" ({plural(len(missing), 'run')} without {options.metric}: {', '.join(missing)})" if missing else ""
     print(f"\n{options.metric} of {plural(len(runs) - len(missing), 'run')} in {plural(len(groups), 'group')} "
           f"-> {options.out}{note}")
+    for line in notes:
+        print(line)
     return groups

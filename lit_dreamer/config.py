@@ -117,10 +117,15 @@ def default_tracking_uri() -> str:
     return os.environ.get(TRACKING_URI_VARIABLE) or "sqlite:///mlflow.db"
 
 
+LOGGER_BACKENDS = ("mlflow", "tensorboard", "csv", "none")
+
+
 @dataclass
 class LoggerConfig:
-    """MLflow tracking."""
+    """Where metrics go: MLflow (the default), TensorBoard or CSV files in the run dir, or nowhere."""
 
+    backend: str = "mlflow"
+    """mlflow, tensorboard (run.dir/tensorboard), csv (run.dir/csv/metrics.csv) or none; compare reads MLflow only."""
     tracking_uri: str = field(default_factory=default_tracking_uri)
     """MLflow tracking URI; the default is a SQLite file in the working directory, or $MLFLOW_TRACKING_URI when set."""
     experiment: str = "lit_dreamer"
@@ -348,6 +353,8 @@ def validate(cfg: Config) -> None:
     from lit_dreamer.evaluation import EVAL_MODES
     if cfg.run.eval_mode not in EVAL_MODES:
         raise ConfigError(f"run.eval_mode must be one of {', '.join(EVAL_MODES)}, got {cfg.run.eval_mode!r}")
+    if cfg.logger.backend not in LOGGER_BACKENDS:
+        raise ConfigError(f"logger.backend must be one of {', '.join(LOGGER_BACKENDS)}, got {cfg.logger.backend!r}")
     if cfg.replay.sampling not in ("uniform", "recency"):
         raise ConfigError(f"replay.sampling must be 'uniform' or 'recency', got {cfg.replay.sampling!r}")
     for key, value in (("run.steps", cfg.run.steps), ("run.batch_size", cfg.run.batch_size),

@@ -143,8 +143,39 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
                                               max_steps=100_000, **env_kwargs(cfg))
         result["video"] = write_gif(frames, options.video)
         result["video_return"] = video_return
-    result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, result.get("video"), training_run_id)
+    if cfg.logger.backend == "mlflow" or options.tracking_uri:
+        result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, result.get("video"),
+                                               training_run_id)
+    else:  # the run logged to TensorBoard, CSV or nowhere: the table goes beside its other files
+        result["csv"] = write_eval_csv(os.path.join(eval_csv_folder(ckpt_path), EVAL_CSV), result, options)
     return result
+
+
+
+def eval_csv_folder(ckpt_path: str) -> str:
+    """The run folder the checkpoint sits in (R/checkpoints/step-*/model.ckpt), else the checkpoint's own folder."""
+    from lit_dreamer.resume import run_folder_of
+    return run_folder_of(ckpt_path) or os.path.dirname(os.path.abspath(ckpt_path))
+
+
+EVAL_CSV = "eval.csv"
+EVAL_CSV_COLUMNS = ("time", "checkpoint", "env", "mode", "seed", "episodes", "return", "return_std", "return_min",
+                    "return_max", "length")
+
+
+def write_eval_csv(path: str, result: dict, options: EvalOptions) -> str:
+    """Append one row (the printed table's numbers) to the run's eval CSV; a header when the file is new."""
+    import csv
+    import time
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": result["checkpoint"], "env": result["env"],
+           "mode": options.mode, "seed": options.seed, **result["summary"]}
+    new = not os.path.isfile(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=EVAL_CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({key: row[key] for key in EVAL_CSV_COLUMNS})
+    return path
 
 
 def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats, video: str | None = None,
@@ -156,7 +187,8 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats,
     experiment = client.get_experiment_by_name(cfg.logger.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.logger.experiment)
     parent = training_run_id if training_run_id and run_exists(client, training_run_id) else None
-    tags = {"lit_dreamer.kind": "eval"}
+    from lit_dreamer.tracking import KIND_TAG
+    tags = {KIND_TAG: "eval"}  # compare leaves eval runs out unless asked (kinds=eval)
     if parent:
         tags["mlflow.parentRunId"] = parent  # shows the eval run under its training run in the MLflow UI
     run = client.create_run(experiment_id, tags=tags, run_name=f"eval-{cfg.logger.run_name or 'run'}")

@@ -1,9 +1,17 @@
-"""MLflow tracking that cannot stop training: a checked URI up front, and a logger that survives failures."""
+"""MLflow tracking that cannot stop training, and a run folder's record of its MLflow run.
+
+A checked URI up front; a logger that survives store failures; which MLflow run a run folder continues
+(`mlflow_run_id`, checked against the store a resume logs to); and which process is writing it
+(`running.json`), so that the next `fit` can end the run of a process that was killed outright.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -12,6 +20,9 @@ from typing import Any
 from lightning.pytorch.loggers import MLFlowLogger
 
 log = logging.getLogger(__name__)
+
+KIND_TAG = "lit_dreamer.kind"
+"""MLflow tag of every run lit_dreamer logs: train (fit) or eval (eval --ckpt); compare shows train runs by default."""
 
 
 class TrackingError(ValueError):
@@ -44,21 +55,38 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 class ResilientMLFlowLogger(MLFlowLogger):
     """MLFlowLogger whose failures (server down, disk full, locked database) are reported, not raised.
 
-    A long run must not die because a metric could not be written: the failure is counted and
-    logged as a warning (the first few in full, then every 100th), and training goes on.
+    A long run must not die because a metric could not be written: the first failure is logged as a
+    warning, later ones are only counted, and the count is reported when the run ends. Training goes on.
+
+    A logger that continues an existing run (`run_id=`) leaves that run's status alone until this process
+    logs its first metric: a resume attempt that fails before it trains does not relabel the run it tried
+    to continue (a FINISHED run stays FINISHED).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.failures = 0
+        self.failures: dict[str, int] = {}
         self.end_status: str | None = None  # overrides Lightning's FINISHED / FAILED, e.g. KILLED on Ctrl+C
+        self.continues = kwargs.get("run_id") is not None
+        self.started = not self.continues  # a new run is RUNNING from its creation
+        self._reported = False
+        self.lease_dir: str | None = None  # the run dir this process holds a lease on (see claim_run_dir)
+
+    @property
+    def failure_count(self) -> int:
+        return sum(self.failures.values())
 
     def report_failure(self, what: str, err: BaseException) -> None:
-        self.failures += 1
-        if self.failures <= 5 or self.failures % 100 == 0:
-            log.warning("MLflow %s failed (%d failures so far), training goes on: %r", what, self.failures, err)
+        """Warn about the first failure; count the others (reported by finalize, not on every call)."""
+        self.failures[what] = self.failures.get(what, 0) + 1
+        if self.failure_count == 1:
+            log.warning("MLflow %s failed (%s); training goes on. Further MLflow failures are counted and "
+                        "reported at the end of the run.", what, one_line(err))
 
     def log_metrics(self, metrics, step=None) -> None:
+        if not self.started:
+            self.started = True
+            self.mark_running()
         try:
             super().log_metrics(metrics, step)
         except Exception as err:  # noqa: BLE001
@@ -90,7 +118,183 @@ class ResilientMLFlowLogger(MLFlowLogger):
             self.report_failure("update_run", err)
 
     def finalize(self, status: str = "success") -> None:
-        try:
-            super().finalize(self.end_status or status)
-        except Exception as err:  # noqa: BLE001
-            self.report_failure("finalize", err)
+        if self.started:  # a continued run this process never trained in keeps the status it had
+            try:
+                super().finalize(self.end_status or status)
+            except Exception as err:  # noqa: BLE001
+                self.report_failure("finalize", err)
+        if self.failures and not self._reported:
+            self._reported = True
+            detail = ", ".join(f"{what} {count}" for what, count in sorted(self.failures.items()))
+            log.warning("MLflow: %d calls failed in this run (%s); what they carried is missing from run %s",
+                        self.failure_count, detail, self._run_id)
+        if self.lease_dir is not None:
+            release_run_dir(self.lease_dir)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one short line: MLflow's messages can hold whole HTTP bodies or SQL statements."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The MLflow run a run folder records, and which process is writing to it
+
+RUN_ID_FILE = "mlflow_run_id"
+LEASE_FILE = "running.json"  # written at the start of fit, removed at its end: left behind only by a killed process
+
+
+def absolute_uri(uri: str) -> str:
+    """A sqlite URI with a relative path made absolute (relative to the working directory), others unchanged."""
+    if uri.startswith("sqlite:///") and not os.path.isabs(uri[len("sqlite:///"):]):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
+
+
+def read_run_id(directory: str) -> tuple[str | None, str]:
+    """The MLflow run id recorded in a run folder, or None and why there is none usable."""
+    path = os.path.join(directory, RUN_ID_FILE)
+    if not os.path.isfile(path):
+        return None, f"{path} does not exist"
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("ascii").strip()
+    except OSError as err:
+        return None, f"{path} cannot be read ({one_line(err)})"
+    except UnicodeDecodeError:
+        return None, f"{path} is damaged (it holds bytes that are no run id)"
+    # MLflow run ids are 32 hex digits (a uuid4); anything else is a damaged file, not an id to ask the store for.
+    if not text:
+        return None, f"{path} is empty"
+    if not all(c in "0123456789abcdef" for c in text.lower()) or len(text) > 64:
+        return None, f"{path} is damaged (it holds {text[:40]!r}, not a run id)"
+    return text, ""
+
+
+def continued_run_id(directory: str, uri: str) -> str | None:
+    """The MLflow run a resume in this run dir continues, or None (and a line saying why) for a new one.
+
+    None when the run dir's mlflow_run_id is missing, empty or damaged, or names a run this store does
+    not hold (another tracking URI, or a relative sqlite path started from another folder).
+    """
+    run_id, problem = read_run_id(directory)
+    if run_id is not None and run_status(uri, run_id) is None:
+        problem = f"MLflow run {run_id} of {directory} is not in the tracking store {uri}{saved_uri_hint(directory, uri)}"
+    if problem:
+        log.warning("%s: this resume logs to a new MLflow run, tagged resumed_from", problem)
+        return None
+    return run_id
+
+
+def saved_uri_hint(directory: str, uri: str) -> str:
+    """Where the run's config.yaml says it logged, when that differs from uri (relative paths: from where fit ran)."""
+    from omegaconf import OmegaConf
+    try:
+        saved = OmegaConf.load(os.path.join(directory, "config.yaml")).logger.tracking_uri
+    except Exception:  # noqa: BLE001 - only a hint: no file, bad YAML, no such key
+        return ""
+    return f" (its config.yaml logged to {saved})" if saved != uri else ""
+
+
+def run_status(uri: str, run_id: str) -> str | None:
+    """The status of an MLflow run (RUNNING, FINISHED, ...), or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    try:
+        return MlflowClient(tracking_uri=uri).get_run(run_id).info.status
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def process_start_time(pid: int) -> str | None:
+    """When a process started, in clock ticks since boot (Linux /proc); None where unknown.
+
+    With the pid it tells a live process from a newer one that reuses the pid of a dead one.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def claim_run_dir(directory: str, run_id: str, uri: str) -> None:
+    """Record that this process writes to the MLflow run run_id (removed again by release_run_dir)."""
+    pid = os.getpid()
+    lease = {"pid": pid, "started": process_start_time(pid), "host": socket.gethostname(),
+             "mlflow_run_id": run_id, "tracking_uri": absolute_uri(uri)}
+    path = os.path.join(directory, LEASE_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(lease, f)
+    os.replace(path + ".tmp", path)
+
+
+def release_run_dir(directory: str) -> None:
+    """The process ended its run (finished, failed or stopped): its MLflow run's status is final."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(directory, LEASE_FILE))
+
+
+def lease_holder_alive(lease: dict) -> bool | None:
+    """Whether the process that wrote a lease still runs: True, False, or None (another host: unknown)."""
+    if lease.get("host") != socket.gethostname():
+        return None
+    pid = int(lease["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # a process of another user holds the pid: alive, though not necessarily ours
+    started = process_start_time(pid)
+    return started is None or lease.get("started") is None or started == lease["started"]
+
+
+def mark_orphaned_run(directory: str) -> str | None:
+    """Mark KILLED the MLflow run that a killed process left RUNNING in this run folder; returns its id.
+
+    A SIGKILL (or an OOM kill, or a power cut) leaves no chance to end the run, so it stays RUNNING
+    forever. The next `fit` in the folder finds the dead process's lease and ends the run for it.
+    """
+    path = os.path.join(directory, LEASE_FILE)
+    try:
+        with open(path) as f:
+            lease = json.load(f)
+        run_id, uri, alive = lease["mlflow_run_id"], lease["tracking_uri"], lease_holder_alive(lease)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("ignoring the damaged %s (%s)", path, one_line(err))
+        release_run_dir(directory)
+        return None
+    if alive is None:
+        log.warning("%s: MLflow run %s was started on host %s; if that run is dead, end it in MLflow by hand",
+                    path, run_id, lease.get("host"))
+        return None
+    if alive:
+        return None  # it is still training: not an orphan
+    try:
+        check_tracking_uri(uri)
+        if run_status(uri, run_id) == "RUNNING":
+            end_killed_run(uri, run_id)
+            log.warning("MLflow run %s was left RUNNING by process %s, which was killed; marked KILLED",
+                        run_id, lease["pid"])
+            return run_id
+    except Exception as err:  # noqa: BLE001 - any store failure: leave the run as it is, train anyway
+        log.warning("could not mark the killed MLflow run %s as KILLED (%s)", run_id, one_line(err))
+        return None
+    finally:
+        release_run_dir(directory)
+    return None
+
+
+def end_killed_run(uri: str, run_id: str) -> None:
+    """Set the run KILLED, ending at its last logged metric (its last sign of life), not now."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    last = [m.timestamp for key in run.data.metrics for m in client.get_metric_history(run_id, key)]
+    client.set_terminated(run_id, status="KILLED", end_time=max(last, default=run.info.start_time))

@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_dreamer.callbacks import (DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback,
@@ -22,7 +23,8 @@ from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, describe_start,
                                 find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
-from lit_dreamer.tracking import ResilientMLFlowLogger, TrackingError, check_tracking_uri
+from lit_dreamer.tracking import (KIND_TAG, RUN_ID_FILE, ResilientMLFlowLogger, TrackingError, check_tracking_uri,
+                                  claim_run_dir, continued_run_id, mark_orphaned_run)
 from lit_dreamer.world_model import NON_OBS_KEYS
 
 
@@ -183,23 +185,66 @@ def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> s
     return head + ("+dirty" if dirty else "")
 
 
-def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[ResilientMLFlowLogger, bool]:
-    """The run's MLflow logger, and whether it continues the MLflow run recorded in the run dir (rank 0 only).
+def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[Logger | None, bool]:
+    """The run's logger (logger.backend), and whether it continues the run recorded in the run dir (rank 0 only).
 
-    A resume in the run dir of the checkpoint continues its MLflow run; a checkpoint started in a
-    new run dir (a branch of another run) opens a new MLflow run.
+    MLflow: a resume in the run dir of the checkpoint continues its MLflow run, unless that run is not in
+    this tracking store (another URI, a relative sqlite path from another folder, a damaged mlflow_run_id):
+    then, as for a checkpoint started in a new run dir (a branch), a new MLflow run is opened.
+    TensorBoard and CSV write into the run dir (tensorboard/, csv/) and append on a resume.
     """
-    id_file = os.path.join(directory, "mlflow_run_id")
-    run_id = None
-    if resuming and os.path.isfile(id_file):
-        with open(id_file) as f:
-            run_id = f.read().strip()
+    backend = cfg.logger.backend
+    if backend == "none":
+        return None, resuming
+    if backend == "csv":
+        return CSVLogger(directory, name="", version="csv"), resuming
+    if backend == "tensorboard":
+        return TensorBoardLogger(directory, name="", version="tensorboard", default_hp_metric=False), resuming
+    run_id = continued_run_id(directory, cfg.logger.tracking_uri) if resuming else None
     logger = ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
-                                   tracking_uri=cfg.logger.tracking_uri, run_id=run_id)
-    if run_id is not None:
-        # The continued run was left FAILED or KILLED (or RUNNING, after a kill -9): it runs again.
-        logger.mark_running()
+                                   tracking_uri=cfg.logger.tracking_uri, run_id=run_id, tags={KIND_TAG: "train"})
     return logger, run_id is not None
+
+
+def record_run(cfg: Config, directory: str, logger: Logger | None, continued: bool, ckpt_path: str | None) -> None:
+    """Write the run dir's config.yaml (and mlflow_run_id) and the new run's params, tags and config artifact.
+
+    A continued run has them all from its start. A new MLflow run holds a lease on the run dir until it
+    ends, so that the next `fit` there can tell a killed run from a live one (tracking.mark_orphaned_run).
+    """
+    if continued:
+        if isinstance(logger, ResilientMLFlowLogger):
+            claim_run_dir(directory, logger.run_id, cfg.logger.tracking_uri)
+            logger.lease_dir = directory
+        return
+    config_file = os.path.join(directory, "config.yaml")
+    with open(config_file, "w") as f:
+        f.write(to_yaml(cfg))
+    params = {k: v for k, v in to_flat_dict(cfg).items() if k != "ckpt_path"}
+    if not isinstance(logger, ResilientMLFlowLogger):
+        if logger is not None:
+            logger.log_hyperparams(params)
+        return
+    with open(os.path.join(directory, RUN_ID_FILE), "w") as f:
+        f.write(logger.run_id)
+    claim_run_dir(directory, logger.run_id, cfg.logger.tracking_uri)
+    logger.lease_dir = directory
+    logger.log_hyperparams(params)
+    logger.set_tag("git_commit", git_commit())
+    if ckpt_path is not None:
+        logger.set_tag("resumed_from", os.path.abspath(ckpt_path))
+    logger.log_artifact(config_file)
+
+
+def logs_location(cfg: Config, logger: Logger | None) -> str:
+    """Where this run's metrics went, in words (for the summary the CLI prints)."""
+    if isinstance(logger, ResilientMLFlowLogger):
+        return f"MLflow run {logger.run_id} at {cfg.logger.tracking_uri}"
+    if isinstance(logger, CSVLogger):
+        return f"metrics in {os.path.join(logger.log_dir, 'metrics.csv')}"
+    if isinstance(logger, TensorBoardLogger):
+        return f"TensorBoard logs in {logger.log_dir}"
+    return "no metrics logged (logger.backend=none)" if rank_zero_only.rank == 0 else "metrics on rank 0"
 
 
 def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback], EnvInfo]:
@@ -257,15 +302,18 @@ def fit(cfg: Config) -> dict:
 
 def _fit_named(cfg: Config) -> dict:
     """`fit` once the run has its name."""
+    if rank_zero_only.rank == 0:
+        mark_orphaned_run(run_dir(cfg))  # a run killed in this folder before: end its MLflow run
     ckpt_path = resolve_ckpt_path(cfg)
     continuing, finished = check_start(cfg, ckpt_path)
     if finished is not None:
         return finished
     check_writable_dir(run_dir(cfg))
-    try:
-        check_tracking_uri(cfg.logger.tracking_uri)
-    except TrackingError as err:
-        raise ConfigError(str(err)) from None
+    if cfg.logger.backend == "mlflow":
+        try:
+            check_tracking_uri(cfg.logger.tracking_uri)
+        except TrackingError as err:
+            raise ConfigError(str(err)) from None
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module, datamodule, callbacks, info = build(cfg)
     if ckpt_path is not None:
@@ -278,17 +326,7 @@ def _fit_named(cfg: Config) -> dict:
     logger, continued = None, False
     if rank_zero_only.rank == 0:
         logger, continued = make_logger(cfg, directory, resuming=continuing)
-    if logger is not None and not continued:
-        with open(os.path.join(directory, "mlflow_run_id"), "w") as f:
-            f.write(logger.run_id)
-        config_file = os.path.join(directory, "config.yaml")
-        with open(config_file, "w") as f:
-            f.write(to_yaml(cfg))
-        logger.log_hyperparams({k: v for k, v in to_flat_dict(cfg).items() if k != "ckpt_path"})
-        logger.set_tag("git_commit", git_commit())
-        if ckpt_path is not None:
-            logger.set_tag("resumed_from", os.path.abspath(ckpt_path))
-        logger.log_artifact(config_file)
+        record_run(cfg, directory, logger, continued, ckpt_path)
     trainer = L.Trainer(**cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks,
                         max_epochs=-1, max_steps=-1, enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,
                         num_sanity_val_steps=0, default_root_dir=directory)
@@ -304,7 +342,8 @@ def _fit_named(cfg: Config) -> dict:
         "eval": next((cb.history[-1][1] for cb in callbacks if isinstance(cb, EvalCallback) and cb.history), None),
         "last_return": collector.last_return,
         "seconds": time.time() - start,
-        "mlflow_run_id": logger.run_id if logger is not None else None,
+        "mlflow_run_id": logger.run_id if isinstance(logger, ResilientMLFlowLogger) else None,
+        "logs": logs_location(cfg, logger),
         "tracking_uri": cfg.logger.tracking_uri,
         "checkpoint": resolve_last(os.path.join(directory, "checkpoints")),
         "run_dir": directory,

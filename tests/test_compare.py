@@ -4,6 +4,7 @@ The store (built once per module through the real MlflowClient) holds, in experi
   CartPole-v1 seeds 0-2: eval/return = (seed+1) * step/1000 at steps 0, 2000, ..., 10000; wall (seed+1)*100 s
   Pendulum-v1 seeds 0-2: eval/return = 100 - (seed+1) * step/1000; seed 2 stops at 8000; wall 200 s
   no-env: no env.id param, one eval/return point (7 at step 500), never terminated (still "running")
+  an eval run (tagged lit_dreamer.kind=eval) of CartPole-v1 with eval/return 999, left out unless kinds= asks
 and in experiment "other" a run with only train/return and one with only eval/return. train/env_steps = step wherever eval/return is logged.
 """
 
@@ -34,15 +35,21 @@ COMMIT_B = "fedcba98" + "7" * 32 + "+dirty"
 
 
 @pytest.mark.parametrize("values, expected", [
-    ([4.0, 1.0, 3.0, 2.0], 2.5),                      # n=4: mean of the middle two
-    ([1, 2, 3, 4, 5, 6, 7, 100], 4.5),                # n=8: mean of 3, 4, 5, 6; the outlier is ignored
-    ([1.0, 2.0, 10.0], (1 + 4 * 2 + 10) / 6),         # n=3: weights 1/6, 2/3, 1/6
-    ([0, 10, 20, 30, 1000], 0.3 * 10 + 0.4 * 20 + 0.3 * 30),  # n=5: weights 0, .3, .4, .3, 0
-    ([3.0, 5.0], 4.0),                                # n=2: both values count half
+    # rliable's IQM is scipy.stats.trim_mean(x, 0.25): drop floor(n/4) values at each end, plain mean of the rest.
+    ([4.0, 1.0, 3.0, 2.0], 2.5),                      # n=4: drop 1 each end, mean of 2, 3
+    # Uneven gaps, so that weighting the edge values in part (the old definition) would give another number.
+    ([0, 1, 2, 10, 1000], 13 / 3),                    # n=5: drop 1 each end, (1 + 2 + 10) / 3
+    ([20, 1, 3, 100, 2, 10], 8.75),                   # n=6: drop 1 each end, (2 + 3 + 10 + 20) / 4
+    ([70, 10, 4, 3, 2, 1, -50], 4.0),                 # n=7: drop 1 each end, (1 + 2 + 3 + 4 + 10) / 5
+    ([1, 2, 3, 4, 5, 6, 7, 100], 4.5),                # n=8: drop 2 each end, (3 + 4 + 5 + 6) / 4
+    ([1.0, 2.0, 10.0], 13 / 3),                       # n=3: nothing dropped
+    ([3.0, 5.0], 4.0),
     ([7.0], 7.0),
 ])
 def test_iqm_golden_values(values, expected):
     assert iqm(values) == pytest.approx(expected)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert iqm(values) == pytest.approx(scipy_stats.trim_mean(values, 0.25))  # rliable's aggregate_iqm
 
 
 def test_iqm_along_an_axis_and_empty():
@@ -103,7 +110,7 @@ def test_group_curve_of_ramps():
     assert_allclose(group.mean[:-1], (1 + 2 + 3 + 4) / 4 * steps[:-1] / 1000)
     assert group.mean[-1] == pytest.approx(20.0)  # the fourth run stops at 8000: left out at 10000
     assert np.isnan(group.curves[3, -1]) and sorted(group.final_values) == [10, 20, 30]
-    assert group.final_iqm == pytest.approx((10 + 4 * 20 + 30) / 6)
+    assert group.final_iqm == pytest.approx((10 + 20 + 30) / 3)  # n=3: rliable's IQM drops nothing
     assert group.low[0] == group.high[0] == 0.0  # every run starts at 0
     assert np.all(group.low <= group.mean) and np.all(group.mean <= group.high)
     assert group.final_iqm_ci[0] <= group.final_iqm <= group.final_iqm_ci[1]
@@ -165,6 +172,9 @@ def store(tmp_path_factory):
                                  tags={"git_commit": COMMIT_B} if seed == 0 else {})
     # Never terminated: its wall time runs to its last train/env_steps, logged 1 s after the start.
     ids["C"] = log_run(client, main_id, "no-env", {"run.seed": 0}, [(500, 7.0)], start=T0)
+    # An `eval --ckpt` run, tagged as such: it logs eval/return too, but is no training run.
+    ids["V"] = log_run(client, main_id, "eval-CartPole-v1-seed0", {"env.id": "CartPole-v1"}, [(0, 999.0)], start=T0,
+                       end=T0 + 1000, tags={"lit_dreamer.kind": "eval"})
     log_run(client, other_id, "elsewhere", {}, [(0, 1.0)], start=T0, end=T0 + 1000, metric="train/return")
     ids["E"] = log_run(client, other_id, "not-trained", {}, [(0, 2.0)], start=T0, end=T0 + 1000)
     return {"uri": uri, "ids": ids, "root": root}
@@ -215,6 +225,11 @@ def test_table_numbers_match_the_known_curves(store, tmp_path, capsys, monkeypat
     assert means["Pendulum-v1"]["env steps"] == f"{28_000 / 3:,.0f}"
     assert rows["mean of 1"][0]["group"] == "-"
     assert "eval/return of 7 runs in 3 groups -> compare.png" in out
+    assert "left out: 1 eval run (kinds=train; add kinds=train,eval to include them)" in out
+    assert "eval-CartPole-v1-seed0" not in rows
+    iqms = {row["group"]: row for row in rows["IQM of 3"]}
+    assert (iqms["CartPole-v1"]["final"], iqms["Pendulum-v1"]["final"]) == ("20.00", f"{(90 + 80 + 76) / 3:.2f}")
+    assert "IQM: rliable's 25% trimmed mean (scipy.stats.trim_mean(x, 0.25))" in out
     png = tmp_path / "compare.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     import matplotlib.image
@@ -241,19 +256,31 @@ def test_plot_has_a_mean_and_run_curves_per_group_and_an_iqm_per_group(store):
     assert_allclose(np.asarray(iqm_axes.containers[0].lines[0].get_xdata(), dtype=float), [20.0])
 
 
+def test_eval_runs_only_when_asked(store, tmp_path, capsys):
+    code, out, err = run_compare(capsys, f"tracking_uri={store['uri']}", "kinds=eval", f"out={tmp_path / 'e.png'}")
+    assert code == 0, err
+    rows = parse_table(out)
+    assert set(rows) == {"eval-CartPole-v1-seed0", "mean of 1", "IQM of 1"} and "left out: 7 train runs" in out
+    code, out, err = run_compare(capsys, f"tracking_uri={store['uri']}", "kinds=train,eval", f"out={tmp_path / 'e.png'}")
+    assert code == 0, err
+    assert parse_table(out)["mean of 4"][0]["final"] == f"{(10 + 20 + 30 + 999) / 4:.2f}" and "left out" not in out
+    code, out, err = run_compare(capsys, f"tracking_uri={store['uri']}", "kinds=evaluation")
+    assert code == 2 and "kinds='evaluation': use a comma-separated list of train, eval" in err
+
+
 def test_select_runs_and_group_by_another_param(store, tmp_path, capsys):
     a0, b1 = store["ids"]["A", 0][:8], store["ids"]["B", 1]
     code, out, err = run_compare(capsys, f"tracking_uri={store['uri']}", f"runs={a0},{b1}", "group_by=run.seed",
                                  f"out={tmp_path / 'sub' / 'two.png'}")
     assert code == 0, err
     rows = parse_table(out)
-    assert set(rows) == {"CartPole-v1-seed0", "Pendulum-v1-seed1", "mean of 1"}
+    assert set(rows) == {"CartPole-v1-seed0", "Pendulum-v1-seed1", "mean of 1", "IQM of 1"}
     assert {row["group"]: row["final"] for row in rows["mean of 1"]} == {"0": "10.00", "1": "80.00"}
     assert (tmp_path / "sub" / "two.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("args, message", [
-    (["experiment=nope"], "no experiment 'nope'; experiments: Default, lit_dreamer, other"),
+    (["experiment=nope"], "no experiment 'nope'; experiments: Default, lit_dreamer, other (compare reads MLflow only"),
     (["metric=eval/nope"], "no run has the metric 'eval/nope'; metrics: eval/return, train/env_steps"),
     (["experiment=other", "metric=eval/nope"], "metrics: eval/return, train/env_steps, train/return"),
     (["runs=zzzz"], "run id 'zzzz' matches no run"),
@@ -289,6 +316,7 @@ def test_commit_prefers_mlflows_tag_unless_fits_tag_only_adds_dirty():
 def test_a_missing_database_is_not_created(tmp_path, capsys):
     code, _, err = run_compare(capsys, f"tracking_uri=sqlite:///{tmp_path / 'none.db'}")
     assert code == 2 and "no MLflow database at" in err and not (tmp_path / "none.db").exists()
+    assert "compare reads MLflow only: runs trained with logger.backend=tensorboard, csv or none" in err
 
 
 def test_compare_from_the_command_line(store, tmp_path):
@@ -328,3 +356,4 @@ def test_fit_tags_the_run_with_the_git_commit(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     run = MlflowClient(tracking_uri=uri).get_run(summary["mlflow_run_id"])
     assert run.data.tags["git_commit"] == git_commit()
+    assert run.data.tags["lit_dreamer.kind"] == "train"  # compare leaves out runs of kind eval

@@ -226,29 +226,37 @@ def test_keep_checkpoints_sets_how_many_saves_stay(in_tmp, tmp_path_factory):
     assert [p.name for p in root.iterdir()] == ["step-000000000040"]
 
 
-def test_mlflow_failures_mid_run_do_not_stop_training(in_tmp, monkeypatch):
+def test_mlflow_failures_mid_run_do_not_stop_training(in_tmp, monkeypatch, caplog):
     from mlflow.tracking import MlflowClient
-    original, calls = MlflowClient.log_batch, {"n": 0}
+    original, calls, raised = MlflowClient.log_batch, {"n": 0}, {"n": 0}
 
     def log_batch(self, *args, **kwargs):
         calls["n"] += 1
         if 5 <= calls["n"] <= 15:
+            raised["n"] += 1
             raise RuntimeError("simulated MLflow outage")
         return original(self, *args, **kwargs)
 
     def outage(*args, **kwargs):
+        raised["n"] += 1
         raise RuntimeError("simulated MLflow outage")
 
     monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
     monkeypatch.setattr(MlflowClient, "set_tag", outage)  # the run's tags and config artifact, at its start
     monkeypatch.setattr(MlflowClient, "log_artifact", outage)
-    summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20"))
+    with caplog.at_level("WARNING", logger="lit_dreamer.tracking"):
+        summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20"))
     assert summary["env_steps"] == 45 and summary["train_steps"] == 25
     assert os.path.exists(summary["checkpoint"])
     import mlflow
     client = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
     steps = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "train/env_steps")]
     assert steps[-1] == 45 and len(steps) < 25  # logging resumed after the outage; the outage's points are lost
+    # One warning at the first failure, then one count at the end: not a line per failed call.
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lit_dreamer.tracking"]
+    assert len(warnings) == 2 and raised["n"] >= 13, warnings
+    assert warnings[0].startswith("MLflow set_tag failed (RuntimeError: simulated MLflow outage); training goes on")
+    assert warnings[1].startswith(f"MLflow: {raised['n']} calls failed in this run (log_artifact 1, ")
 
 
 @pytest.mark.parametrize("uri, message", [
@@ -317,6 +325,9 @@ def test_resuming_into_a_killed_mlflow_run_marks_it_running(in_tmp, monkeypatch)
 
     logger, continued = make_logger(cfg, str(in_tmp / "run"), resuming=True)
     assert continued and logger.run_id == run.info.run_id
+    # RUNNING once this process trains in it (its first metric): a resume that fails before keeps KILLED.
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    logger.log_metrics({"train/env_steps": 1.0}, step=1)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
 
     # A tracking store that fails here is reported, and the run goes on.
@@ -325,7 +336,7 @@ def test_resuming_into_a_killed_mlflow_run_marks_it_running(in_tmp, monkeypatch)
 
     monkeypatch.setattr(mlflow.MlflowClient, "update_run", outage)
     logger.mark_running()
-    assert logger.failures == 1
+    assert logger.failure_count == 1
 
 
 # --------------------------------------------------------------------------------------------------
