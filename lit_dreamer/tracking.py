@@ -264,7 +264,7 @@ def mark_orphaned_run(directory: str) -> str | None:
         with open(path) as f:
             lease = json.load(f)
         run_id, uri, alive = lease["mlflow_run_id"], lease["tracking_uri"], lease_holder_alive(lease)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no lease, or run.dir is no folder (refused right after)
         return None
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.warning("ignoring the damaged %s (%s)", path, one_line(err))
