@@ -4,7 +4,7 @@ eval, bench and compare take their options this way. Each key is a field of the 
 (behind a prefix such as `bench.` where the command shares its line with config keys); OmegaConf's
 structured config converts the value to the field's type and refuses what does not fit; a field's
 check (declared with `checked`) bounds or maps the value; an unknown key fails with the closest key
-suggested; and `options_help` lists the fields with their defaults and docstrings for --help, as
+suggested; and `dataclass_help` lists the fields with their defaults and docstrings for --help, as
 `fit --help` lists the config's. The run config itself stays with `config.load_config`.
 """
 
