@@ -10,10 +10,13 @@ from lit_dreamer.quiet import quiet_startup
 
 quiet_startup()  # before the imports below load MLflow, Lightning and (later) pygame
 
-from lit_dreamer.compare import options_help  # noqa: E402
-from lit_dreamer.config import ConfigError, help_text, load_config, to_annotated_yaml  # noqa: E402
+from lit_dreamer.bench import BenchConfig  # noqa: E402
+from lit_dreamer.compare import CompareOptions, options_help  # noqa: E402
+from lit_dreamer.config import ConfigError, EnvConfig, help_text, load_config, to_annotated_yaml  # noqa: E402
 from lit_dreamer.envs.faults import NonFiniteEnvError  # noqa: E402
+from lit_dreamer.evaluation import EvalOptions  # noqa: E402
 from lit_dreamer.module import NonFiniteTrainingError  # noqa: E402
+from lit_dreamer.options import dataclass_help, option_values, parse_options  # noqa: E402
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -30,16 +33,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied last")
     bench = commands.add_parser("bench", help="time training steps and the collector",
                                 description="Time real training steps (random data of the env's shapes) and the "
-                                "collector; the last line is JSON. Extra keys: bench.steps, bench.warmup, "
-                                "bench.collector_steps, bench.profile_steps (per-op profile of N more steps).")
+                                "collector; the last line is JSON. Config keys as for fit, plus bench.* options.",
+                                epilog=bench_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("-c", "--config", action="append", default=[], metavar="FILE")
     bench.add_argument("overrides", nargs="*", metavar="key=value")
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint",
                                    description="Run episodes of a checkpoint's env with its policy, print a table "
-                                   "and log an eval run to MLflow under the training run. Keys: episodes=N, "
-                                   "mode=mode|sample (the policy's most likely action, the default, or sampled as "
-                                   "in training; deterministic|stochastic are deprecated aliases), seed=N, "
-                                   "tracking_uri=URI, video=PATH.gif, env.<key>=VALUE.")
+                                   "and log an eval run to MLflow under the training run.",
+                                   epilog=eval_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
     config = commands.add_parser("config", help="print the resolved config as YAML",
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return run_eval(args)
         if args.command == "compare":
-            from lit_dreamer.compare import main as compare_main, parse_options
-            compare_main(parse_options(args.options))
+            from lit_dreamer.compare import main as compare_main
+            compare_main(parse_options(CompareOptions, args.options, command="compare"))
             return 0
         bench_overrides = [o for o in args.overrides if o.startswith("bench.")]
         if getattr(args, "resume", None):
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("bench.")])
         if args.command == "bench":
             from lit_dreamer.bench import main as bench_main
-            bench_main(cfg, bench_options(bench_overrides))
+            bench_main(cfg, parse_options(BenchConfig, bench_overrides, command="bench", prefix="bench."))
         elif args.command == "config":
             print(to_annotated_yaml(cfg), end="")
         elif args.command == "fit":
@@ -94,25 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def eval_help() -> str:
+    return dataclass_help(EvalOptions, notes=["env.<key>=VALUE", "    A key of the checkpoint's env config "
+                                            "(e.g. env.time_limit=1000); see `fit --help` for the env keys."])
+
+
+def bench_help() -> str:
+    return dataclass_help(BenchConfig, prefix="bench.")
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    from lit_dreamer.evaluation import EvalOptions, eval_mode, evaluate_checkpoint, format_table
-    options, env_overrides = EvalOptions(), {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        if key.startswith("env."):
-            env_overrides[key[4:]] = value
-        elif key in ("episodes", "seed"):
-            if not value.isdigit() or int(value) < 1 and key == "episodes":
-                raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
-            setattr(options, key, int(value))
-        elif key == "mode":
-            options.mode = eval_mode(value)
-        elif key in ("tracking_uri", "video"):
-            setattr(options, key, value)
-        else:
-            raise ConfigError(f"unknown eval key {key!r}; use episodes, mode, seed, tracking_uri, video or env.<key>")
+    from lit_dreamer.evaluation import evaluate_checkpoint, format_table
+    options = parse_options(EvalOptions, args.overrides, command="eval", passthrough=["env."])
+    # The checkpoint's env config takes env.<key> overrides, typed and checked against EnvConfig's fields.
+    env_overrides = option_values(EnvConfig, [o for o in args.overrides if o.startswith("env.")], command="eval",
+                                  prefix="env.")
     from lit_dreamer.resume import find_checkpoint
     result = evaluate_checkpoint(find_checkpoint(args.ckpt), options, env_overrides)
     print(format_table(result))
@@ -124,21 +121,6 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(f"table appended to {result['csv']} (the run's logger.backend is not mlflow)")
     return 0
-
-
-def bench_options(overrides: list[str]):
-    from lit_dreamer.bench import BenchConfig
-    options = BenchConfig()
-    for item in overrides:
-        key, _, value = item.partition("=")
-        name = key[len("bench."):]
-        if not hasattr(options, name) or not value.isdigit():
-            raise ConfigError(f"bad benchmark option {item!r}: use bench.steps=N, bench.warmup=N (N >= 1), "
-                              "bench.collector_steps=N or bench.profile_steps=N")
-        setattr(options, name, int(value))
-    if options.warmup < 1 or options.steps < 1:
-        raise ConfigError("bench.warmup and bench.steps must be at least 1")
-    return options
 
 
 def print_summary(summary: dict) -> None:

@@ -22,6 +22,7 @@ from lit_dreamer.callbacks import EnvCollector
 from lit_dreamer.config import Config
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.module import DreamerModule
+from lit_dreamer.options import at_least, checked
 from lit_dreamer.train import env_kwargs, probe_env
 from lit_dreamer.timing import PhaseTimer
 
@@ -30,13 +31,13 @@ from lit_dreamer.timing import PhaseTimer
 class BenchConfig:
     """How long to measure."""
 
-    steps: int = 5
-    """Timed training steps."""
-    warmup: int = 2
+    steps: int = checked(5, at_least(1))
+    """Timed training steps (at least 1)."""
+    warmup: int = checked(2, at_least(1))
     """Untimed training steps first (allocations, lazy init, compilation); at least 1, the FLOP count runs on the last."""
-    collector_steps: int = 200
+    collector_steps: int = checked(200, at_least(0))
     """Timed env steps of the collector with the current policy."""
-    profile_steps: int = 0
+    profile_steps: int = checked(0, at_least(0))
     """Extra training steps after the timed ones, run under torch.profiler: per-op table (self CPU time)."""
 
 

@@ -9,15 +9,15 @@ mean (IQM) of each group at its last grid step: the aggregate rliable recommends
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from lit_dreamer.config import ConfigError, default_tracking_uri, field_docs
+from lit_dreamer.config import ConfigError, default_tracking_uri
+from lit_dreamer.options import dataclass_help
 from lit_dreamer.tracking import KIND_TAG
 
 
@@ -51,23 +51,8 @@ MLFLOW_ONLY = ("compare reads MLflow only: runs trained with logger.backend=tens
 
 
 def options_help() -> str:
-    docs = field_docs(CompareOptions)
-    lines, defaults = [MLFLOW_ONLY + ".", "", "Options (key=value):", ""], CompareOptions()
-    for f in fields(CompareOptions):
-        lines += [f"  {f.name} = {getattr(defaults, f.name)!r}", f"      {docs.get(f.name, '')}"]
-    return "\n".join(lines)
-
-
-def parse_options(items: Sequence[str]) -> CompareOptions:
-    options, names = CompareOptions(), [f.name for f in fields(CompareOptions)]
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"did you mean {close[0]}=...? " if close else ""
-            raise CompareError(f"bad compare argument {item!r}: {hint}use key=value with a key in {', '.join(names)}")
-        setattr(options, key, value)
-    return options
+    """compare's --help epilog: what it reads, then its options with their defaults and docstrings."""
+    return MLFLOW_ONLY + ".\n\n" + dataclass_help(CompareOptions)
 
 
 # --------------------------------------------------------------------------------------------------

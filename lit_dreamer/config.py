@@ -14,7 +14,7 @@ import inspect
 import os
 import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -223,12 +223,19 @@ def schema_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, st
     return out
 
 
-def help_text() -> str:
-    lines = ["Keys (set in YAML overlays with -c FILE, or as key=value; later wins):", ""]
-    for key, default, doc in schema_keys():
+def key_lines(rows: list[tuple[str, Any, str]]) -> list[str]:
+    """`  key = default` and its docstring below it, for each (key, default, doc): the --help listing of keys."""
+    lines = []
+    for key, default, doc in rows:
         lines.append(f"  {key} = {default!r}")
         if doc:
-            lines.append(f"      {doc}")
+            lines.append(f"      {' '.join(doc.split())}")
+    return lines
+
+
+def help_text() -> str:
+    lines = ["Keys (set in YAML overlays with -c FILE, or as key=value; later wins):", ""]
+    lines += key_lines(schema_keys())
     lines.append("  trainer.<any lightning.Trainer argument> (e.g. trainer.max_time=00:01:00:00),")
     lines.append("      except those fit sets itself (run.steps, run.dir, run.log_every, ... replace them):")
     lines.append(f"      {', '.join(FIT_TRAINER_ARGS)}")
@@ -249,6 +256,13 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def did_you_mean(key: str, known: Sequence[str], shown: Callable[[str], str] = str, n: int = 3,
+                 cutoff: float = 0.5) -> str:
+    """'did you mean a or b?' with the (at most n) known keys closest to a misspelt one; '' if none is close."""
+    close = difflib.get_close_matches(key, list(known), n=n, cutoff=cutoff)
+    return f"did you mean {' or '.join(shown(c) for c in close)}?" if close else ""
+
+
 def check_keys(keys: list[str], source: str) -> None:
     """Fail on keys the schema does not know, suggesting the closest known one."""
     valid = [k for k, _, _ in schema_keys()]
@@ -265,8 +279,8 @@ def check_keys(keys: list[str], source: str) -> None:
             continue
         if key in valid or (head in sections and key in valid):
             continue
-        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(close)}?" if close else "; see `python -m lit_dreamer fit --help`"
+        hint = did_you_mean(key, valid)
+        hint = f"; {hint}" if hint else "; see `python -m lit_dreamer fit --help`"
         raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lit_dreamer.envs import action_kind, env_action
+from lit_dreamer.options import at_least, checked
 
 
 @dataclass
@@ -76,11 +77,20 @@ def eval_mode(value: str, key: str = "mode") -> str:
 
 @dataclass
 class EvalOptions:
-    episodes: int = 10
-    mode: str = "mode"
-    seed: int = 12345
+    """The `key=value` options of `python -m lit_dreamer eval` (parsed by lit_dreamer.options)."""
+
+    episodes: int = checked(10, at_least(1))
+    """Episodes to run, one per env, all in parallel (at least 1)."""
+    mode: str = checked("mode", eval_mode, shown="|".join(EVAL_MODES))
+    """The policy, mode=mode|sample: its most likely action (the default) or sampled as in training;
+    deterministic|stochastic are deprecated aliases of mode|sample."""
+    seed: int = checked(12345, at_least(0))
+    """Seed of the envs and of the policy's sampling."""
     tracking_uri: str | None = None
+    """MLflow store of the eval run (None: the training run's logger.tracking_uri); given, the eval run goes
+    to MLflow even when the run used another logger.backend."""
     video: str | None = None
+    """Also write a GIF of one episode here, e.g. video=episode.gif (None: no video)."""
 
 
 def load_module(ckpt_path: str):
