@@ -276,8 +276,8 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
 
 
 def env_kwargs(cfg: Config) -> dict:
-    return dict(obs=cfg.env.obs, action_repeat=cfg.env.action_repeat, image_size=cfg.env.image_size,
-                time_limit=cfg.env.time_limit)
+    """`cfg.env.make_kwargs()`, kept for scripts written against this name."""
+    return cfg.env.make_kwargs()
 
 
 def fit(cfg: Config) -> dict:
