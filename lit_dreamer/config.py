@@ -58,6 +58,11 @@ class EnvConfig:
     nonfinite: str = "cut"
     """NaN/inf reward or observation: cut (end the episode as truncated, warn once, go on) or error (stop the run)."""
 
+    def make_kwargs(self) -> dict:
+        """The keyword arguments of `lit_dreamer.envs.make_env` these settings give (not the id, seed or count)."""
+        return dict(obs=self.obs, action_repeat=self.action_repeat, image_size=self.image_size,
+                    time_limit=self.time_limit)
+
 
 @dataclass
 class RunConfig:

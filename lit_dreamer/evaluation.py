@@ -135,11 +135,10 @@ def config_of_run_folder(ckpt_path: str) -> tuple[dict, str | None]:
 def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dict | None = None) -> dict:
     """Run episodes of a checkpoint's env with its policy; log an eval run to MLflow linked to the training run."""
     from lit_dreamer.envs import make_vector_env
-    from lit_dreamer.train import env_kwargs
     module, cfg, training_run_id = load_checkpoint(ckpt_path)
     for key, value in (env_overrides or {}).items():
         setattr(cfg.env, key, value)
-    envs = make_vector_env(cfg.env.id, options.episodes, seed=options.seed, **env_kwargs(cfg))
+    envs = make_vector_env(cfg.env.id, options.episodes, seed=options.seed, **cfg.env.make_kwargs())
     try:
         torch.manual_seed(options.seed)
         stats = run_episodes(module, envs, mode=options.mode, seed=options.seed)
@@ -150,7 +149,7 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     if options.video:
         from lit_dreamer.video import record_episode, write_gif
         frames, video_return = record_episode(module, cfg.env.id, mode=options.mode, seed=options.seed,
-                                              max_steps=100_000, **env_kwargs(cfg))
+                                              max_steps=100_000, **cfg.env.make_kwargs())
         result["video"] = write_gif(frames, options.video)
         result["video_return"] = video_return
     if cfg.logger.backend == "mlflow" or options.tracking_uri:

@@ -1,6 +1,7 @@
-"""MLflow tracking that cannot stop training, and a run folder's record of its MLflow run.
+"""A run's logger and record: MLflow tracking that cannot stop training, and a run folder's record of its run.
 
-A checked URI up front; a logger that survives store failures; which MLflow run a run folder continues
+The logger logger.backend names (make_logger), the run folder's config.yaml, params and tags
+(record_run), and where the metrics went (logs_location). For MLflow: a checked URI up front; a logger that survives store failures; which MLflow run a run folder continues
 (`mlflow_run_id`, checked against the store a resume logs to); and which process is writing it
 (`running.json`), so that the next `fit` can end the run of a process that was killed outright.
 """
@@ -12,12 +13,19 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from lit_dreamer.config import to_flat_dict, to_yaml
+
+if TYPE_CHECKING:
+    from lit_dreamer.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -298,3 +306,81 @@ def end_killed_run(uri: str, run_id: str) -> None:
     run = client.get_run(run_id)
     last = [m.timestamp for key in run.data.metrics for m in client.get_metric_history(run_id, key)]
     client.set_terminated(run_id, status="KILLED", end_time=max(last, default=run.info.start_time))
+
+
+def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """HEAD of the git checkout holding the code, '+dirty' if tracked files differ from it; 'unknown' outside git.
+
+    Untracked files do not count: run outputs (mlflow.db, runs/) would otherwise mark every run dirty.
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or a checkout git refuses
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[Logger | None, bool]:
+    """The run's logger (logger.backend), and whether it continues the run recorded in the run dir (rank 0 only).
+
+    MLflow: a resume in the run dir of the checkpoint continues its MLflow run, unless that run is not in
+    this tracking store (another URI, a relative sqlite path from another folder, a damaged mlflow_run_id):
+    then, as for a checkpoint started in a new run dir (a branch), a new MLflow run is opened.
+    TensorBoard and CSV write into the run dir (tensorboard/, csv/) and append on a resume.
+    """
+    backend = cfg.logger.backend
+    if backend == "none":
+        return None, resuming
+    if backend == "csv":
+        return CSVLogger(directory, name="", version="csv"), resuming
+    if backend == "tensorboard":
+        return TensorBoardLogger(directory, name="", version="tensorboard", default_hp_metric=False), resuming
+    run_id = continued_run_id(directory, cfg.logger.tracking_uri) if resuming else None
+    logger = ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
+                                   tracking_uri=cfg.logger.tracking_uri, run_id=run_id, tags={KIND_TAG: "train"})
+    return logger, run_id is not None
+
+
+def record_run(cfg: Config, directory: str, logger: Logger | None, continued: bool, ckpt_path: str | None) -> None:
+    """Write the run dir's config.yaml (and mlflow_run_id) and the new run's params, tags and config artifact.
+
+    A continued run has them all from its start. A new MLflow run holds a lease on the run dir until it
+    ends, so that the next `fit` there can tell a killed run from a live one (tracking.mark_orphaned_run).
+    """
+    if continued:
+        if isinstance(logger, ResilientMLFlowLogger):
+            claim_run_dir(directory, logger.run_id, cfg.logger.tracking_uri)
+            logger.lease_dir = directory
+        return
+    config_file = os.path.join(directory, "config.yaml")
+    with open(config_file, "w") as f:
+        f.write(to_yaml(cfg))
+    params = {k: v for k, v in to_flat_dict(cfg).items() if k != "ckpt_path"}
+    if not isinstance(logger, ResilientMLFlowLogger):
+        if logger is not None:
+            logger.log_hyperparams(params)
+        return
+    with open(os.path.join(directory, RUN_ID_FILE), "w") as f:
+        f.write(logger.run_id)
+    claim_run_dir(directory, logger.run_id, cfg.logger.tracking_uri)
+    logger.lease_dir = directory
+    logger.log_hyperparams(params)
+    logger.set_tag("git_commit", git_commit())
+    if ckpt_path is not None:
+        logger.set_tag("resumed_from", os.path.abspath(ckpt_path))
+    logger.log_artifact(config_file)
+
+
+def logs_location(cfg: Config, logger: Logger | None) -> str:
+    """Where this run's metrics went, in words (for the summary the CLI prints)."""
+    if isinstance(logger, ResilientMLFlowLogger):
+        return f"MLflow run {logger.run_id} at {cfg.logger.tracking_uri}"
+    if isinstance(logger, CSVLogger):
+        return f"metrics in {os.path.join(logger.log_dir, 'metrics.csv')}"
+    if isinstance(logger, TensorBoardLogger):
+        return f"TensorBoard logs in {logger.log_dir}"
+    return "no metrics logged (logger.backend=none)" if rank_zero_only.rank == 0 else "metrics on rank 0"

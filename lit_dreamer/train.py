@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_dreamer.callbacks import (DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback,
                                    resolve_last)
+from lit_dreamer.callbacks.env_collector import find_collector
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.checkpoint_files import check_checkpoint_folder
-from lit_dreamer.config import Config, ConfigError, to_flat_dict, to_yaml, validate
+from lit_dreamer.config import Config, ConfigError, validate
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, describe_start,
                                 find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
-from lit_dreamer.tracking import (KIND_TAG, RUN_ID_FILE, ResilientMLFlowLogger, TrackingError, check_tracking_uri,
-                                  claim_run_dir, continued_run_id, mark_orphaned_run)
+# git_commit moved to tracking with the rest of the run record; scripts and tests import it from here too
+from lit_dreamer.tracking import (ResilientMLFlowLogger, TrackingError, check_tracking_uri, git_commit,  # noqa: F401
+                                  logs_location, make_logger, mark_orphaned_run, record_run)
 from lit_dreamer.world_model import NON_OBS_KEYS
 
 
@@ -169,84 +170,6 @@ def _override_value(value) -> str:
     return str(value)
 
 
-def git_commit(directory: str = os.path.dirname(os.path.abspath(__file__))) -> str:
-    """HEAD of the git checkout holding the code, '+dirty' if tracked files differ from it; 'unknown' outside git.
-
-    Untracked files do not count: run outputs (mlflow.db, runs/) would otherwise mark every run dirty.
-    """
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
-    try:
-        head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or a checkout git refuses
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[Logger | None, bool]:
-    """The run's logger (logger.backend), and whether it continues the run recorded in the run dir (rank 0 only).
-
-    MLflow: a resume in the run dir of the checkpoint continues its MLflow run, unless that run is not in
-    this tracking store (another URI, a relative sqlite path from another folder, a damaged mlflow_run_id):
-    then, as for a checkpoint started in a new run dir (a branch), a new MLflow run is opened.
-    TensorBoard and CSV write into the run dir (tensorboard/, csv/) and append on a resume.
-    """
-    backend = cfg.logger.backend
-    if backend == "none":
-        return None, resuming
-    if backend == "csv":
-        return CSVLogger(directory, name="", version="csv"), resuming
-    if backend == "tensorboard":
-        return TensorBoardLogger(directory, name="", version="tensorboard", default_hp_metric=False), resuming
-    run_id = continued_run_id(directory, cfg.logger.tracking_uri) if resuming else None
-    logger = ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
-                                   tracking_uri=cfg.logger.tracking_uri, run_id=run_id, tags={KIND_TAG: "train"})
-    return logger, run_id is not None
-
-
-def record_run(cfg: Config, directory: str, logger: Logger | None, continued: bool, ckpt_path: str | None) -> None:
-    """Write the run dir's config.yaml (and mlflow_run_id) and the new run's params, tags and config artifact.
-
-    A continued run has them all from its start. A new MLflow run holds a lease on the run dir until it
-    ends, so that the next `fit` there can tell a killed run from a live one (tracking.mark_orphaned_run).
-    """
-    if continued:
-        if isinstance(logger, ResilientMLFlowLogger):
-            claim_run_dir(directory, logger.run_id, cfg.logger.tracking_uri)
-            logger.lease_dir = directory
-        return
-    config_file = os.path.join(directory, "config.yaml")
-    with open(config_file, "w") as f:
-        f.write(to_yaml(cfg))
-    params = {k: v for k, v in to_flat_dict(cfg).items() if k != "ckpt_path"}
-    if not isinstance(logger, ResilientMLFlowLogger):
-        if logger is not None:
-            logger.log_hyperparams(params)
-        return
-    with open(os.path.join(directory, RUN_ID_FILE), "w") as f:
-        f.write(logger.run_id)
-    claim_run_dir(directory, logger.run_id, cfg.logger.tracking_uri)
-    logger.lease_dir = directory
-    logger.log_hyperparams(params)
-    logger.set_tag("git_commit", git_commit())
-    if ckpt_path is not None:
-        logger.set_tag("resumed_from", os.path.abspath(ckpt_path))
-    logger.log_artifact(config_file)
-
-
-def logs_location(cfg: Config, logger: Logger | None) -> str:
-    """Where this run's metrics went, in words (for the summary the CLI prints)."""
-    if isinstance(logger, ResilientMLFlowLogger):
-        return f"MLflow run {logger.run_id} at {cfg.logger.tracking_uri}"
-    if isinstance(logger, CSVLogger):
-        return f"metrics in {os.path.join(logger.log_dir, 'metrics.csv')}"
-    if isinstance(logger, TensorBoardLogger):
-        return f"TensorBoard logs in {logger.log_dir}"
-    return "no metrics logged (logger.backend=none)" if rank_zero_only.rank == 0 else "metrics on rank 0"
-
-
 def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback], EnvInfo]:
     """Module, datamodule and callbacks for a Config: the pieces a script would assemble by hand."""
     info = probe_env(cfg)
@@ -276,8 +199,8 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
 
 
 def env_kwargs(cfg: Config) -> dict:
-    return dict(obs=cfg.env.obs, action_repeat=cfg.env.action_repeat, image_size=cfg.env.image_size,
-                time_limit=cfg.env.time_limit)
+    """`cfg.env.make_kwargs()`, kept for scripts written against this name."""
+    return cfg.env.make_kwargs()
 
 
 def fit(cfg: Config) -> dict:
@@ -301,47 +224,92 @@ def fit(cfg: Config) -> dict:
 
 
 def _fit_named(cfg: Config) -> dict:
-    """`fit` once the run has its name."""
+    """`fit` once the run has its name: the checks, the pieces, the logger, the Trainer run, its summary."""
+    start = preflight(cfg)
+    if start.finished is not None:
+        return start.finished
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    module, datamodule, callbacks, _ = build(cfg)
+    if start.ckpt_path is not None:
+        check_checkpoint_matches(start.ckpt_path, module)
+    logger = set_up_logging(cfg, start)
+    trainer = make_trainer(cfg, callbacks, logger)
+    began = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=start.ckpt_path, weights_only=True)
+    return fit_summary(cfg, trainer, module, logger, time.time() - began)
+
+
+@dataclass
+class Start:
+    """Where a fit starts: the checkpoint (None: from scratch), whether it continues run.dir's own run
+    (not a branch), and the summary to return at once when the checkpoint already holds run.steps."""
+
+    ckpt_path: str | None
+    continuing: bool
+    finished: dict | None
+
+
+def preflight(cfg: Config) -> Start:
+    """Everything checked before anything is built or written: a killed run's leftovers, the checkpoint,
+    the run dir and the tracking store."""
     if rank_zero_only.rank == 0:
         mark_orphaned_run(run_dir(cfg))  # a run killed in this folder before: end its MLflow run
     ckpt_path = resolve_ckpt_path(cfg)
     continuing, finished = check_start(cfg, ckpt_path)
-    if finished is not None:
-        return finished
-    check_writable_dir(run_dir(cfg))
-    if cfg.logger.backend == "mlflow":
-        try:
-            check_tracking_uri(cfg.logger.tracking_uri)
-        except TrackingError as err:
-            raise ConfigError(str(err)) from None
-    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    module, datamodule, callbacks, info = build(cfg)
-    if ckpt_path is not None:
-        check_checkpoint_matches(ckpt_path, module)
+    if finished is None:
+        check_writable_dir(run_dir(cfg))
+        check_tracking(cfg)
+    return Start(ckpt_path, continuing, finished)
+
+
+def check_tracking(cfg: Config) -> None:
+    """With logger.backend=mlflow, fail before training when the tracking store cannot be reached or written."""
+    if cfg.logger.backend != "mlflow":
+        return
+    try:
+        check_tracking_uri(cfg.logger.tracking_uri)
+    except TrackingError as err:
+        raise ConfigError(str(err)) from None
+
+
+def set_up_logging(cfg: Config, start: Start) -> Logger | None:
+    """Make the run dir; on rank 0 open the logger and write the run's record (config.yaml, params, tags).
+
+    Under DDP only rank 0 has an MLflow run (and writes the run dir's files). The other ranks get no
+    logger at all: opening the store would race rank 0's creation of a new database under torchrun,
+    which starts all ranks at once.
+    """
     directory = run_dir(cfg)
     os.makedirs(directory, exist_ok=True)
-    # Under DDP only rank 0 has an MLflow run (and writes the run dir's files). The other ranks get no
-    # logger at all: opening the store would race rank 0's creation of a new database under torchrun,
-    # which starts all ranks at once.
-    logger, continued = None, False
-    if rank_zero_only.rank == 0:
-        logger, continued = make_logger(cfg, directory, resuming=continuing)
-        record_run(cfg, directory, logger, continued, ckpt_path)
-    trainer = L.Trainer(**cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks,
-                        max_epochs=-1, max_steps=-1, enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,
-                        num_sanity_val_steps=0, default_root_dir=directory)
-    start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    collector = callbacks[0]
-    summary = {
+    if rank_zero_only.rank != 0:
+        return None
+    logger, continued = make_logger(cfg, directory, resuming=start.continuing)
+    record_run(cfg, directory, logger, continued, start.ckpt_path)
+    return logger
+
+
+def make_trainer(cfg: Config, callbacks: list[L.Callback], logger: Logger | None) -> L.Trainer:
+    """The Trainer of a fit: cfg.trainer plus what fit owns (endless epochs, its own checkpoints, no sanity check)."""
+    return L.Trainer(**cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks,
+                     max_epochs=-1, max_steps=-1, enable_checkpointing=False, log_every_n_steps=cfg.run.log_every,
+                     num_sanity_val_steps=0, default_root_dir=run_dir(cfg))
+
+
+def fit_summary(cfg: Config, trainer: L.Trainer, module: DreamerModule, logger: Logger | None,
+                seconds: float) -> dict:
+    """What a finished (or stopped) fit did and where its outputs are: the dict `fit` returns."""
+    collector, directory = find_collector(trainer), run_dir(cfg)
+    evals = [cb.history[-1][1] for cb in trainer.callbacks if isinstance(cb, EvalCallback) and cb.history]
+    stops = [cb.stopped_by for cb in trainer.callbacks if isinstance(cb, GracefulStop)]
+    return {
         "env_steps": collector.env_steps * trainer.world_size,
         "train_steps": int(module.train_steps),
         "episodes": collector.episodes,  # of this rank
         "world_size": trainer.world_size,
         "best_return": collector.best_return,
-        "eval": next((cb.history[-1][1] for cb in callbacks if isinstance(cb, EvalCallback) and cb.history), None),
+        "eval": next(iter(evals), None),
         "last_return": collector.last_return,
-        "seconds": time.time() - start,
+        "seconds": seconds,
         "mlflow_run_id": logger.run_id if isinstance(logger, ResilientMLFlowLogger) else None,
         "logs": logs_location(cfg, logger),
         "tracking_uri": cfg.logger.tracking_uri,
@@ -349,7 +317,5 @@ def _fit_named(cfg: Config) -> dict:
         "run_dir": directory,
         "rank": trainer.global_rank,
         # SIGINT or SIGTERM when a signal ended the run before run.steps (it resumes with ckpt_path=last)
-        "stopped_by": next((cb.stopped_by for cb in callbacks if isinstance(cb, GracefulStop)), None),
+        "stopped_by": next(iter(stops), None),
     }
-    return summary
-

@@ -31,7 +31,6 @@ import torch
 from lit_dreamer.envs import make_env
 from lit_dreamer.envs.spaces import env_action
 from lit_dreamer.evaluation import load_module
-from lit_dreamer.train import env_kwargs
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -86,7 +85,7 @@ def diagnose(ckpt: str, episodes: int, seed: int, window: int) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gamma = module.actor_critic.cfg.gamma
-    env = make_env(cfg.env.id, seed=seed, **env_kwargs(cfg))
+    env = make_env(cfg.env.id, seed=seed, **cfg.env.make_kwargs())
     report = {"checkpoint": ckpt, "env": cfg.env.id, "gamma": gamma}
     try:
         for behaviour in ("policy", "random"):

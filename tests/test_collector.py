@@ -81,3 +81,16 @@ def test_a_run_collects_exactly_run_steps(in_tmp, caplog, steps, prefill, train_
                            "whole run acts randomly"]
     else:
         assert clamped == []
+
+
+def test_fit_finds_the_collector_wherever_it_sits_among_the_callbacks(in_tmp, monkeypatch):
+    # A script or subclass may put its own callback first: the summary must still read the collector's counts.
+    import lit_dreamer.train as train
+    build = train.build
+
+    def collector_last(cfg):
+        module, datamodule, callbacks, info = build(cfg)
+        return module, datamodule, callbacks[1:] + callbacks[:1], info
+    monkeypatch.setattr(train, "build", collector_last)
+    summary = fit(config(in_tmp, "run.steps=80", "run.prefill=40"))
+    assert summary["env_steps"] == 80 and summary["train_steps"] == 40 and summary["episodes"] >= 1
