@@ -14,8 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_dreamer.config import ConfigError
 from lit_dreamer.replay import Replay, ReplayCapacityError
 from lit_dreamer.sampling import ReplayConfig
-
-ReplaySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+from lit_dreamer.steps import Spec
 
 
 class ReplayStream(IterableDataset):
@@ -45,7 +44,7 @@ class ReplayDataModule(L.LightningDataModule):
     these settings, not the saved run's.
     """
 
-    def __init__(self, spec: ReplaySpec, settings: ReplayConfig | None = None, *, num_envs: int = 1,
+    def __init__(self, spec: Spec, settings: ReplayConfig | None = None, *, num_envs: int = 1,
                  batch_size: int = 16, batch_length: int = 64, seed: int = 0):
         super().__init__()
         self.spec, self.num_envs, self.seed = spec, num_envs, seed

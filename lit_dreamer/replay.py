@@ -26,8 +26,9 @@ replayed step; ``sample`` returns the latent of the step just before each sequen
 start from it instead of zeros.
 
 Settings (capacity, storage folder, sampler) come whole in one ``ReplayConfig``; where each sequence
-starts is the job of the sampler it names (``lit_dreamer.sampling.SAMPLERS``). Not thread-safe: guard it with a lock if the collector and the
-learner run in different threads.
+starts is the job of the sampler it names (``lit_dreamer.sampling.SAMPLERS``). The step keys and
+spec types are defined in ``lit_dreamer.steps``. Not thread-safe: guard it with a lock if the
+collector and the learner run in different threads.
 """
 
 from __future__ import annotations
@@ -45,10 +46,8 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from lit_dreamer.sampling import ReplayConfig, make_sampler
+from lit_dreamer.steps import CONTEXT_PREFIX, SpecLike, clashes_with_a_batch_key
 
-Spec = Mapping[str, tuple[tuple[int, ...], Any]]
-
-_RESERVED_KEYS = ("index", "context_valid")
 _COPY_CHUNK_BYTES = 64 << 20
 _FORMAT_VERSION = 1
 _NPY_HEADER_BOUND = 4096  # np.save pads its header to a multiple of 64 bytes; far less than this
@@ -72,7 +71,7 @@ class Replay:
         seed: seed of the replay's own generator, which drives all sampling.
     """
 
-    def __init__(self, spec: Spec, settings: ReplayConfig | None = None, num_envs: int = 1, *, seed: int = 0):
+    def __init__(self, spec: SpecLike, settings: ReplayConfig | None = None, num_envs: int = 1, *, seed: int = 0):
         settings = ReplayConfig() if settings is None else settings
         capacity, directory = settings.capacity, settings.directory
         if num_envs < 1 or capacity < num_envs:
@@ -81,7 +80,7 @@ class Replay:
         self.settings = settings
         self.spec = {key: (tuple(int(size) for size in shape), np.dtype(dtype)) for key, (shape, dtype) in spec.items()}
         for key in self.spec:
-            if key in _RESERVED_KEYS or key.startswith("context/"):
+            if clashes_with_a_batch_key(key):
                 raise ValueError(f"spec key {key!r} is reserved for what sample() returns; rename it")
         self.num_envs = num_envs
         self.directory = directory
@@ -215,7 +214,7 @@ class Replay:
         for name, array in self._context.items():
             values = array[rows, streams]
             values[~valid] = 0
-            gathered[f"context/{name}"] = values
+            gathered[CONTEXT_PREFIX + name] = values
         return gathered
 
     # ----------------------------------------------------------------------------- checkpoints

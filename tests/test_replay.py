@@ -301,9 +301,10 @@ def test_load_samples_as_the_current_settings_say(tmp_path):
                                                                       recency_half_life=50))
     uniform = Replay.load(str(tmp_path / "snapshot"), ReplayConfig(capacity=2000))
     assert isinstance(recency.sampler, RecencySampler) and isinstance(uniform.sampler, UniformSampler)
-    steps = {name: replay.sample(4000, 1)["step"][:, 0] for name, replay in (("recency", recency), ("uniform", uniform))}
-    assert 1999 - steps["recency"].mean() < 150  # about 50 / ln 2 = 72
-    assert 1999 - steps["uniform"].mean() > 800  # about 1000
+    starts = {name: replay.sample(4000, 1)["step"][:, 0] for name, replay in (("recency", recency),
+                                                                               ("uniform", uniform))}
+    assert 1999 - starts["recency"].mean() < 150  # about 50 / ln 2 = 72
+    assert 1999 - starts["uniform"].mean() > 800  # about 1000
 
 
 def test_old_snapshots_with_sampling_fields_load_under_the_current_settings(tmp_path):
