@@ -23,6 +23,7 @@ from lit_dreamer.config import Config
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.options import at_least, checked
+from lit_dreamer.sampling import ReplayConfig
 from lit_dreamer.train import env_kwargs, probe_env
 from lit_dreamer.timing import PhaseTimer
 
@@ -106,8 +107,8 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile)
     module.timer.enabled = True
     B, T = cfg.run.batch_size, cfg.run.batch_length
-    datamodule = ReplayDataModule(info.spec, num_envs=1, capacity=max(4 * T, 2048), batch_size=B, batch_length=T,
-                                  seed=cfg.run.seed)
+    datamodule = ReplayDataModule(info.spec, ReplayConfig(capacity=max(4 * T, 2048)), num_envs=1, batch_size=B,
+                                  batch_length=T, seed=cfg.run.seed)
     datamodule.setup("fit")
     rng = np.random.default_rng(cfg.run.seed)
     for _ in range(datamodule.replay.capacity):

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig,
                                      WorldModelConfig, migrate_moved_keys)
+from lit_dreamer.sampling import SAMPLERS, ReplayConfig
 
 def config_dir() -> str:
     """The YAML overlays: lit_dreamer/configs in an installed package, configs/ at the top of a checkout."""
@@ -98,20 +99,6 @@ class RunConfig:
     """Folder for checkpoints and the run's files (None: runs/<run name>)."""
     compile: bool = False
     """torch.compile the RSSM's per-step functions (faster steps after a few seconds of compilation)."""
-
-
-@dataclass
-class ReplayConfig:
-    """Replay storage."""
-
-    capacity: int = 1_000_000
-    """Steps kept per device; the oldest are overwritten."""
-    directory: Optional[str] = None
-    """Keep the replay in memory-mapped files here instead of RAM."""
-    sampling: str = "uniform"
-    """uniform or recency (exponentially more weight on recent steps)."""
-    recency_half_life: float = 10000.0
-    """Half-life in steps of the recency sampling."""
 
 
 TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
@@ -374,8 +361,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.eval_mode must be one of {', '.join(EVAL_MODES)}, got {cfg.run.eval_mode!r}")
     if cfg.logger.backend not in LOGGER_BACKENDS:
         raise ConfigError(f"logger.backend must be one of {', '.join(LOGGER_BACKENDS)}, got {cfg.logger.backend!r}")
-    if cfg.replay.sampling not in ("uniform", "recency"):
-        raise ConfigError(f"replay.sampling must be 'uniform' or 'recency', got {cfg.replay.sampling!r}")
+    if cfg.replay.sampling not in SAMPLERS:
+        close = difflib.get_close_matches(cfg.replay.sampling, list(SAMPLERS), n=1)
+        raise ConfigError(f"unknown replay.sampling {cfg.replay.sampling!r}; choose one of {', '.join(SAMPLERS)}"
+                          + (f" (did you mean {close[0]}?)" if close else ""))
     for key, value in (("run.steps", cfg.run.steps), ("run.batch_size", cfg.run.batch_size),
                        ("run.batch_length", cfg.run.batch_length), ("env.num_envs", cfg.env.num_envs),
                        ("run.train_ratio", cfg.run.train_ratio), ("behavior.horizon", cfg.behavior.horizon),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Iterator
 
@@ -10,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_dreamer.replay import Replay
-
-ReplaySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+from lit_dreamer.config import ConfigError
+from lit_dreamer.replay import Replay, ReplayCapacityError
+from lit_dreamer.sampling import ReplayConfig
+from lit_dreamer.steps import Spec
 
 
 class ReplayStream(IterableDataset):
@@ -35,18 +37,19 @@ class ReplayStream(IterableDataset):
 class ReplayDataModule(L.LightningDataModule):
     """Replay storage for one rank plus the dataloader that streams sequences from it.
 
-    spec: what one replay step holds (see `lit_dreamer.envs.space_spec`). capacity is in steps
-    for this rank. With `directory`, the replay lives in memory-mapped files there (rank
-    subfolders under DDP), so capacity is not limited by RAM.
+    spec: what one replay step holds (see `lit_dreamer.envs.space_spec`). settings: the `replay`
+    config section, passed whole (default `ReplayConfig()`); its capacity is in steps for this
+    rank. With `settings.directory`, the replay lives in memory-mapped files there (rank
+    subfolders under DDP), so capacity is not limited by RAM. A replay restored on resume takes
+    these settings, not the saved run's.
     """
 
-    def __init__(self, spec: ReplaySpec, *, num_envs: int = 1, capacity: int = 1_000_000, batch_size: int = 16,
-                 batch_length: int = 64, directory: str | None = None, sampling: str = "uniform",
-                 recency_half_life: float = 10_000.0, seed: int = 0):
+    def __init__(self, spec: Spec, settings: ReplayConfig | None = None, *, num_envs: int = 1,
+                 batch_size: int = 16, batch_length: int = 64, seed: int = 0):
         super().__init__()
-        self.spec, self.num_envs, self.capacity = spec, num_envs, capacity
+        self.spec, self.num_envs, self.seed = spec, num_envs, seed
+        self.settings = ReplayConfig() if settings is None else settings
         self.batch_size, self.batch_length = batch_size, batch_length
-        self.directory, self.sampling, self.recency_half_life, self.seed = directory, sampling, recency_half_life, seed
         self.replay: Replay | None = None
 
     @property
@@ -57,10 +60,14 @@ class ReplayDataModule(L.LightningDataModule):
         if self.replay is None:
             self.replay = self.new_replay()
 
+    def rank_settings(self) -> ReplayConfig:
+        """The settings with this rank's own storage folder."""
+        if self.settings.directory is None:
+            return self.settings
+        return dataclasses.replace(self.settings, directory=os.path.join(self.settings.directory, f"rank{self.rank}"))
+
     def new_replay(self) -> Replay:
-        directory = None if self.directory is None else os.path.join(self.directory, f"rank{self.rank}")
-        return Replay(self.spec, self.capacity, self.num_envs, directory=directory, seed=self.seed + 7919 * self.rank,
-                      sampling=self.sampling, recency_half_life=self.recency_half_life)
+        return Replay(self.spec, self.rank_settings(), self.num_envs, seed=self.seed + 7919 * self.rank)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ReplayStream(self), batch_size=None, num_workers=0)
@@ -73,5 +80,10 @@ class ReplayDataModule(L.LightningDataModule):
         self.replay.save(path)
 
     def load_replay(self, path: str) -> None:
-        directory = None if self.directory is None else os.path.join(self.directory, f"rank{self.rank}")
-        self.replay = Replay.load(path, directory=directory)
+        """Restore a saved replay under this run's settings (capacity, sampler, storage)."""
+        try:
+            self.replay = Replay.load(path, self.rank_settings())
+        except ReplayCapacityError as err:
+            raise ConfigError(f"replay.capacity={err.capacity} is below the {err.stored} steps stored in the replay "
+                              f"snapshot {err.snapshot}; resume with replay.capacity={err.stored} or more "
+                              "(dropping the oldest steps is not done silently)") from None

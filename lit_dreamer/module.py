@@ -16,10 +16,9 @@ from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, M
                                      WorldModelConfig, migrate_moved_keys)
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
+from lit_dreamer.steps import CONTEXT_PREFIX, SpecLike
 from lit_dreamer.timing import PhaseTimer
 from lit_dreamer.world_model import WorldModel
-
-ObsSpec = dict[str, tuple[tuple[int, ...], str]]
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -50,11 +49,11 @@ def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
 class DreamerModule(L.LightningModule):
     """DreamerV3 under manual optimization with three LaProp optimizers (world model, actor, critic).
 
-    obs_spec maps each observation key to (shape, dtype name); action_dim is the one-hot size
+    obs_spec maps each observation key to (shape, dtype or dtype name); action_dim is the one-hot size
     for discrete actions or the box dimension for continuous ones (in [-1, 1]).
     """
 
-    def __init__(self, obs_spec: ObsSpec, action_dim: int, discrete: bool, config: AgentConfig | dict | None = None,
+    def __init__(self, obs_spec: SpecLike, action_dim: int, discrete: bool, config: AgentConfig | dict | None = None,
                  compile: bool = False):
         super().__init__()
         cfg = agent_config_from(config)
@@ -191,11 +190,11 @@ class DreamerModule(L.LightningModule):
     # Replay context: start each replayed sequence from the stored posterior of its preceding step.
 
     def replay_context(self, batch: dict[str, Tensor]) -> State | None:
-        if not self.cfg.behavior.replay_context or "context/deter" not in batch:
+        if not self.cfg.behavior.replay_context or CONTEXT_PREFIX + "deter" not in batch:
             return None
         valid = batch["context_valid"].float()[:, None]
-        deter = batch["context/deter"].to(valid.dtype) * valid
-        stoch = F.one_hot(batch["context/stoch"].long(), self.world_model.rssm.classes).to(valid.dtype)
+        deter = batch[CONTEXT_PREFIX + "deter"].to(valid.dtype) * valid
+        stoch = F.one_hot(batch[CONTEXT_PREFIX + "stoch"].long(), self.world_model.rssm.classes).to(valid.dtype)
         return State(deter, stoch * valid[..., None])
 
     def context_entries(self, post: State) -> dict[str, Tensor]:

@@ -23,8 +23,12 @@ so ``update_context`` can tell whether a slot was overwritten since it was sampl
 
 Replay context (newest DreamerV3 recipe): ``update_context`` stores the model's posterior latent per
 replayed step; ``sample`` returns the latent of the step just before each sequence, so the model can
-start from it instead of zeros. Not thread-safe: guard it with a lock if the collector and the
-learner run in different threads.
+start from it instead of zeros.
+
+Settings (capacity, storage folder, sampler) come whole in one ``ReplayConfig``; where each sequence
+starts is the job of the sampler it names (``lit_dreamer.sampling.SAMPLERS``). The step keys and
+spec types are defined in ``lit_dreamer.steps``. Not thread-safe: guard it with a lock if the
+collector and the learner run in different threads.
 """
 
 from __future__ import annotations
@@ -41,10 +45,9 @@ from typing import Any
 import numpy as np
 from numpy.lib.format import open_memmap
 
-Spec = Mapping[str, tuple[tuple[int, ...], Any]]
+from lit_dreamer.sampling import ReplayConfig, make_sampler
+from lit_dreamer.steps import CONTEXT_PREFIX, SpecLike, clashes_with_a_batch_key
 
-SAMPLING_MODES = ("uniform", "recency")
-_RESERVED_KEYS = ("index", "context_valid")
 _COPY_CHUNK_BYTES = 64 << 20
 _FORMAT_VERSION = 1
 _NPY_HEADER_BOUND = 4096  # np.save pads its header to a multiple of 64 bytes; far less than this
@@ -60,41 +63,27 @@ class Replay:
 
     Args:
         spec: shape (without batch) and dtype of each key of a step, e.g. ``envs.space_spec(env)``.
-        capacity: steps over all streams; each stream keeps ``capacity // num_envs`` steps.
+        settings: ``capacity`` (steps over all streams; each stream keeps ``capacity // num_envs``),
+            ``directory`` (if set, the buffers are ``.npy`` memmaps there, created fresh: existing
+            buffer files are overwritten, so capacity is bounded by disk, not RAM) and the sampler
+            (``sampling`` and its settings). Default: ``ReplayConfig()``.
         num_envs: env streams written together by each ``add``.
-        directory: if given, the buffers are ``.npy`` memmaps in this directory (created fresh:
-            existing buffer files there are overwritten), so capacity is bounded by disk, not RAM.
         seed: seed of the replay's own generator, which drives all sampling.
-        sampling: ``"uniform"`` over all valid starts, or ``"recency"``: the age of a start is drawn
-            from an exponential truncated to the stored data.
-        recency_half_life: half-life of that exponential in env steps (all streams together).
     """
 
-    def __init__(
-        self,
-        spec: Spec,
-        capacity: int,
-        num_envs: int,
-        *,
-        directory: str | None = None,
-        seed: int = 0,
-        sampling: str = "uniform",
-        recency_half_life: float = 10000.0,
-    ):
-        if sampling not in SAMPLING_MODES:
-            raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLING_MODES)}")
+    def __init__(self, spec: SpecLike, settings: ReplayConfig | None = None, num_envs: int = 1, *, seed: int = 0):
+        settings = ReplayConfig() if settings is None else settings
+        capacity, directory = settings.capacity, settings.directory
         if num_envs < 1 or capacity < num_envs:
             raise ValueError(f"need num_envs >= 1 and capacity >= num_envs, got {capacity=} {num_envs=}")
-        if recency_half_life <= 0:
-            raise ValueError(f"recency_half_life must be positive, got {recency_half_life}")
+        self.sampler = make_sampler(settings, num_envs)
+        self.settings = settings
         self.spec = {key: (tuple(int(size) for size in shape), np.dtype(dtype)) for key, (shape, dtype) in spec.items()}
         for key in self.spec:
-            if key in _RESERVED_KEYS or key.startswith("context/"):
+            if clashes_with_a_batch_key(key):
                 raise ValueError(f"spec key {key!r} is reserved for what sample() returns; rename it")
         self.num_envs = num_envs
         self.directory = directory
-        self.sampling = sampling
-        self.recency_half_life = float(recency_half_life)
         self._rows = capacity // num_envs
         self._rng = np.random.default_rng(seed)
         self._rows_added = 0
@@ -206,9 +195,7 @@ class Replay:
                 f"the replay holds {self._filled} steps per env stream but sample(length={length}) needs at "
                 f"least {length}; collect more steps before sampling"
             )
-        num_starts = self._filled - length + 1
-        starts = self._draw_starts(batch_size, num_starts)
-        streams = self._rng.integers(0, self.num_envs, size=batch_size)
+        starts, streams = self.sampler.draw(self._rng, batch_size, self._filled - length + 1)
         first = self._rows_added - self._filled + starts
         absolute = first[:, None] + np.arange(length)
         rows, columns = absolute % self._rows, streams[:, None]
@@ -216,16 +203,6 @@ class Replay:
         batch["index"] = absolute * self.num_envs + columns
         batch.update(self._gather_context(first - 1, streams, has_previous=starts > 0))
         return batch
-
-    def _draw_starts(self, batch_size: int, num_starts: int) -> np.ndarray:
-        """Start offsets from the oldest stored row, in [0, num_starts)."""
-        if self.sampling == "uniform":
-            return self._rng.integers(0, num_starts, size=batch_size)
-        # Inverse CDF of an exponential over the age, truncated to [0, num_starts); age 0 is newest.
-        rate = math.log(2.0) / (self.recency_half_life / self.num_envs)
-        mass = -math.expm1(-rate * num_starts)
-        ages = np.floor(-np.log1p(-self._rng.random(batch_size) * mass) / rate).astype(np.int64)
-        return num_starts - 1 - np.minimum(ages, num_starts - 1)
 
     def _gather_context(self, previous: np.ndarray, streams: np.ndarray, has_previous: np.ndarray) -> dict:
         if not self._context:
@@ -237,7 +214,7 @@ class Replay:
         for name, array in self._context.items():
             values = array[rows, streams]
             values[~valid] = 0
-            gathered[f"context/{name}"] = values
+            gathered[CONTEXT_PREFIX + name] = values
         return gathered
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -295,8 +272,6 @@ class Replay:
             "spec": {key: [list(shape), dtype.str] for key, (shape, dtype) in self.spec.items()},
             "capacity": self.capacity,
             "num_envs": self.num_envs,
-            "sampling": self.sampling,
-            "recency_half_life": self.recency_half_life,
             "state": self.state_dict(),
             "files": files,
         }
@@ -309,34 +284,55 @@ class Replay:
         return sum(array[:filled].nbytes + _NPY_HEADER_BOUND for array in arrays) + _META_BOUND
 
     @classmethod
-    def load(cls, path: str, directory: str | None = None) -> Replay:
-        """Restore a snapshot written by ``save``, into RAM or into memmaps in ``directory``.
+    def load(cls, path: str, settings: ReplayConfig | None = None) -> Replay:
+        """Restore a snapshot written by ``save`` under ``settings``: the current run's, not the saved run's.
 
-        Arrays are read through read-only memmaps and copied in chunks, so RAM never holds the
-        snapshot and the storage at once. A missing, truncated or otherwise damaged file raises
-        ReplaySnapshotError naming it, before anything is allocated.
+        ``settings`` gives the capacity, the storage (RAM, or memmaps in ``settings.directory``) and
+        the sampler the restored replay uses; None: the snapshot's capacity in RAM with uniform
+        sampling (to look at a snapshot). A capacity below the stored steps raises
+        ReplayCapacityError: it would silently drop the oldest data. Arrays are read through
+        read-only memmaps and copied in chunks, so RAM never holds the snapshot and the storage at
+        once. A missing, truncated or otherwise damaged file raises ReplaySnapshotError naming it,
+        before anything is allocated.
         """
         snapshot, meta = check_snapshot(path)
+        settings = ReplayConfig(capacity=meta["capacity"]) if settings is None else settings
+        directory = settings.directory
         if directory is not None and os.path.realpath(directory) == os.path.realpath(snapshot):
             raise ValueError("load the replay into a directory other than the snapshot it reads")
+        num_envs, rows_added = meta["num_envs"], int(meta["state"]["rows_added"])
+        stored_rows = meta["capacity"] // num_envs
+        filled = min(rows_added, stored_rows)
+        if settings.capacity // num_envs < filled:
+            raise ReplayCapacityError(snapshot, settings.capacity, filled * num_envs)
         spec = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in meta["spec"].items()}
-        replay = cls(
-            spec,
-            meta["capacity"],
-            meta["num_envs"],
-            directory=directory,
-            sampling=meta["sampling"],
-            recency_half_life=meta["recency_half_life"],
-        )
-        files = meta["files"]
+        replay = cls(spec, settings, num_envs)
+        if replay._rows == stored_rows:  # the same ring: every row goes back where it was
+            replay._restore_arrays(snapshot, meta["files"], oldest=0)
+            replay.load_state_dict(meta["state"])
+            return replay
+        # Another ring size: the stored rows, oldest first, become rows 0..filled-1 of the new ring,
+        # numbered afresh (ids that sample() returned before the save do not outlive it anyway).
+        replay._restore_arrays(snapshot, meta["files"], oldest=(rows_added - filled) % stored_rows)
+        replay.load_state_dict({"rows_added": filled, "rng": meta["state"]["rng"]})
+        return replay
+
+    def _restore_arrays(self, snapshot: str, files: Mapping[str, Any], oldest: int) -> None:
+        """Copy each array of a checked snapshot, whose oldest row is ``oldest``, into this replay's first rows."""
         for key, file_name in files["data"].items():
-            _copy_in_chunks(np.load(os.path.join(snapshot, file_name), mmap_mode="r"), replay._data[key])
+            _copy_in_order(np.load(os.path.join(snapshot, file_name), mmap_mode="r"), self._data[key], oldest)
         for name, file_name in files["context"].items():
             source = np.load(os.path.join(snapshot, file_name), mmap_mode="r")
-            _copy_in_chunks(source, replay._context_array(name, source.shape[2:], source.dtype))
-        _copy_in_chunks(np.load(os.path.join(snapshot, files["has_context"]), mmap_mode="r"), replay._has_context)
-        replay.load_state_dict(meta["state"])
-        return replay
+            _copy_in_order(source, self._context_array(name, source.shape[2:], source.dtype), oldest)
+        _copy_in_order(np.load(os.path.join(snapshot, files["has_context"]), mmap_mode="r"), self._has_context, oldest)
+
+
+class ReplayCapacityError(ValueError):
+    """Settings whose capacity cannot hold the steps a snapshot stores."""
+
+    def __init__(self, snapshot: str, capacity: int, stored: int):
+        super().__init__(f"replay capacity {capacity} is below the {stored} steps stored in the snapshot {snapshot}")
+        self.snapshot, self.capacity, self.stored = snapshot, capacity, stored
 
 
 class ReplaySnapshotError(ValueError):
@@ -384,12 +380,13 @@ def _read_meta(file: str) -> dict[str, Any]:
             raise ValueError(f"capacity {meta['capacity']} and num_envs {meta['num_envs']} do not fit")
         int(meta["state"]["rows_added"])
         dict(meta["state"]["rng"])
-        float(meta["recency_half_life"])
         dtypes = [np.dtype(dtype) for _, dtype in meta["spec"].values()]
         if set(meta["files"]["data"]) != set(meta["spec"]) or not isinstance(meta["files"]["context"], dict):
             raise ValueError("the files listed differ from the spec")
-        if not isinstance(meta["files"]["has_context"], str) or meta["sampling"] not in SAMPLING_MODES:
-            raise ValueError("files.has_context or sampling is not what save() writes")
+        # Snapshots written before the settings moved out of them also hold sampling and
+        # recency_half_life: they are ignored, since the run's own settings apply on load.
+        if not isinstance(meta["files"]["has_context"], str):
+            raise ValueError("files.has_context is not what save() writes")
     except (KeyError, TypeError, ValueError) as err:
         raise ReplaySnapshotError(file, f"is incomplete or malformed ({type(err).__name__}: {err})") from None
     if any(dtype.hasobject for dtype in dtypes):
@@ -454,6 +451,13 @@ def _copy_in_chunks(source: np.ndarray, target: np.ndarray) -> None:
     for start in range(0, len(source), step):
         stop = min(start + step, len(source))
         target[start:stop] = source[start:stop]
+
+
+def _copy_in_order(source: np.ndarray, target: np.ndarray, oldest: int) -> None:
+    """Copy a stored ring whose oldest row is ``oldest`` into the first rows of target, oldest first
+    (``oldest=0``: row for row)."""
+    _copy_in_chunks(source[oldest:], target)
+    _copy_in_chunks(source[:oldest], target[len(source) - oldest :])
 
 
 def _find_snapshot(path: str) -> str:

@@ -177,10 +177,8 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
         module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile)
     except ValueError as err:  # e.g. an observation the encoders cannot take
         raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
-    datamodule = ReplayDataModule(info.spec, num_envs=cfg.env.num_envs, capacity=cfg.replay.capacity,
-                                  batch_size=cfg.run.batch_size, batch_length=cfg.run.batch_length,
-                                  directory=cfg.replay.directory, sampling=cfg.replay.sampling,
-                                  recency_half_life=cfg.replay.recency_half_life, seed=cfg.run.seed)
+    datamodule = ReplayDataModule(info.spec, cfg.replay, num_envs=cfg.env.num_envs, batch_size=cfg.run.batch_size,
+                                  batch_length=cfg.run.batch_length, seed=cfg.run.seed)
     collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
                              train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
                              asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, **env_kwargs(cfg))

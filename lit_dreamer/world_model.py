@@ -13,12 +13,12 @@ from lit_dreamer.distributions import MSE, Bernoulli, SymlogMSE, TwoHot, kl_dive
 from lit_dreamer.losses import kl_losses
 from lit_dreamer.nets import MLP, Head, ImageDecoder, ImageEncoder, VectorEncoder, linear
 from lit_dreamer.rssm import RSSM, State
+from lit_dreamer.steps import NON_OBS_KEYS, SpecLike, is_model_input
 
-# Keys of a replay step that are not observations.
-NON_OBS_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
+__all__ = ["NON_OBS_KEYS", "WorldModel", "split_obs_keys"]  # NON_OBS_KEYS: its home is lit_dreamer.steps
 
 
-def split_obs_keys(obs_spec: dict[str, tuple[tuple[int, ...], np.dtype]], cnn_keys: str = ".*",
+def split_obs_keys(obs_spec: SpecLike, cnn_keys: str = ".*",
                    mlp_keys: str = ".*") -> tuple[list[str], list[str]]:
     """Pick image keys (uint8 rank 3) for the CNN and vector keys (rank 1) for the MLP.
 
@@ -27,7 +27,7 @@ def split_obs_keys(obs_spec: dict[str, tuple[tuple[int, ...], np.dtype]], cnn_ke
     """
     images, vectors = [], []
     for key, (shape, dtype) in obs_spec.items():
-        if key in NON_OBS_KEYS or key.startswith("log_") or key.startswith("context/"):
+        if not is_model_input(key):
             continue
         if len(shape) == 3 and np.dtype(dtype) == np.uint8 and shape[-1] in (1, 3, 4):
             if re.fullmatch(cnn_keys, key):
@@ -56,7 +56,7 @@ class WorldModel(nn.Module):
     name, posterior State (B, T), scalar metrics). Shapes: B batch, T time, E embedding, F = rssm.feat_dim.
     """
 
-    def __init__(self, obs_spec: dict[str, tuple[tuple[int, ...], np.dtype]], action_dim: int, cfg: ModelConfig,
+    def __init__(self, obs_spec: SpecLike, action_dim: int, cfg: ModelConfig,
                  free_nats: float = 1.0):
         super().__init__()
         cfg = cfg.resolved()

@@ -281,3 +281,20 @@ def test_fit_from_a_script_checks_the_config_before_anything_runs(tmp_path, monk
     with pytest.raises(ConfigError, match="trainer.max_steps"):
         fit(Config(trainer={"accelerator": "cpu", "max_steps": 5}))
     assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store
+
+
+def test_replay_sampling_is_checked_against_the_sampler_table(monkeypatch):
+    from lit_dreamer import sampling
+
+    with pytest.raises(ConfigError, match="unknown replay.sampling 'recent'; choose one of uniform, recency "
+                                          r"\(did you mean recency\?\)"):
+        load_config([], ["replay.sampling=recent"])
+
+    class Prioritized(sampling.UniformSampler):
+        pass
+
+    # A new sampler is one class and one table entry: the config accepts it with no other change.
+    monkeypatch.setitem(sampling.SAMPLERS, "prioritized", Prioritized)
+    assert load_config([], ["replay.sampling=prioritized"]).replay.sampling == "prioritized"
+    with pytest.raises(ConfigError, match="choose one of uniform, recency, prioritized"):
+        load_config([], ["replay.sampling=rank"])

@@ -1,12 +1,14 @@
 """Contracts of lit_dreamer.replay.Replay: layout, sampling, context, memmaps and snapshots."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 
-from lit_dreamer.replay import Replay
+from lit_dreamer.replay import Replay, ReplayCapacityError
+from lit_dreamer.sampling import SAMPLERS, RecencySampler, ReplayConfig, UniformSampler, make_sampler
 
 SPEC = {
     "image": ((4, 4, 3), np.uint8),
@@ -18,6 +20,11 @@ SPEC = {
     "is_last": ((), np.bool_),
     "is_terminal": ((), np.bool_),
 }
+
+
+def make(capacity: int, num_envs: int, *, seed: int = 0, **settings) -> Replay:
+    """A replay of SPEC; settings are ReplayConfig fields (directory, sampling, recency_half_life)."""
+    return Replay(SPEC, ReplayConfig(capacity=capacity, **settings), num_envs, seed=seed)
 
 
 def make_step(step: int, num_envs: int) -> dict[str, np.ndarray]:
@@ -49,7 +56,7 @@ def check_consecutive(batch: dict[str, np.ndarray]) -> None:
 
 
 def test_add_and_sample_shapes_and_dtypes():
-    replay = Replay(SPEC, capacity=100, num_envs=2)
+    replay = make(100, 2)
     fill(replay, 0, 20)
     assert len(replay) == 40 and replay.capacity == 100
     per_slot = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for shape, dtype in SPEC.values()) + 1
@@ -64,7 +71,7 @@ def test_add_and_sample_shapes_and_dtypes():
 
 
 def test_sequences_are_consecutive_steps_of_one_stream():
-    replay = Replay(SPEC, capacity=300, num_envs=3, seed=1)
+    replay = make(300, 3, seed=1)
     fill(replay, 0, 60)
     batch = replay.sample(256, 8)
     check_consecutive(batch)
@@ -73,7 +80,7 @@ def test_sequences_are_consecutive_steps_of_one_stream():
 
 
 def test_wraparound_never_straddles_the_write_head():
-    replay = Replay(SPEC, capacity=100, num_envs=2, seed=2)  # 50 rows per stream
+    replay = make(100, 2, seed=2)  # 50 rows per stream
     fill(replay, 0, 137)  # the ring wrapped twice; steps 87..136 remain
     assert len(replay) == 100
     firsts = []
@@ -87,7 +94,7 @@ def test_wraparound_never_straddles_the_write_head():
 
 
 def test_sample_and_add_fail_clearly():
-    replay = Replay(SPEC, capacity=20, num_envs=2)
+    replay = make(20, 2)
     fill(replay, 0, 3)
     with pytest.raises(ValueError, match="holds 3 steps per env stream"):
         replay.sample(1, 5)
@@ -104,7 +111,7 @@ def test_sample_and_add_fail_clearly():
 
 
 def test_same_seed_samples_identically_and_rng_state_restores():
-    first, second = Replay(SPEC, 64, 2, seed=5), Replay(SPEC, 64, 2, seed=5)
+    first, second = make(64, 2, seed=5), make(64, 2, seed=5)
     fill(first, 0, 40)
     fill(second, 0, 40)
     np.testing.assert_array_equal(first.sample(8, 4)["index"], second.sample(8, 4)["index"])
@@ -118,7 +125,7 @@ def test_recency_sampling_prefers_recent_data():
     newest_start = 10_000 - 1
     ages = {}
     for sampling in ("uniform", "recency"):
-        replay = Replay(SPEC, capacity=10_000, num_envs=1, seed=3, sampling=sampling, recency_half_life=500)
+        replay = make(10_000, 1, seed=3, sampling=sampling, recency_half_life=500)
         fill(replay, 0, 10_000)
         batch = replay.sample(4000, 1)
         ages[sampling] = newest_start - batch["step"][:, 0]
@@ -129,7 +136,7 @@ def test_recency_sampling_prefers_recent_data():
 
 
 def test_recency_sampling_with_several_streams_stays_consecutive():
-    replay = Replay(SPEC, capacity=64, num_envs=4, seed=4, sampling="recency", recency_half_life=8)
+    replay = make(64, 4, seed=4, sampling="recency", recency_half_life=8)
     fill(replay, 0, 40)  # wrapped: steps 24..39 remain
     batch = replay.sample(128, 4)
     check_consecutive(batch)
@@ -142,7 +149,7 @@ def previous_index(batch: dict[str, np.ndarray], num_envs: int) -> np.ndarray:
 
 def test_context_round_trip_and_invalidation():
     num_envs = 2
-    replay = Replay(SPEC, capacity=40, num_envs=num_envs, seed=6)  # 20 rows per stream
+    replay = make(40, num_envs, seed=6)  # 20 rows per stream
     fill(replay, 0, 20)
     full = replay.sample(16, 20)  # whole streams
     assert set(full["stream"][:, 0]) == {0, 1}
@@ -173,7 +180,7 @@ def test_context_round_trip_and_invalidation():
 
 
 def test_context_written_at_insertion():
-    replay = Replay(SPEC, capacity=20, num_envs=2)
+    replay = make(20, 2)
     for step in range(6):
         replay.add(make_step(step, 2), context={"deter": np.full((2, 3), step, np.float32)})
     replay.add(make_step(6, 2))  # no latent for step 6
@@ -189,8 +196,8 @@ def test_context_written_at_insertion():
 
 def test_memmap_mode_writes_files_and_matches_ram(tmp_path):
     directory = tmp_path / "buffers"
-    on_disk = Replay(SPEC, capacity=60, num_envs=3, directory=str(directory), seed=7)
-    in_ram = Replay(SPEC, capacity=60, num_envs=3, seed=7)
+    on_disk = make(60, 3, directory=str(directory), seed=7)
+    in_ram = make(60, 3, seed=7)
     for replay in (on_disk, in_ram):
         fill(replay, 0, 27)
     assert len(list(directory.glob("*.npy"))) == len(SPEC) + 1
@@ -209,7 +216,7 @@ def test_memmap_mode_writes_files_and_matches_ram(tmp_path):
 
 
 def make_replay_with_context(**kwargs) -> Replay:
-    replay = Replay(SPEC, capacity=48, num_envs=2, seed=8, sampling="recency", recency_half_life=20, **kwargs)
+    replay = make(48, 2, seed=8, sampling="recency", recency_half_life=20, **kwargs)
     fill(replay, 0, 31)  # wrapped: the physical layout no longer starts at the oldest row
     batch = replay.sample(8, 6)
     replay.update_context(batch["index"], {"deter": batch["index"][..., None].astype(np.float32) * 2})
@@ -232,8 +239,8 @@ def test_save_and_load_round_trip(tmp_path, into_directory):
     replay = make_replay_with_context()
     replay.save(str(tmp_path / "snapshot"))
     directory = str(tmp_path / "restored") if into_directory else None
-    loaded = Replay.load(str(tmp_path / "snapshot"), directory=directory)
-    assert loaded.sampling == "recency" and loaded.recency_half_life == 20
+    loaded = Replay.load(str(tmp_path / "snapshot"), dataclasses.replace(replay.settings, directory=directory))
+    assert isinstance(loaded.sampler, RecencySampler) and loaded.settings.recency_half_life == 20
     assert_same_replay(replay, loaded)
     for each in (replay, loaded):  # both go on identically after more data arrives
         fill(each, 31, 40)
@@ -241,7 +248,7 @@ def test_save_and_load_round_trip(tmp_path, into_directory):
 
 
 def test_save_and_load_of_a_partly_filled_replay(tmp_path):
-    replay = Replay(SPEC, capacity=100, num_envs=2, seed=9)
+    replay = make(100, 2, seed=9)
     fill(replay, 0, 12)
     replay.save(str(tmp_path / "snapshot"))
     replay.save(str(tmp_path / "snapshot"))  # replacing an existing snapshot works too
@@ -277,6 +284,78 @@ def test_load_finds_a_snapshot_left_between_the_two_renames(tmp_path):
     replay = make_replay_with_context()
     replay.save(str(tmp_path / "snapshot"))
     os.rename(tmp_path / "snapshot", tmp_path / "snapshot.old-12345")
-    assert_same_replay(replay, Replay.load(str(tmp_path / "snapshot")))
+    assert_same_replay(replay, Replay.load(str(tmp_path / "snapshot"), replay.settings))
     with pytest.raises(FileNotFoundError):
         Replay.load(str(tmp_path / "elsewhere"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings on load: the current run's win over the saved run's
+
+
+def test_load_samples_as_the_current_settings_say(tmp_path):
+    saved = make(2000, 1, seed=3)  # saved with uniform sampling
+    fill(saved, 0, 2000)
+    saved.save(str(tmp_path / "snapshot"))
+    recency = Replay.load(str(tmp_path / "snapshot"), ReplayConfig(capacity=2000, sampling="recency",
+                                                                      recency_half_life=50))
+    uniform = Replay.load(str(tmp_path / "snapshot"), ReplayConfig(capacity=2000))
+    assert isinstance(recency.sampler, RecencySampler) and isinstance(uniform.sampler, UniformSampler)
+    starts = {name: replay.sample(4000, 1)["step"][:, 0] for name, replay in (("recency", recency),
+                                                                               ("uniform", uniform))}
+    assert 1999 - starts["recency"].mean() < 150  # about 50 / ln 2 = 72
+    assert 1999 - starts["uniform"].mean() > 800  # about 1000
+
+
+def test_old_snapshots_with_sampling_fields_load_under_the_current_settings(tmp_path):
+    replay = make_replay_with_context()
+    path = tmp_path / "snapshot"
+    replay.save(str(path))
+    meta = json.loads((path / "meta.json").read_text())
+    assert "sampling" not in meta and "recency_half_life" not in meta  # settings are no longer saved
+    meta.update(sampling="recency", recency_half_life=20.0)  # what snapshots written before held
+    (path / "meta.json").write_text(json.dumps(meta))
+    loaded = Replay.load(str(path), ReplayConfig(capacity=48))
+    assert isinstance(loaded.sampler, UniformSampler) and len(loaded) == len(replay)
+    assert_same_replay(replay, Replay.load(str(path), replay.settings))
+
+
+def context_by_start(batch: dict[str, np.ndarray]) -> dict[tuple[int, int], tuple[bool, float]]:
+    """(first step, stream) -> (context_valid, context/deter) of each sequence."""
+    keys = zip(batch["step"][:, 0].tolist(), batch["stream"][:, 0].tolist())
+    return dict(zip(keys, zip(batch["context_valid"].tolist(), batch["context/deter"][:, 0].tolist())))
+
+
+@pytest.mark.parametrize("capacity", [50, 120])  # 25 and 60 rows per stream against 24 stored
+def test_load_into_another_capacity_keeps_every_step_in_order(tmp_path, capacity):
+    replay = make_replay_with_context()  # wrapped: steps 7..30 stored, the oldest not in row 0
+    replay.save(str(tmp_path / "snapshot"))
+    loaded = Replay.load(str(tmp_path / "snapshot"), ReplayConfig(capacity=capacity))
+    assert loaded.capacity == capacity and len(loaded) == len(replay) == 48
+    whole = loaded.sample(64, 24)  # whole streams, oldest first
+    np.testing.assert_array_equal(whole["step"], np.broadcast_to(np.arange(7, 31), (64, 24)))
+    check_consecutive(whole)
+    # The stored latents still belong to their steps (the context of a sequence is its predecessor's).
+    original, moved = context_by_start(replay.sample(512, 3)), context_by_start(loaded.sample(512, 3))
+    assert moved.items() <= original.items() and len(moved) > 20 and any(valid for valid, _ in moved.values())
+    fill(loaded, 31, 60)  # goes on as a ring of the new size
+    kept = capacity // 2
+    batch = loaded.sample(256, 2)
+    check_consecutive(batch)
+    assert batch["step"].min() == max(7, 60 - kept) and batch["step"].max() == 59
+
+
+def test_load_refuses_a_capacity_below_the_stored_steps(tmp_path):
+    replay = make_replay_with_context()  # 48 steps stored
+    replay.save(str(tmp_path / "snapshot"))
+    with pytest.raises(ReplayCapacityError, match="capacity 46 is below the 48 steps stored") as caught:
+        Replay.load(str(tmp_path / "snapshot"), ReplayConfig(capacity=46))
+    assert (caught.value.capacity, caught.value.stored) == (46, 48)
+    assert len(Replay.load(str(tmp_path / "snapshot"), ReplayConfig(capacity=48))) == 48
+
+
+def test_samplers_come_from_the_table():
+    assert set(SAMPLERS) == {"uniform", "recency"}
+    assert isinstance(make_sampler(ReplayConfig(sampling="recency"), 1), RecencySampler)
+    with pytest.raises(ValueError, match="unknown replay sampling 'prioritised'; choose one of uniform, recency"):
+        make_sampler(ReplayConfig(sampling="prioritised"), 1)

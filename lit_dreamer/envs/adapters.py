@@ -14,8 +14,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.wrappers import RescaleAction, TransformAction
 
-# Keys that a replay step uses for itself; an observation may not shadow them.
-RESERVED_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal", "index", "context_valid")
+from lit_dreamer.steps import is_reserved
 
 ACCEPTED_OBSERVATIONS = (
     "accepted observations: rank-1 (or scalar) numeric vectors, which become float32, "
@@ -85,7 +84,7 @@ class DictObservation(gym.ObservationWrapper):
         else:
             flat = {"observation": source}
         for key in flat:
-            if key in RESERVED_KEYS or key.startswith("context/"):
+            if is_reserved(key):
                 raise ValueError(f"observation key {key!r} clashes with a replay key; rename it")
         converted = {key: _convert_box(key, space) for key, space in flat.items()}
         self._top_level_key = None if isinstance(source, spaces.Dict) else next(iter(converted))

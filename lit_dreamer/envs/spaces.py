@@ -8,8 +8,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from lit_dreamer.steps import Spec
+
 AnyEnv = Union[gym.Env, gym.vector.VectorEnv]
-Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 # Key in env.metadata where make_env records how many emulator/physics frames one env step spans.
 FRAMES_PER_STEP_KEY = "lit_dreamer_frames_per_step"
