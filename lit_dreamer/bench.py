@@ -24,7 +24,7 @@ from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.options import at_least, checked
 from lit_dreamer.sampling import ReplayConfig
-from lit_dreamer.train import env_kwargs, probe_env
+from lit_dreamer.train import probe_env
 from lit_dreamer.timing import PhaseTimer
 
 
@@ -161,7 +161,7 @@ def profile_rows(profile: torch.profiler.profile, steps: int, top: int = 25) -> 
 
 def time_collector(cfg: Config, trainer: L.Trainer, module: DreamerModule, steps: int) -> tuple[float, float]:
     """Env steps per second of the collector acting with the current policy, and seconds per env step."""
-    collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed, **env_kwargs(cfg))
+    collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed, **cfg.env.make_kwargs())
     collector.setup(trainer, module, "fit")
     try:
         collector.reset_envs(module)

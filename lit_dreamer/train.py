@@ -26,7 +26,7 @@ from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_d
 # git_commit moved to tracking with the rest of the run record; scripts and tests import it from here too
 from lit_dreamer.tracking import (ResilientMLFlowLogger, TrackingError, check_tracking_uri, git_commit,  # noqa: F401
                                   logs_location, make_logger, mark_orphaned_run, record_run)
-from lit_dreamer.world_model import NON_OBS_KEYS
+from lit_dreamer.steps import NON_OBS_KEYS
 
 
 @dataclass
@@ -47,7 +47,7 @@ def env_info(env) -> EnvInfo:
 def probe_env(cfg: Config) -> EnvInfo:
     """Make one env to read its spaces (fails fast on an unknown id or an unusable space)."""
     try:
-        env = make_env(cfg.env.id, **env_kwargs(cfg))
+        env = make_env(cfg.env.id, **cfg.env.make_kwargs())
     except (ValueError, ImportError) as err:  # ImportError: an env family whose package is not installed
         raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
     try:
@@ -181,7 +181,7 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
                                   batch_length=cfg.run.batch_length, seed=cfg.run.seed)
     collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
                              train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
-                             asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, **env_kwargs(cfg))
+                             asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, **cfg.env.make_kwargs())
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
     callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg)]
@@ -189,16 +189,11 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
         callbacks.append(EnvStepProgressBar())
     if cfg.run.eval_every > 0:
         callbacks.append(EvalCallback(cfg.env.id, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
-                                      mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **env_kwargs(cfg)))
+                                      mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **cfg.env.make_kwargs()))
     if cfg.run.video_every > 0:
         callbacks.append(VideoCallback(cfg.env.id, os.path.join(run_dir(cfg), "videos"),
-                                       every_env_steps=cfg.run.video_every, **env_kwargs(cfg)))
+                                       every_env_steps=cfg.run.video_every, **cfg.env.make_kwargs()))
     return module, datamodule, callbacks, info
-
-
-def env_kwargs(cfg: Config) -> dict:
-    """`cfg.env.make_kwargs()`, kept for scripts written against this name."""
-    return cfg.env.make_kwargs()
 
 
 def fit(cfg: Config) -> dict:
