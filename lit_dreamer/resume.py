@@ -202,9 +202,14 @@ def describe_start(ckpt_path: str, info: CheckpointInfo, cfg: Config, continuing
 
 
 def check_replay_beside(ckpt_path: str) -> None:
-    """Training from a checkpoint needs the replay saved in its step-* folder, not the model.ckpt alone."""
-    replay = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "replay-rank0")
-    if not os.path.isdir(replay):
+    """Training from a checkpoint needs the replay saved in its step-* folder, not the model.ckpt alone.
+
+    Only a model.ckpt with none of its step folder's files beside it is refused here; a step folder that
+    lacks one of them is damaged, which checkpoint_files.check_checkpoint_folder names.
+    """
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    replay = os.path.join(folder, "replay-rank0")
+    if not os.path.exists(replay) and not os.path.exists(os.path.join(folder, "collector-rank0.json")):
         raise ConfigError(f"checkpoint {ckpt_path} has no replay beside it ({replay}); to train from it, copy its "
                           "whole step-* folder (model.ckpt, replay-rank*, collector-rank*.json) and pass "
                           "that folder or its model.ckpt")

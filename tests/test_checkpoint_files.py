@@ -136,7 +136,7 @@ def test_eval_on_an_empty_or_corrupt_checkpoint_says_so(run_copy, in_tmp, capsys
 
 def test_the_collector_refuses_a_checkpoint_without_its_state_file(run_copy):
     """Without the fit-level check (a script's own Trainer), the collector still never resets its counters."""
-    from callbacks.env_collector import EnvCollector
+    from lit_dreamer.callbacks.env_collector import EnvCollector
     (run_copy / "checkpoints" / LAST / "collector-rank0.json").unlink()
     collector = EnvCollector("CartPole-v1")
     trainer = SimpleNamespace(ckpt_path=str(run_copy / "checkpoints" / LAST / "model.ckpt"),
@@ -146,7 +146,7 @@ def test_the_collector_refuses_a_checkpoint_without_its_state_file(run_copy):
 
 
 def test_the_checkpoint_callback_checks_its_rank_s_files_when_lightning_restores(run_copy):
-    from callbacks.checkpoint import DreamerCheckpoint
+    from lit_dreamer.callbacks.checkpoint import DreamerCheckpoint
     from lit_dreamer.config import ConfigError
     truncate(data_file(run_copy / "checkpoints" / LAST / "replay-rank0", "action"))
     trainer = SimpleNamespace(ckpt_path=str(run_copy / "checkpoints" / LAST / "model.ckpt"), global_rank=0)
@@ -163,7 +163,7 @@ def test_replay_load_names_a_damaged_file(run_copy):
 
 
 def test_leftovers_of_killed_saves_are_removed_at_start(run_copy):
-    from callbacks.checkpoint import DreamerCheckpoint
+    from lit_dreamer.callbacks.checkpoint import DreamerCheckpoint
     checkpoints = run_copy / "checkpoints"
     complete = files_of(checkpoints)
     step = checkpoints / LAST
@@ -178,7 +178,7 @@ def test_leftovers_of_killed_saves_are_removed_at_start(run_copy):
 
 
 def test_checkpoint_every_0_saves_only_at_the_end_and_a_small_disk_is_enough(in_tmp, monkeypatch, caplog):
-    import callbacks.checkpoint as checkpoint
+    import lit_dreamer.callbacks.checkpoint as checkpoint
     monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 8 << 20)  # 8 MiB free
     summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20", "run.checkpoint_every=0"))
     folders = sorted(p.name for p in (in_tmp / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
@@ -186,11 +186,11 @@ def test_checkpoint_every_0_saves_only_at_the_end_and_a_small_disk_is_enough(in_
     assert summary["checkpoint"] == os.path.realpath(in_tmp / "run" / "checkpoints" / LAST / "model.ckpt")
     size = sum(p.stat().st_size for p in (in_tmp / "run" / "checkpoints" / LAST).rglob("*") if p.is_file())
     assert size < 1 << 20
-    assert not [r for r in caplog.records if r.name == "callbacks.checkpoint" and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.name == "lit_dreamer.callbacks.checkpoint" and r.levelno >= logging.WARNING]
 
 
 def test_the_size_estimate_bounds_the_files_a_save_writes(finished_run):
-    from callbacks.checkpoint import model_checkpoint_nbytes
+    from lit_dreamer.callbacks.checkpoint import model_checkpoint_nbytes
     from lit_dreamer.evaluation import load_module
     step = finished_run / "run" / "checkpoints" / LAST
     module, _ = load_module(str(step / "model.ckpt"))
@@ -203,9 +203,9 @@ def test_the_size_estimate_bounds_the_files_a_save_writes(finished_run):
 
 
 def test_the_pre_check_refuses_a_disk_too_small_for_the_estimate(finished_run):
-    from callbacks.checkpoint import DreamerCheckpoint, model_checkpoint_nbytes
+    from lit_dreamer.callbacks.checkpoint import DreamerCheckpoint, model_checkpoint_nbytes
     from lit_dreamer.evaluation import load_module
-    import callbacks.checkpoint as checkpoint
+    import lit_dreamer.callbacks.checkpoint as checkpoint
     step = finished_run / "run" / "checkpoints" / LAST
     module, _ = load_module(str(step / "model.ckpt"))
     replay = Replay.load(str(step / "replay-rank0"))
@@ -229,10 +229,10 @@ def test_a_full_disk_warns_once_then_counts(in_tmp, monkeypatch, caplog):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Replay, "save", full)
-    with caplog.at_level(logging.WARNING, logger="callbacks.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="lit_dreamer.callbacks.checkpoint"):
         summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20", "run.checkpoint_every=5"))
     assert summary["env_steps"] == 45 and summary["checkpoint"] is None
     # Saves at 21, 26, 31, 36, 41 and at the end (45) all failed: one warning, then the count at the end.
-    warnings = [r.getMessage() for r in caplog.records if r.name == "callbacks.checkpoint"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lit_dreamer.callbacks.checkpoint"]
     assert len(warnings) == 2, warnings
     assert "No space left on device" in warnings[0] and "the last 6 checkpoint saves failed" in warnings[1]

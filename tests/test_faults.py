@@ -196,10 +196,10 @@ def test_a_failed_checkpoint_write_does_not_stop_training(in_tmp, monkeypatch, c
         return original(self, path)
 
     monkeypatch.setattr(Replay, "save", save)
-    with caplog.at_level(logging.WARNING, logger="callbacks.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="lit_dreamer.callbacks.checkpoint"):
         summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20", "run.checkpoint_every=10"))
     assert summary["env_steps"] == 45 and summary["train_steps"] == 25
-    warnings = [r.getMessage() for r in caplog.records if r.name == "callbacks.checkpoint"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lit_dreamer.callbacks.checkpoint"]
     assert len(warnings) == 2 and "No space left" in warnings[0]
     assert warnings[1] == "checkpoint saved again after 1 failed saves"
     folders = sorted(p.name for p in (in_tmp / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))

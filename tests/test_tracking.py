@@ -164,7 +164,7 @@ def test_a_live_run_is_not_an_orphan(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_a_failed_resume_attempt_leaves_the_finished_run_finished(in_tmp, monkeypatch):
-    from callbacks import EnvCollector
+    from lit_dreamer.callbacks import EnvCollector
     db = in_tmp / "mlflow.db"
     overrides = [f"run.dir={in_tmp}/run", f"logger.tracking_uri=sqlite:///{db}", f"run.prefill={PREFILL}"]
     summary = fit(load_config(["debug"], [*overrides, "run.steps=30"]))
