@@ -22,16 +22,6 @@ from lit_dreamer.train import fit
 LAST, OLDER = "step-000000000045", "step-000000000041"
 
 
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("LIT_DREAMER_RUN_NAME", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
-
-
 def config(root, *overrides):
     return load_config(["debug"], [f"run.dir={root}/run", f"logger.tracking_uri=sqlite:///{root}/mlflow.db",
                                    *overrides])

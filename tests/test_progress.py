@@ -3,22 +3,10 @@
 import re
 from types import SimpleNamespace
 
-import pytest
-import torch
 
 from lit_dreamer.callbacks.progress import EnvStepProgressBar, plain_number
 from lit_dreamer.config import load_config
 from lit_dreamer.train import fit
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("LIT_DREAMER_RUN_NAME", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
 
 
 def test_numbers_are_plain():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
 from lit_dreamer.config import load_config
 from lit_dreamer.train import fit
@@ -38,16 +37,6 @@ def client(db: Path) -> mlflow.MlflowClient:
 def runs_of(db: Path) -> list:
     found = client(db).get_experiment_by_name("lit_dreamer")
     return client(db).search_runs([found.experiment_id]) if found else []
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("LIT_DREAMER_RUN_NAME", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------
