@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from typing_extensions import override
 
 from lit_dreamer.callbacks import resolve_last
-from lit_dreamer.checkpoint_files import open_checkpoint
+from lit_dreamer.checkpoint_files import is_complete, open_checkpoint
 from lit_dreamer.config import Config, ConfigError, flatten, load_config, to_flat_dict
 
 RECORD_KEY = "lit_dreamer"  # the checkpoint's top-level entry written by RunRecord
@@ -88,7 +88,10 @@ def read_checkpoint(path: str, mmap: bool = True) -> CheckpointInfo:
 
 
 def complete_checkpoints(checkpoints: str) -> list[str]:
-    """The model.ckpt of every step-* folder that has one (written last in a save), oldest first."""
+    """The model.ckpt of every step-* folder that has one (written last in a save), oldest first.
+
+    A folder with a model.ckpt holds a run's checkpoint even when a file in it was damaged later.
+    """
     if not os.path.isdir(checkpoints):
         return []
     names = sorted(n for n in os.listdir(checkpoints) if n.startswith("step-"))
@@ -104,7 +107,8 @@ def last_checkpoint(checkpoints: str, asked: str) -> str:
     link = os.path.join(checkpoints, "last")
     problem = (f"{link} points to {os.readlink(link)}, which holds no complete checkpoint" if os.path.islink(link)
                else f"{checkpoints} has no complete checkpoint")
-    complete = complete_checkpoints(checkpoints)
+    # Only a folder whose files are all intact is worth pointing to (checkpoint_files.is_complete).
+    complete = [path for path in complete_checkpoints(checkpoints) if is_complete(os.path.dirname(path))]
     if complete:
         hint = f"; the newest complete one is {complete[-1]}: pass it as ckpt_path={complete[-1]}"
     else:

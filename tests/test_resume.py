@@ -169,6 +169,19 @@ def test_a_dangling_last_names_the_newest_complete_checkpoint(finished_run, in_t
     assert f"ckpt_path={complete}" in capsys.readouterr().err
 
 
+def test_a_dangling_last_never_points_to_a_damaged_checkpoint(finished_run, in_tmp, capsys):
+    from lit_dreamer.__main__ import main
+    copy_run(finished_run, in_tmp)
+    checkpoints = in_tmp / "run" / "checkpoints"
+    (checkpoints / "last").unlink()
+    (checkpoints / "step-000000000099").mkdir()  # a save killed before its model.ckpt
+    (checkpoints / "last").symlink_to("step-000000000099")
+    (checkpoints / f"step-{STEPS:012d}" / "collector-rank0.json").unlink()  # the only other one is damaged
+    assert main(["fit", *run_args(in_tmp, "ckpt_path=last")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no complete checkpoint" in err and "ckpt_path=" not in err.split("holds no complete checkpoint")[1], err
+
+
 # --------------------------------------------------------------------------------------------------
 # Item 4: eval of a copied model.ckpt reads the config and run id the checkpoint carries
 
