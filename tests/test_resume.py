@@ -152,13 +152,19 @@ def test_a_run_folder_or_a_copied_model_ckpt_is_a_branch(finished_run, tmp_path)
 # Item 3: a dangling `last` points to the newest complete step-*
 
 
+def copy_with_a_dangling_last(finished_run, root):
+    """A copy of the finished run whose `last` points to a save killed before its model.ckpt."""
+    copy_run(finished_run, root)
+    checkpoints = root / "run" / "checkpoints"
+    (checkpoints / "last").unlink()
+    (checkpoints / "step-000000000099").mkdir()
+    (checkpoints / "last").symlink_to("step-000000000099")
+    return checkpoints
+
+
 def test_a_dangling_last_names_the_newest_complete_checkpoint(finished_run, in_tmp, capsys):
     from lit_dreamer.__main__ import main
-    copy_run(finished_run, in_tmp)
-    checkpoints = in_tmp / "run" / "checkpoints"
-    (checkpoints / "last").unlink()
-    (checkpoints / "step-000000000099").mkdir()  # a save killed before its model.ckpt
-    (checkpoints / "last").symlink_to("step-000000000099")
+    checkpoints = copy_with_a_dangling_last(finished_run, in_tmp)
     complete = checkpoints / f"step-{STEPS:012d}" / "model.ckpt"
     for args in (run_args(in_tmp, "ckpt_path=last"), run_args(in_tmp, f"ckpt_path={in_tmp / 'run'}"),
                  ["--resume", str(in_tmp / "run")]):
@@ -171,11 +177,7 @@ def test_a_dangling_last_names_the_newest_complete_checkpoint(finished_run, in_t
 
 def test_a_dangling_last_never_points_to_a_damaged_checkpoint(finished_run, in_tmp, capsys):
     from lit_dreamer.__main__ import main
-    copy_run(finished_run, in_tmp)
-    checkpoints = in_tmp / "run" / "checkpoints"
-    (checkpoints / "last").unlink()
-    (checkpoints / "step-000000000099").mkdir()  # a save killed before its model.ckpt
-    (checkpoints / "last").symlink_to("step-000000000099")
+    checkpoints = copy_with_a_dangling_last(finished_run, in_tmp)
     (checkpoints / f"step-{STEPS:012d}" / "collector-rank0.json").unlink()  # the only other one is damaged
     assert main(["fit", *run_args(in_tmp, "ckpt_path=last")]) == 2
     err = capsys.readouterr().err
