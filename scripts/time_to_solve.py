@@ -59,6 +59,26 @@ def read_evals(client: mlflow.MlflowClient, run_dir: str, started: float) -> lis
     return [Eval(round(m.timestamp / 1000 - started, 3), m.step, m.value) for m in history]
 
 
+def watch(proc: subprocess.Popen, client: mlflow.MlflowClient, folder: str, started: float,
+          opts: argparse.Namespace) -> bool:
+    """Wait for the fit to end, reading its evals every opts.poll s; True if it was sent SIGTERM once solved."""
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=opts.poll)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            evals = read_evals(client, folder, started)
+        except Exception:  # noqa: BLE001 - e.g. a locked database or a half-written run id: read again later
+            continue
+        solved = qualifying_streak([e.eval_return for e in evals], opts.threshold, opts.hold) is not None
+        if solved and opts.stop_when_solved and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the fit ends after this step, with a checkpoint
+            proc.wait()
+            return True
+    return False
+
+
 def run_seed(seed: int, folder: str, fit_args: list[str], opts: argparse.Namespace) -> dict:
     """Run one seed's fit to its end or until it is solved; returns its JSON record."""
     uri = f"sqlite:///{os.path.abspath(folder)}/mlflow.db"
@@ -72,20 +92,7 @@ def run_seed(seed: int, folder: str, fit_args: list[str], opts: argparse.Namespa
     with open(os.path.join(folder, "fit.log"), "w") as log:
         started = time.time()  # MLflow's timestamps are wall-clock milliseconds of this same clock
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        evals, streak, stopped = [], None, False
-        while proc.poll() is None:
-            try:
-                proc.wait(timeout=opts.poll)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                evals = read_evals(client, folder, started)
-            except Exception:  # noqa: BLE001 - e.g. a locked database or a half-written run id: read again later
-                continue
-            streak = qualifying_streak([e.eval_return for e in evals], opts.threshold, opts.hold)
-            if streak and opts.stop_when_solved and not stopped and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # the fit ends after this step, with a checkpoint
-                stopped = True
+        stopped = watch(proc, client, folder, started, opts)
     if proc.returncode != 0 and not (stopped and proc.returncode in (143, -signal.SIGTERM)):
         raise SystemExit(f"seed {seed}: fit failed (exit {proc.returncode}); see {folder}/fit.log")
     evals = read_evals(client, folder, started)
