@@ -17,6 +17,8 @@ from lit_dreamer.replay import Replay, ReplayCapacityError
 from lit_dreamer.sampling import ReplayConfig
 from lit_dreamer.steps import Spec
 
+_COPY_CHUNK_BYTES = 64 << 20  # host memory a device copy of the replay stages at a time
+
 
 class ReplayStream(IterableDataset):
     """An endless stream of batches sampled from a replay that keeps growing while it is read.
@@ -69,7 +71,8 @@ class DeviceReplay:
             chunk = rows[start:start + step]
             index = to_device(torch.from_numpy(chunk), self.device)
             for key, array in self.replay.storage.items():
-                self.storage[key][index] = to_device(torch.from_numpy(np.ascontiguousarray(array[chunk])), self.device)
+                rows_of_key = torch.from_numpy(np.ascontiguousarray(array[chunk]))
+                self.storage[key][index] = to_device(rows_of_key, self.device)
         self.rows_added = self.replay.rows_added
 
     def sample(self, batch_size: int, length: int) -> dict[str, torch.Tensor]:
@@ -80,9 +83,6 @@ class DeviceReplay:
         batch = {key: array[rows, columns] for key, array in self.storage.items()}
         batch.update({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in draw.extras.items()})
         return batch
-
-
-_COPY_CHUNK_BYTES = 64 << 20
 
 
 class ReplayDataModule(L.LightningDataModule):

@@ -145,7 +145,7 @@ def test_the_host_mirror_of_train_steps_follows_the_checkpointed_buffer():
 # Batches to the device: pinned and non-blocking on CUDA, untouched on the CPU.
 
 def sampled_on(datamodule: ReplayDataModule, device: str, monkeypatch) -> dict[str, torch.Tensor]:
-    """A batch drawn and transferred as for a trainer on `device`, faked: returns the batch and the calls made."""
+    """A batch drawn and transferred as for a trainer on `device` (faked: no trainer is attached)."""
     monkeypatch.setattr(ReplayDataModule, "target_device", lambda self: torch.device(device))
     batch = datamodule.sample_batch()
     return datamodule.transfer_batch_to_device(batch, torch.device(device), 0)
