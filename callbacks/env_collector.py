@@ -164,7 +164,7 @@ class EnvCollector(Callback):
             metrics["perf/train_steps_per_s"] = self.session_train_steps / max(elapsed, 1e-9)
         pl_module.log_dict(metrics, on_step=True, batch_size=1)
         # The progress bar counts env steps itself (callbacks/progress.py).
-        bar = {"train_steps": float(pl_module.train_steps), "return": self.last_return}
+        bar = {"train_steps": float(pl_module.host_train_steps), "return": self.last_return}
         if "perf/train_steps_per_s" in metrics:
             bar["train_steps/s"] = metrics["perf/train_steps_per_s"]
         pl_module.log_dict(bar, on_step=True, batch_size=1, prog_bar=True, logger=False)

@@ -25,7 +25,7 @@ from lit_dreamer.module import DreamerModule
 from lit_dreamer.options import at_least, checked
 from lit_dreamer.sampling import ReplayConfig
 from lit_dreamer.train import probe_env
-from lit_dreamer.timing import PhaseTimer
+from lit_dreamer.timing import PhaseTimer, synchronize
 
 
 @dataclass
@@ -81,9 +81,11 @@ class StepTimer(Callback):
         if batch_idx == self.warmup + self.steps and self.profile_steps:
             self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.profile.__enter__()
+        synchronize()  # the step starts with nothing queued and ends when its last kernel does
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        synchronize()
         elapsed = time.perf_counter() - self._start
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
@@ -107,16 +109,12 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile)
     module.timer.enabled = True
     B, T = cfg.run.batch_size, cfg.run.batch_length
-    datamodule = ReplayDataModule(info.spec, ReplayConfig(capacity=max(4 * T, 2048)), num_envs=1, batch_size=B,
-                                  batch_length=T, seed=cfg.run.seed)
+    settings = ReplayConfig(capacity=max(4 * T, 2048), device=cfg.replay.device)
+    datamodule = ReplayDataModule(info.spec, settings, num_envs=1, batch_size=B, batch_length=T, seed=cfg.run.seed)
     datamodule.setup("fit")
     rng = np.random.default_rng(cfg.run.seed)
     for _ in range(datamodule.replay.capacity):
         datamodule.replay.add(random_step(info.spec, 1, rng, info.action_dim, info.discrete))
-    sample_timer = PhaseTimer(enabled=True)
-    for _ in range(20):
-        with sample_timer("replay_sampling"):
-            datamodule.replay.sample(B, T)
 
     timer = StepTimer(options.warmup, options.steps, options.profile_steps)
     trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k in ("accelerator", "devices", "precision", "strategy")}
@@ -126,7 +124,7 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
                         callbacks=[timer], num_sanity_val_steps=0)
     trainer.fit(module, datamodule=datamodule)
     phases = dict(timer.phases)
-    phases["replay_sampling"] = sample_timer.mean()["replay_sampling"]
+    phases["replay_sampling"] = time_sampling(datamodule)
 
     env_steps_per_s, collector_time = time_collector(cfg, trainer, module, options.collector_steps)
     phases["collector_per_env_step"] = collector_time
@@ -150,6 +148,17 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     if timer.profile is not None:
         result["profile"] = profile_rows(timer.profile, options.profile_steps)
     return result
+
+
+def time_sampling(datamodule: ReplayDataModule, batches: int = 20) -> float:
+    """Seconds per batch as training draws it (on the trainer's device with replay.device=auto), with
+    the host-to-device copy of the batch included."""
+    sample_timer = PhaseTimer(enabled=True)
+    device = datamodule.target_device()
+    for _ in range(batches):
+        with sample_timer("replay_sampling"):
+            datamodule.transfer_batch_to_device(datamodule.sample_batch(), device, 0)
+    return sample_timer.mean()["replay_sampling"]
 
 
 def profile_rows(profile: torch.profiler.profile, steps: int, top: int = 25) -> list[dict[str, Any]]:

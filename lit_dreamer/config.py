@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig,
                                      WorldModelConfig, migrate_moved_keys)
-from lit_dreamer.sampling import SAMPLERS, ReplayConfig
+from lit_dreamer.sampling import REPLAY_DEVICES, SAMPLERS, ReplayConfig
 
 def config_dir() -> str:
     """The YAML overlays: lit_dreamer/configs in an installed package, configs/ at the top of a checkout."""
@@ -365,6 +365,9 @@ def validate(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.replay.sampling, list(SAMPLERS), n=1)
         raise ConfigError(f"unknown replay.sampling {cfg.replay.sampling!r}; choose one of {', '.join(SAMPLERS)}"
                           + (f" (did you mean {close[0]}?)" if close else ""))
+    if cfg.replay.device not in REPLAY_DEVICES:
+        raise ConfigError(f"replay.device must be one of {', '.join(REPLAY_DEVICES)} (auto: on the trainer's "
+                          f"accelerator), got {cfg.replay.device!r}")
     for key, value in (("run.steps", cfg.run.steps), ("run.batch_size", cfg.run.batch_size),
                        ("run.batch_length", cfg.run.batch_length), ("env.num_envs", cfg.env.num_envs),
                        ("run.train_ratio", cfg.run.train_ratio), ("behavior.horizon", cfg.behavior.horizon),

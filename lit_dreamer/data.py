@@ -10,11 +10,14 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
 
 from lit_dreamer.config import ConfigError
 from lit_dreamer.replay import Replay, ReplayCapacityError
 from lit_dreamer.sampling import ReplayConfig
 from lit_dreamer.steps import Spec
+
+_COPY_CHUNK_BYTES = 64 << 20  # host memory a device copy of the replay stages at a time
 
 
 class ReplayStream(IterableDataset):
@@ -28,10 +31,58 @@ class ReplayStream(IterableDataset):
         self.datamodule = datamodule
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        dm = self.datamodule
         while True:
-            batch = dm.replay.sample(dm.batch_size, dm.batch_length)
-            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+            yield self.datamodule.sample_batch()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: through pinned memory without waiting when that is CUDA."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return pin(tensor).to(device, non_blocking=True)
+
+
+def pin(tensor: torch.Tensor) -> torch.Tensor:
+    # Only a page-locked source lets a non_blocking copy run asynchronously; without CUDA pinning fails.
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+
+
+class DeviceReplay:
+    """Copies of a replay's step buffers on an accelerator, sampled there (``replay.device=auto``).
+
+    Before each batch the copies take the rows added since the last one (a few per training step),
+    then the batch is gathered on the device from the same draw the host replay makes, so no
+    batch-sized copy crosses to the device. The host replay stays the truth: it is what `add`
+    writes, what checkpoints save, and where replay context (small, per sequence) is read and written.
+    """
+
+    def __init__(self, replay: Replay, device: torch.device):
+        self.replay, self.device = replay, device
+        self.storage = {key: torch.zeros(array.shape, dtype=torch.from_numpy(array[:0]).dtype, device=device)
+                        for key, array in replay.storage.items()}
+        self.rows_added = 0  # the replay's counter when the copies were last brought up to date
+
+    def refresh(self) -> None:
+        """Copy the rows added since the last refresh (on the first, every stored row) in bounded chunks."""
+        rows = self.replay.rows_since(self.rows_added)
+        row_bytes = max(1, sum(array[0].nbytes for array in self.replay.storage.values()))
+        step = max(1, _COPY_CHUNK_BYTES // row_bytes)
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            index = to_device(torch.from_numpy(chunk), self.device)
+            for key, array in self.replay.storage.items():
+                rows_of_key = torch.from_numpy(np.ascontiguousarray(array[chunk]))
+                self.storage[key][index] = to_device(rows_of_key, self.device)
+        self.rows_added = self.replay.rows_added
+
+    def sample(self, batch_size: int, length: int) -> dict[str, torch.Tensor]:
+        """What ``Replay.sample`` returns, the step keys on the device, the small keys on the host."""
+        self.refresh()
+        draw = self.replay.draw(batch_size, length)
+        rows, columns = (to_device(torch.from_numpy(array), self.device) for array in (draw.rows, draw.columns))
+        batch = {key: array[rows, columns] for key, array in self.storage.items()}
+        batch.update({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in draw.extras.items()})
+        return batch
 
 
 class ReplayDataModule(L.LightningDataModule):
@@ -51,6 +102,7 @@ class ReplayDataModule(L.LightningDataModule):
         self.settings = ReplayConfig() if settings is None else settings
         self.batch_size, self.batch_length = batch_size, batch_length
         self.replay: Replay | None = None
+        self._device_replay: DeviceReplay | None = None
 
     @property
     def rank(self) -> int:
@@ -71,6 +123,30 @@ class ReplayDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ReplayStream(self), batch_size=None, num_workers=0)
+
+    def target_device(self) -> torch.device:
+        """The device the trainer trains on (the CPU without a trainer)."""
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def sample_batch(self) -> dict[str, torch.Tensor]:
+        """One B x T batch: gathered on the accelerator with replay.device=auto, else on the host."""
+        device = self.target_device()
+        if self.settings.device == "auto" and device.type != "cpu":
+            if self._device_replay is None or self._device_replay.replay is not self.replay:
+                self._device_replay = DeviceReplay(self.replay, device)
+            return self._device_replay.sample(self.batch_size, self.batch_length)
+        batch = self.replay.sample(self.batch_size, self.batch_length)
+        batch = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in batch.items()}
+        # Pinned here, so that the transfer below runs asynchronously (pinning needs CUDA).
+        return {key: pin(value) for key, value in batch.items()} if device.type == "cuda" else batch
+
+    @override
+    def transfer_batch_to_device(self, batch: dict[str, torch.Tensor], device: torch.device,
+                                 dataloader_idx: int) -> dict[str, torch.Tensor]:
+        # index stays on the host, where update_context reads it (a device copy would be read back).
+        non_blocking = device.type == "cuda"
+        return {key: value if key == "index" else value.to(device, non_blocking=non_blocking)
+                for key, value in batch.items()}
 
     def update_context(self, index: torch.Tensor, latents: dict[str, torch.Tensor]) -> None:
         """Write the posterior of each replayed step back, for the next sample that starts after it."""

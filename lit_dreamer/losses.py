@@ -32,7 +32,11 @@ def lambda_returns(reward: Tensor, discount: Tensor, bootstrap: Tensor, lam: flo
     assert reward.ndim == 2 and reward.shape[1] >= 2, f"reward must be (N, T) with T >= 2, got {tuple(reward.shape)}"
     assert discount.shape == reward.shape, f"discount {tuple(discount.shape)} != reward (N, T) {tuple(reward.shape)}"
     assert bootstrap.shape == reward.shape, f"bootstrap {tuple(bootstrap.shape)} != reward (N, T) {tuple(reward.shape)}"
-    lam = torch.as_tensor(lam, dtype=reward.dtype, device=reward.device)
+    # A float is filled on the device: as_tensor(float, device=cuda) would be a blocking copy, a sync.
+    if torch.is_tensor(lam):
+        lam = lam.to(reward.device, reward.dtype)
+    else:
+        lam = torch.full((), lam, dtype=reward.dtype, device=reward.device)
     assert lam.ndim == 0 or lam.shape == reward.shape, f"lam must be a float or (N, T), got {tuple(lam.shape)}"
     lam = lam.expand_as(reward)
     # The part of each step that does not depend on later returns, computed for all steps at once.

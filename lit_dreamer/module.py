@@ -76,6 +76,10 @@ class DreamerModule(L.LightningModule):
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.consecutive_skips = 0
+        # Host mirror of train_steps for per-step readers (progress bar); the buffer stays the
+        # checkpointed truth, and the mirror is re-read from it whenever a state dict is loaded.
+        self.host_train_steps = 0
+        self.register_load_state_dict_post_hook(_mirror_loaded_counters)
         if compile:
             # The two per-step functions run 15-64 times per training step: fusing their many small
             # ops is where torch.compile pays (the first steps take seconds longer to compile).
@@ -138,30 +142,46 @@ class DreamerModule(L.LightningModule):
             self.manual_backward(total)
         norms = {name: grad_norm(part.parameters()) for name, part in self.parts().items()}
         metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
-        bad = [f"loss/{k}" for k, v in means.items() if not torch.isfinite(v)]
-        bad += [f"grad_norm/{k}" for k, v in norms.items() if not torch.isfinite(v)]
-        # Every rank must take the same decision (gradients are averaged, losses are not).
-        finite = self.trainer.strategy.reduce(torch.tensor(float(not bad), device=self.device), reduce_op="min")
-        if finite < 1:
-            # A non-finite loss or gradient would poison the optimizer moments: skip the update.
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            metrics["train/nonfinite_terms"] = torch.tensor(float(len(bad)))
-            if self.consecutive_skips >= self.cfg.optim.max_skipped_steps:
-                raise NonFiniteTrainingError(
-                    f"{self.consecutive_skips} training steps in a row had non-finite values in "
-                    f"{', '.join(bad) or 'another rank'}; stopping. The last good checkpoint is kept; lower the "
-                    "learning rate or check the environment's observations and rewards for NaN or huge values.")
+        # The one host-device sync of the step: the host must know whether to step (docs/performance.md).
+        if not self.all_finite([*means.values(), *norms.values()]):
+            self.skip_update(means, norms, metrics)
             return False
         self.consecutive_skips = 0
         with self.timer("optimizer"):
             for opt in optimizers:
                 opt.step()
             self.actor_critic.commit(imagination)
-        self.train_steps += 1
+        self.count_step()
         for name, opt in zip(self.parts(), optimizers):
-            metrics[f"lr/{name}"] = torch.tensor(opt.optimizer.current_lr())
+            # Filled on the device: a host tensor would be copied there by self.log, a blocking copy.
+            metrics[f"lr/{name}"] = torch.full((), opt.optimizer.current_lr(), device=self.device)
         return True
+
+    def all_finite(self, values: list[Tensor]) -> bool:
+        """Whether every value is finite on every rank: one device reduction, then one read on the host."""
+        finite = torch.stack([torch.isfinite(v).all() for v in values]).all().float()
+        # Every rank must take the same decision (gradients are averaged, losses are not).
+        finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        return bool(finite >= 1)
+
+    def skip_update(self, means: dict[str, Tensor], norms: dict[str, Tensor], metrics: dict) -> None:
+        """Count a skipped update; raise once too many came in a row. Off the hot path: reads freely."""
+        # A non-finite loss or gradient would poison the optimizer moments: skip the update.
+        bad = [f"loss/{k}" for k, v in means.items() if not torch.isfinite(v)]
+        bad += [f"grad_norm/{k}" for k, v in norms.items() if not torch.isfinite(v)]
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        metrics["train/nonfinite_terms"] = torch.tensor(float(len(bad)))
+        if self.consecutive_skips >= self.cfg.optim.max_skipped_steps:
+            raise NonFiniteTrainingError(
+                f"{self.consecutive_skips} training steps in a row had non-finite values in "
+                f"{', '.join(bad) or 'another rank'}; stopping. The last good checkpoint is kept; lower the "
+                "learning rate or check the environment's observations and rewards for NaN or huge values.")
+
+    def count_step(self) -> None:
+        """train_steps += 1 on the device (the checkpointed truth) and in its host mirror."""
+        self.train_steps += 1
+        self.host_train_steps += 1
 
     def gather_returns(self, returns: Tensor) -> Tensor:
         """All ranks' returns, so that every rank computes the same percentiles (no-op on one device)."""
@@ -182,8 +202,9 @@ class DreamerModule(L.LightningModule):
 
     def log_metrics(self, metrics: dict[str, Tensor]) -> None:
         metrics = {k: v.detach().float() if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
-        metrics["train/train_steps"] = float(self.train_steps)
-        metrics["train/skipped_steps"] = float(self.skipped_steps)
+        # Device tensors: Lightning reads them on the host only when it hands metrics to the logger.
+        metrics["train/train_steps"] = self.train_steps.float()
+        metrics["train/skipped_steps"] = self.skipped_steps.float()
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     # ----------------------------------------------------------------------------------------------
@@ -226,6 +247,10 @@ class DreamerModule(L.LightningModule):
         if not self.discrete:
             action = action.clamp(-1.0, 1.0)
         return action, (post, action), post
+
+
+def _mirror_loaded_counters(module: DreamerModule, incompatible_keys) -> None:
+    module.host_train_steps = int(module.train_steps)
 
 
 def grad_norm(params) -> Tensor:

@@ -29,7 +29,8 @@ class ReturnNormalizer(nn.Module):
         """The EMA after including `returns` (any shape), without changing the state. Returns ()."""
         flat = returns.detach().float().flatten()
         # torch.quantile interpolates linearly, like numpy's default; it accepts up to 2**24 values.
-        levels = torch.tensor([self.low / 100, self.high / 100], device=flat.device)
+        # Filled on the device: torch.tensor(..., device=cuda) would be a blocking copy, a sync per step.
+        levels = torch.stack([flat.new_full((), self.low / 100), flat.new_full((), self.high / 100)])
         low, high = torch.quantile(flat, levels)
         return (1 - self.rate) * self.spread + self.rate * (high - low)
 

@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -188,6 +189,15 @@ class Replay:
         latents are stored, ``context/<name>`` (B, ...): the latent of the step before each sequence
         (zeros where ``context_valid`` is False).
         """
+        draw = self.draw(batch_size, length)
+        return {**{key: array[draw.rows, draw.columns] for key, array in self._data.items()}, **draw.extras}
+
+    def draw(self, batch_size: int, length: int) -> Draw:
+        """Where the sequences of one ``sample`` lie, and its small keys; ``sample`` gathers the step keys.
+
+        A copy of ``storage`` elsewhere (e.g. on an accelerator) gathers the same batch with
+        ``copy[draw.rows, draw.columns]``; the generator advances exactly as in ``sample``.
+        """
         if length > self._rows:
             raise ValueError(f"length={length} exceeds the {self._rows} steps each env stream can hold")
         if self._filled < length:
@@ -199,10 +209,24 @@ class Replay:
         first = self._rows_added - self._filled + starts
         absolute = first[:, None] + np.arange(length)
         rows, columns = absolute % self._rows, streams[:, None]
-        batch = {key: array[rows, columns] for key, array in self._data.items()}
-        batch["index"] = absolute * self.num_envs + columns
-        batch.update(self._gather_context(first - 1, streams, has_previous=starts > 0))
-        return batch
+        extras = {"index": absolute * self.num_envs + columns}
+        extras.update(self._gather_context(first - 1, streams, has_previous=starts > 0))
+        return Draw(rows, columns, extras)
+
+    @property
+    def storage(self) -> Mapping[str, np.ndarray]:
+        """The step buffers, (rows, num_envs, *shape) per key: read them, write only through ``add``."""
+        return self._data
+
+    @property
+    def rows_added(self) -> int:
+        """Rows written by ``add`` since the replay began (its absolute row counter)."""
+        return self._rows_added
+
+    def rows_since(self, rows_added: int) -> np.ndarray:
+        """Physical rows written since ``rows_added`` was the counter, oldest first, at most one ring of them."""
+        start = max(rows_added, self._rows_added - self._filled)
+        return np.arange(start, self._rows_added) % self._rows
 
     def _gather_context(self, previous: np.ndarray, streams: np.ndarray, has_previous: np.ndarray) -> dict:
         if not self._context:
@@ -325,6 +349,18 @@ class Replay:
             source = np.load(os.path.join(snapshot, file_name), mmap_mode="r")
             _copy_in_order(source, self._context_array(name, source.shape[2:], source.dtype), oldest)
         _copy_in_order(np.load(os.path.join(snapshot, files["has_context"]), mmap_mode="r"), self._has_context, oldest)
+
+
+@dataclass
+class Draw:
+    """The sequences of one batch: step keys are ``storage[key][rows, columns]``, (B, T, ...)."""
+
+    rows: np.ndarray
+    """(B, T) physical rows."""
+    columns: np.ndarray
+    """(B, 1) env stream of each sequence."""
+    extras: dict[str, np.ndarray]
+    """``index``, ``context_valid`` and ``context/<name>``, as ``sample`` returns them."""
 
 
 class ReplayCapacityError(ValueError):

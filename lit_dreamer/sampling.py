@@ -31,6 +31,12 @@ class ReplayConfig:
     """uniform or recency (exponentially more weight on recent steps)."""
     recency_half_life: float = 10000.0
     """Half-life in steps of the recency sampling."""
+    device: str = "cpu"
+    """cpu, or auto: also keep the steps on the accelerator the trainer uses, and sample batches there."""
+
+
+REPLAY_DEVICES = ("cpu", "auto")
+"""The values of replay.device."""
 
 
 class Sampler:
@@ -80,6 +86,8 @@ def make_sampler(settings: ReplayConfig, num_envs: int) -> Sampler:
     """The sampler that ``settings.sampling`` names; ValueError listing the table for an unknown name."""
     if settings.sampling not in SAMPLERS:
         raise ValueError(f"unknown replay sampling {settings.sampling!r}; choose one of {', '.join(SAMPLERS)}")
+    if settings.device not in REPLAY_DEVICES:
+        raise ValueError(f"unknown replay device {settings.device!r}; choose one of {', '.join(REPLAY_DEVICES)}")
     if settings.recency_half_life <= 0:
         raise ValueError(f"recency_half_life must be positive, got {settings.recency_half_life}")
     return SAMPLERS[settings.sampling](settings, num_envs)

@@ -10,8 +10,18 @@ from typing import Iterator
 import torch
 
 
+def synchronize() -> None:
+    """Wait for the queued CUDA work, if any: it would otherwise be billed to whichever phase waits for it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class PhaseTimer:
-    """Accumulates wall-clock seconds per named phase while `enabled`; a no-op otherwise."""
+    """Accumulates wall-clock seconds per named phase while `enabled`; a no-op otherwise.
+
+    Each phase starts and ends with `synchronize()`, so on CUDA a phase holds its own kernels; those
+    syncs are extra ones, made only while the timer is enabled (by `bench`).
+    """
 
     def __init__(self, enabled: bool = False):
         self.enabled = enabled
@@ -23,20 +33,14 @@ class PhaseTimer:
         if not self.enabled:
             yield
             return
-        self._sync()
+        synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
-            self._sync()
+            synchronize()
             self.totals[name] += time.perf_counter() - start
             self.counts[name] += 1
-
-    @staticmethod
-    def _sync() -> None:
-        # Asynchronous GPU work would otherwise be billed to whichever phase waits for it.
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
 
     def reset(self) -> None:
         self.totals.clear()
