@@ -98,7 +98,7 @@ class RunConfig:
     dir: Optional[str] = None
     """Folder for checkpoints and the run's files (None: runs/<run name>)."""
     compile: bool = False
-    """torch.compile the RSSM's per-step functions (faster steps after a few seconds of compilation)."""
+    """torch.compile the imagination rollout (faster steps after about a minute of compilation on CPU)."""
 
 
 TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
