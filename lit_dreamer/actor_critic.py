@@ -110,22 +110,11 @@ class ActorCritic(nn.Module):
         start_cont (N,) = 1 - is_terminal of the replayed start step. Computed time-major inside,
         see `behavior_losses`.
         """
-        params, samples = [], []
-
-        def policy(feat: Tensor) -> Tensor:
-            # The actor's forward inside the rollout keeps its graph, so it is not run twice.
-            p = self.actor(feat.detach())
-            params.append(p)
-            action = self.actor.dist(p).sample().detach()
-            samples.append(action)
-            # The env clips a continuous action to [-1, 1] and the replay stores it clipped, so the
-            # dynamics see the clipped action here too: an unclipped sample would ask the world model
-            # about actions it never saw, and the policy could exploit its extrapolation. REINFORCE
-            # uses the log-prob of the sample itself, which stays unbiased for the clipped execution.
-            return action if self.actor.discrete else action.clamp(-1.0, 1.0)
-
         with self.timer("imagination"):
-            feat = wm.rssm.imagine(start, policy, self.cfg.horizon)  # (H+1, N, F), no gradient into the world model
+            feat, samples = self.rollout(wm, start)  # (H+1, N, F), (H, N, A); no gradient anywhere
+            # The actor's forward with gradient, over all H rolled-out states at once: batched, it costs
+            # less than keeping a graph of each step's forward inside the rollout.
+            params = self.actor(feat[:-1])
             with torch.no_grad():
                 # reward_0 is never used and cont_0 is the replayed start's: the heads read steps 1..H.
                 reward = wm.reward(feat[1:]).mean()
@@ -133,7 +122,27 @@ class ActorCritic(nn.Module):
                 cont = wm.cont(feat[1:]).mean()
                 cont = torch.cat([start_cont[None].to(cont.dtype), cont])
         with self.timer("actor_critic"):
-            return self.behavior_losses(feat, torch.stack(samples), torch.stack(params), reward, cont)
+            return self.behavior_losses(feat, samples, params, reward, cont)
+
+    @torch.no_grad()
+    def rollout(self, wm: WorldModel, start: State) -> tuple[Tensor, Tensor]:
+        """Imagine H steps from the starts under the policy: features (H+1, N, F) and raw action samples (H, N, A).
+
+        One function over the whole loop, so that `torch.compile` (run.compile) can fuse all of it.
+        """
+        samples = []
+
+        def policy(feat: Tensor) -> Tensor:
+            action = self.actor.dist(self.actor(feat)).sample()
+            samples.append(action)
+            # The env clips a continuous action to [-1, 1] and the replay stores it clipped, so the
+            # dynamics see the clipped action here too: an unclipped sample would ask the world model
+            # about actions it never saw, and the policy could exploit its extrapolation. REINFORCE
+            # uses the log-prob of the sample itself, which stays unbiased for the clipped execution.
+            return action if self.actor.discrete else action.clamp(-1.0, 1.0)
+
+        feat = wm.rssm.imagine(start, policy, self.cfg.horizon)
+        return feat, torch.stack(samples)
 
     def behavior_losses(self, feat: Tensor, actions: Tensor, policy_params: Tensor, reward: Tensor, cont: Tensor
                         ) -> Imagination:

@@ -31,6 +31,21 @@ def _sum_last(x: Tensor, dims: int) -> Tensor:
     return x.sum(dim=tuple(range(-dims, 0)))
 
 
+# At or below this many classes `softmax` writes the softmax out: aten's kernel over a short last dim
+# costs about 3x the four elementwise passes (1.6 vs 0.5 ms over the (1024, 32, 4) prior latents of an
+# imagination step at size1m); from 32 classes on the kernel is faster.
+SMALL_SOFTMAX = 8
+
+
+def softmax(logits: Tensor) -> Tensor:
+    """torch.softmax over the last dim, written out for few classes (same values to rounding)."""
+    if logits.shape[-1] > SMALL_SOFTMAX:
+        return torch.softmax(logits, dim=-1)
+    # Softmax is shift-invariant, so the max needs no gradient.
+    exp = (logits - logits.amax(-1, keepdim=True).detach()).exp()
+    return exp / exp.sum(-1, keepdim=True)
+
+
 class Output:
     """Interface of every head's output distribution."""
 
@@ -228,7 +243,7 @@ class Categorical(Output):
         self.classes = logits.shape[-1]
         if unimix > 0:
             # The floor unimix / C keeps every class reachable and every KL term finite.
-            self.probs = (1 - unimix) * torch.softmax(logits, dim=-1) + unimix / self.classes
+            self.probs = softmax(logits) * (1 - unimix) + unimix / self.classes
             self.log_probs = torch.log(self.probs)
         else:
             self.log_probs = torch.log_softmax(logits, dim=-1)

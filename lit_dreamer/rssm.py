@@ -119,21 +119,22 @@ class RSSM(nn.Module):
         logits = self.prior_logits(deter)
         return State(deter, self.dist(logits).sample(), logits)
 
+    @torch.no_grad()
     def imagine(self, start: State, policy: Callable[[Tensor], Tensor], horizon: int) -> Tensor:
         """Roll out the prior for `horizon` steps from N start states under `policy(feat) -> action`.
 
         Returns the features of the H+1 states, time-major: (H+1, N, F), feat[0] the starts'.
         Time-major because the heads then read the states they need (1..H, 0..H-1, H) as contiguous
-        slices; a (N, H+1, F) layout made each head copy its slice first, and building it took
-        another two copies (the whole tensor is B*T*(H+1)*F floats, 39 MB at size1m).
-        No action is drawn in the last state: nothing would use it. Actions are detached before
-        they enter the RSSM: the actor learns by REINFORCE only.
+        slices; each step writes its features straight into its slice of the result, so the
+        (B*T*(H+1)*F floats, 39 MB at size1m) tensor is not built again by a final stack.
+        No action is drawn in the last state: nothing would use it. The whole rollout runs without
+        gradient: nothing reaches the world model, and the actor learns by REINFORCE from its own
+        forward over the returned states (`ActorCritic.imagine_loss`).
         """
         state = State(start.deter, start.stoch)
-        feats = [state.feat()]
-        for _ in range(horizon):
-            action = policy(feats[-1])
-            with torch.no_grad():  # nothing from the actor or critic reaches the world model
-                state = self.imagine_step(state, action.detach())
-                feats.append(state.feat())
-        return torch.stack(feats)
+        feats = start.deter.new_empty((horizon + 1, start.deter.shape[0], self.feat_dim))
+        torch.cat([state.deter, state.stoch.flatten(-2)], -1, out=feats[0])
+        for t in range(horizon):
+            state = self.imagine_step(state, policy(feats[t]))
+            torch.cat([state.deter, state.stoch.flatten(-2)], -1, out=feats[t + 1])
+        return feats

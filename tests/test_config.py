@@ -298,3 +298,39 @@ def test_replay_sampling_is_checked_against_the_sampler_table(monkeypatch):
     assert load_config([], ["replay.sampling=prioritized"]).replay.sampling == "prioritized"
     with pytest.raises(ConfigError, match="choose one of uniform, recency, prioritized"):
         load_config([], ["replay.sampling=rank"])
+
+
+RECIPE_KEYS = ("train_ratio", "batch_length")
+
+
+def test_an_included_file_comes_first_and_the_including_file_wins(tmp_path):
+    (tmp_path / "base.yaml").write_text("run:\n  steps: 111\n  prefill: 7\noptim:\n  lr: 0.5\n")
+    (tmp_path / "task.yaml").write_text(f"include: [{tmp_path / 'base.yaml'}]\nrun:\n  steps: 222\n")
+    cfg = load_config([str(tmp_path / "task.yaml")], ["optim.lr=0.25"])
+    assert (cfg.run.steps, cfg.run.prefill, cfg.optim.lr) == (222, 7, 0.25)
+
+
+def test_an_include_cycle_and_a_bad_include_are_refused_naming_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"include: [{tmp_path / 'b.yaml'}]\n")
+    (tmp_path / "b.yaml").write_text(f"include: [{tmp_path / 'a.yaml'}]\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config([str(tmp_path / "a.yaml")])
+    (tmp_path / "c.yaml").write_text("include: budget\n")
+    with pytest.raises(ConfigError, match="must be a list of config names"):
+        load_config([str(tmp_path / "c.yaml")])
+    (tmp_path / "d.yaml").write_text("include: [no_such_recipe]\n")
+    with pytest.raises(ConfigError, match="no_such_recipe"):
+        load_config([str(tmp_path / "d.yaml")])
+
+
+@pytest.mark.parametrize("task", ["cartpole", "dmc_cartpole_balance"])
+def test_task_files_take_their_hyperparameters_from_the_one_budget_recipe(task):
+    """The recipe lives in configs/budget.yaml only: a task file that set a learning rate or ratio of its own fails."""
+    import yaml
+    with open(os.path.join(CONFIG_DIR, f"{task}.yaml")) as f:
+        own = yaml.safe_load(f)
+    assert own["include"] == ["budget"]
+    assert "optim" not in own and not set(own.get("run", {})) & set(RECIPE_KEYS)
+    recipe, cfg = load_config(["budget"]), load_config([task])
+    assert cfg.optim == recipe.optim and cfg.model.size == recipe.model.size
+    assert all(getattr(cfg.run, k) == getattr(recipe.run, k) for k in RECIPE_KEYS)

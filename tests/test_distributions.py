@@ -7,8 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from lit_dreamer.distributions import (
-    MSE, Bernoulli, BoundedNormal, Categorical, SymlogMSE, TwoHot, kl_divergence, symexp, symlog,
-    symmetric_linspace, twohot_encode)
+    MSE, SMALL_SOFTMAX, Bernoulli, BoundedNormal, Categorical, SymlogMSE, TwoHot, kl_divergence, softmax, symexp,
+    symlog, symmetric_linspace, twohot_encode)
 
 LOG2 = math.log(2.0)
 
@@ -176,6 +176,18 @@ def test_image_mse_sums_over_hwc():
 
 
 # Categorical with unimix
+
+@pytest.mark.parametrize("classes", [2, 4, SMALL_SOFTMAX, SMALL_SOFTMAX + 1, 255])
+def test_softmax_values_and_gradients_equal_torch_softmax(classes):
+    """The written-out softmax for few classes (and the kernel above) against torch.softmax, large logits too."""
+    logits = (torch.randn(64, 3, classes, dtype=torch.float64) * 30).requires_grad_()
+    upstream = torch.randn(64, 3, classes, dtype=torch.float64)
+    ours, = torch.autograd.grad((softmax(logits) * upstream).sum(), logits)
+    ref, = torch.autograd.grad((torch.softmax(logits, -1) * upstream).sum(), logits)
+    assert_close(softmax(logits), torch.softmax(logits, -1), rtol=1e-12, atol=1e-15)
+    assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(softmax(torch.tensor([[1e4, -1e4, 0.0]]))).all()
+
 
 def test_unimix_floor():
     dist = Categorical(torch.tensor([100.0, 0.0, 0.0, 0.0]), unimix=0.01)
