@@ -83,8 +83,9 @@ class DreamerModule(L.LightningModule):
         if compile:
             # The imagination rollout (15 steps of actor, sampling, GRU and prior over B*T starts, no
             # gradient) is compiled as one function: fusing its many small elementwise ops is where
-            # torch.compile pays. The observe loop stays eager: compiling its step with autograd gained
-            # nothing measurable here, and the whole loop with its backward takes minutes to compile.
+            # torch.compile can pay (218 -> 118 ms for the rollout alone at size1m; no gain measured in a
+            # whole step, docs/performance.md). The observe loop stays eager: compiling its step with
+            # autograd gained nothing measurable here.
             self.actor_critic.rollout = torch.compile(self.actor_critic.rollout, dynamic=False)
 
     # ----------------------------------------------------------------------------------------------
