@@ -78,6 +78,7 @@ class EnvCollector(Callback):
         self.last_return = math.nan
         self.episode_return = MeanMetric()
         self.episode_length = MeanMetric()
+        self.return_log: list[tuple[int, float]] = []  # (env steps, mean return) as logged, for CollapseWatch
         self.rank, self.world_size = 0, 1
         # Throughput of this process only (a resumed run restarts them).
         self.collect_time = 0.0
@@ -183,7 +184,10 @@ class EnvCollector(Callback):
             warnings.simplefilter("ignore")  # compute() before update() on a rank without episodes
             ret, length = self.episode_return.compute(), self.episode_length.compute()
         self.episode_return.reset(), self.episode_length.reset()
-        if trainer.logger is not None and torch.isfinite(ret):
+        if not torch.isfinite(ret):
+            return
+        self.return_log.append((env_steps, float(ret)))
+        if trainer.logger is not None:
             trainer.logger.log_metrics({"train/return": float(ret), "train/length": float(length)}, step=env_steps)
 
     @override

@@ -171,9 +171,12 @@ class ActorCritic(nn.Module):
             "policy": actor_loss(policy_dist.log_prob(actions), entropy, advantage, weight, self.cfg.entropy).T,
             "value": critic_loss(value_dist, returns, slow_value, weight, self.cfg.slow_reg).T,
         }
+        advantage_abs = advantage.abs().mean()
         metrics = {
             "ac/return": returns.mean(), "ac/value": value.mean(), "ac/advantage": advantage.mean(),
-            "ac/advantage_abs": advantage.abs().mean(), "ac/entropy": entropy.mean(),
+            "ac/advantage_abs": advantage_abs, "ac/entropy": entropy.mean(),
+            # Near +1 or -1: nearly every advantage has one sign, the critic lags the returns (CollapseWatch).
+            "ac/advantage_sign_bias": advantage.mean() / advantage_abs.clamp_min(1e-8),
             "ac/reward": reward[1:].mean(), "ac/cont": cont.mean(), "ac/weight": weight.mean(),
             "ac/return_scale": self.normalizer.scale(spread), "ac/slow_value": slow_value.mean(),
         }

@@ -97,6 +97,11 @@ class RunConfig:
     """Write an episode video and the world model's open-loop prediction every this many env steps (0: never)."""
     dir: Optional[str] = None
     """Folder for checkpoints and the run's files (None: runs/<run name>)."""
+    collapse_entropy: float = 0.1
+    """Warn of a policy collapse when the policy's entropy falls below this share of its first value while the
+    return does not rise (0: off; callbacks/collapse.py)."""
+    collapse_window: int = 5000
+    """Env steps over which the return must rise for the collapse warning (run.collapse_entropy)."""
     compile: bool = False
     """torch.compile the imagination rollout (about a minute of compilation on CPU; no gain measured per step at size1m)."""
 
@@ -401,6 +406,11 @@ def validate(cfg: Config) -> None:
     if not cfg.model.cnn_mults or min(cfg.model.cnn_mults) <= 0:
         raise ConfigError(f"model.cnn_mults must be a non-empty list of positive channel multiples, "
                           f"e.g. [2,3,4,4]; got {list(cfg.model.cnn_mults)}")
+    if not 0.0 <= cfg.run.collapse_entropy < 1.0:
+        raise ConfigError(f"run.collapse_entropy must be in [0, 1) (a share of the policy's first entropy; 0 turns "
+                          f"the collapse warning off), got {cfg.run.collapse_entropy}")
+    if cfg.run.collapse_window <= 0:
+        raise ConfigError(f"run.collapse_window must be a positive number of env steps, got {cfg.run.collapse_window}")
     if cfg.run.batch_length < 2:
         raise ConfigError(f"run.batch_length must be at least 2, got {cfg.run.batch_length}")
 

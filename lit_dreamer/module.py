@@ -186,7 +186,8 @@ class DreamerModule(L.LightningModule):
 
     def gather_returns(self, returns: Tensor) -> Tensor:
         """All ranks' returns, so that every rank computes the same percentiles (no-op on one device)."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        # `_trainer`: the `trainer` property raises on a module used outside a Trainer (scripts, notebooks).
+        if self._trainer is None or self.trainer.world_size == 1:
             return returns
         return self.all_gather(returns.detach()).flatten()
 

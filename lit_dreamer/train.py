@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from lit_dreamer.callbacks import (DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback,
+from lit_dreamer.callbacks import (CollapseWatch, DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback,
                                    resolve_last)
 from lit_dreamer.callbacks.env_collector import find_collector
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
@@ -185,6 +185,8 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
     callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg)]
+    if cfg.run.collapse_entropy > 0:
+        callbacks.append(CollapseWatch(cfg.run.collapse_entropy, cfg.run.collapse_window, every=cfg.run.log_every))
     if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar turned off
         callbacks.append(EnvStepProgressBar())
     if cfg.run.eval_every > 0:

@@ -1,0 +1,148 @@
+"""CollapseWatch: warn when the policy's entropy has collapsed while the return does not rise.
+
+On a small gradient budget the critic can lag the returns; then nearly every advantage has the same
+sign (`ac/advantage_sign_bias` = mean / mean |advantage| near +1 or -1), the actor's updates are mostly
+noise around that offset, and the policy can turn near-deterministic before it has learned anything.
+This callback makes that visible. Every `run.log_every` training steps it compares:
+
+- the policy's entropy (`ac/entropy`, logged by the training step) with its first logged value:
+  *collapsed* when it is below `fraction` of it. Entropy is summed over action dimensions, so the
+  comparison is the same per action dimension; a policy whose first entropy is <= 0 is not checked;
+- the return: the eval return where evaluation runs (`run.eval_every`), otherwise the training
+  episodes' return. *Not rising* when the mean of the records of the last `window` env steps is no
+  higher than the first record (it never left its start), or is lower than the mean of the window
+  before (it fell); "higher" and "lower" by more than 5% of the range of all records so far.
+
+When both hold it logs `collapse/suspected` = 1 (0 at every other check) and warns once, again only
+after a check has cleared it. `collapse/entropy_ratio` (entropy / first entropy) is logged at every
+check. A run whose return stays at its best after converging has low entropy but is not falling, so it
+does not warn.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lit_dreamer.callbacks.env_collector import find_collector, total_env_steps
+from lit_dreamer.callbacks.evaluation import EvalCallback
+
+TOLERANCE = 0.05
+"""Changes of the return smaller than this share of the range of all records so far count as none."""
+
+
+def mean_in(records: list[tuple[int, float]], low: int, high: int) -> float | None:
+    """Mean of the records with low < env steps <= high (None: there are none)."""
+    values = [value for steps, value in records if low < steps <= high]
+    return sum(values) / len(values) if values else None
+
+
+def return_stalled(records: list[tuple[int, float]], now: int, window: int) -> bool:
+    """Whether the return has not risen: the last window's mean is at the first record's level, or fell.
+
+    records: (env steps, return) in order. Needs a record older than the last window, so that the
+    window's mean is compared with something it could have risen from.
+    """
+    if not records or records[0][0] > now - window:
+        return False
+    recent = mean_in(records, now - window, now)
+    if recent is None:
+        return False
+    values = [value for _, value in records]
+    tolerance = TOLERANCE * (max(values) - min(values))
+    never_left_start = recent <= records[0][1] + tolerance
+    before = mean_in(records, now - 2 * window, now - window)
+    fell = before is not None and recent < before - tolerance
+    return never_left_start or fell
+
+
+class CollapseWatch(Callback):
+    """Logs `collapse/entropy_ratio` and `collapse/suspected`, and warns on a suspected collapse (module doc).
+
+    Args:
+        fraction: the entropy counts as collapsed below this share of its first logged value (0: off).
+        window: env steps over which the return must rise.
+        every: check every this many training steps (each check reads the entropy on the host once).
+    """
+
+    def __init__(self, fraction: float = 0.1, window: int = 5000, every: int = 10):
+        super().__init__()
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+        if window <= 0:
+            raise ValueError(f"window must be a positive number of env steps, got {window}")
+        self.fraction, self.window, self.every = fraction, window, max(1, every)
+        self.initial_entropy: float | None = None
+        self.records: list[tuple[int, float]] = []
+        self.source: str | None = None  # "eval" or "train": which returns the records are
+        self.seen = {"eval": 0, "train": 0}  # records already taken from each source
+        self.warned = False
+        self.checks = 0  # training steps seen by this process
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.fraction <= 0:
+            return
+        self.checks += 1
+        # The first step too: its entropy is the untrained policy's, the reference for the ratio.
+        if self.checks % self.every and self.initial_entropy is not None:
+            return
+        entropy = trainer.callback_metrics.get("ac/entropy")
+        if entropy is None:
+            return
+        entropy = float(entropy)  # one host read every `every` steps
+        if self.initial_entropy is None:
+            self.initial_entropy = entropy
+        self.take_returns(trainer)
+        if not trainer.is_global_zero or self.initial_entropy <= 0 or not math.isfinite(entropy):
+            return
+        now = total_env_steps(trainer)
+        ratio = entropy / self.initial_entropy
+        suspected = ratio < self.fraction and return_stalled(self.records, now, self.window)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"collapse/entropy_ratio": ratio, "collapse/suspected": float(suspected)},
+                                       step=now)
+        if suspected and not self.warned:
+            rank_zero_warn(
+                f"possible policy collapse at {now} env steps: the policy's entropy is {ratio:.1%} of its first value "
+                f"({entropy:.3g} against {self.initial_entropy:.3g}) and the {self.source} return has not risen over "
+                f"the last {self.window} env steps. Check ac/advantage_sign_bias in MLflow: near +1 or -1 the critic "
+                "lags the returns (docs/results.md, 'One recipe'). Set run.collapse_entropy=0 to turn this check off.")
+        self.warned = suspected
+
+    def take_returns(self, trainer: L.Trainer) -> None:
+        """Append the returns logged since the last check: eval returns once any exist, else training ones."""
+        evals = [cb for cb in trainer.callbacks if isinstance(cb, EvalCallback)]
+        eval_history = evals[0].history if evals else []
+        if eval_history and self.source != "eval":
+            self.source, self.records = "eval", []  # eval supersedes the training returns from its first record
+            self.seen["eval"] = 0
+        if self.source == "eval":
+            new = [(steps, float(summary["return"])) for steps, summary in eval_history[self.seen["eval"]:]]
+            self.seen["eval"] = len(eval_history)
+        else:
+            collector = find_collector(trainer)
+            log = collector.return_log if collector is not None else []
+            new = log[self.seen["train"]:]
+            self.seen["train"] = len(log)
+            self.source = "train"
+        self.records.extend(new)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial_entropy": self.initial_entropy, "records": [list(r) for r in self.records],
+                "source": self.source, "warned": self.warned}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial_entropy = state_dict["initial_entropy"]
+        self.records = [(int(steps), float(value)) for steps, value in state_dict["records"]]
+        self.source, self.warned = state_dict["source"], state_dict["warned"]
+        # The eval and collector histories start empty after a resume: count new records from there.
+        self.seen = {"eval": 0, "train": 0}
