@@ -1,6 +1,6 @@
 """How many gradient steps does the critic need to reach its target? One cause at a time.
 
-    python scripts/critic_lag.py CKPT [--steps 400] [--fresh] [--variant NAME:key=value,...]...
+    python scripts/critic_lag.py CKPT [--steps 400] [--variant NAME:key=value,...]...
 
 Loads a checkpoint with its replay, freezes the world model and the actor, and trains only the critic,
 exactly as a training step does (imagined lambda returns, slow-critic regularizer, replay value loss,
@@ -12,7 +12,6 @@ weighted by gamma times the predicted continues). Every `--every` steps it recor
   starting gap (target - value) closed so far;
 - `return`: the mean 15-step lambda return the critic is trained towards, and `sign_bias`: mean / mean
   |.| of the lambda return minus the value (the `ac/advantage_sign_bias` of a training run).
-`--fresh` re-initializes the critic and the slow critic (zero output: value 0), the start of training.
 
 A variant sets behavior keys (horizon, gamma, lam, slow_reg, slow_rate) or `critic_lr`, `repval`,
 `warmup`, e.g. `--variant noslow:slow_reg=0 --variant lr4x:critic_lr=2.56e-3`. Variant `base` (the
@@ -32,7 +31,6 @@ import time
 import torch
 
 from lit_dreamer.evaluation import load_module
-from lit_dreamer.module import DreamerModule
 from lit_dreamer.optim import LaProp
 from lit_dreamer.replay import Replay
 from lit_dreamer.rssm import State
@@ -130,7 +128,6 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=16, help="replayed batches to train from")
     parser.add_argument("--probe-starts", type=int, default=512)
     parser.add_argument("--long", type=int, default=1500, help="imagined steps of the target rollout")
-    parser.add_argument("--fresh", action="store_true", help="start from a zero-output critic")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -146,11 +143,6 @@ def main() -> None:
     probe_start = held_post.flatten()
     probe_start = State(probe_start.deter[pick], probe_start.stoch[pick])
     probe_cont = (1.0 - held_out["is_terminal"].flatten(0, 1).float())[pick]
-    if args.fresh:
-        # A newly built module's critic (zero output layer) as critic and slow critic: training's start.
-        blank = DreamerModule(**module.hparams)
-        module.actor_critic.critic.load_state_dict(blank.actor_critic.critic.state_dict())
-        module.actor_critic.slow_critic.load_state_dict(blank.actor_critic.critic.state_dict())
     base = copy.deepcopy(module)
     variants = [("base", {})] + [parse_variant(v) for v in args.variant]
     summaries = []

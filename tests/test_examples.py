@@ -113,6 +113,20 @@ def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_pat
         corr = critic[behaviour]["correlation"]
         assert corr is None or -1 <= corr <= 1
 
+    # critic_lag: a variant with the critic's learning rate at 0 must leave the value where it was, while
+    # the checkpoint's own settings move it; every variant's target is the same frozen policy's value.
+    out = [json.loads(line) for line in script("critic_lag.py", "--steps", "4", "--every", "2", "--long", "20",
+                                               "--batches", "2", "--probe-starts", "16",
+                                               "--variant", "frozen:critic_lr=0").splitlines()]
+    rows = [r for r in out if "summary" not in r]
+    summaries = {r["summary"]["variant"]: r["summary"] for r in out if "summary" in r}
+    assert [(r["variant"], r["step"]) for r in rows] == [(v, s) for v in ("base", "frozen") for s in (0, 2, 4)]
+    frozen = [r["value"] for r in rows if r["variant"] == "frozen"]
+    assert frozen[0] == frozen[1] == frozen[2]
+    assert [r["value"] for r in rows if r["variant"] == "base"][-1] != frozen[0]
+    assert summaries["frozen"]["settings"] == {"critic_lr": 0.0}
+    assert summaries["base"]["target"] == summaries["frozen"]["target"] and np.isfinite(summaries["base"]["target"])
+
 
 def test_discounted_returns_of_the_critic_diagnostic():
     import importlib.util
