@@ -17,15 +17,22 @@ A variant sets behavior keys (horizon, gamma, lam, slow_reg, slow_rate) or `crit
 `warmup`, e.g. `--variant noslow:slow_reg=0 --variant lr4x:critic_lr=2.56e-3`. Variant `base` (the
 checkpoint's settings) always runs first. Prints one JSON object per line: a row per recorded step
 (`"variant", "step", ...`), then a summary per variant with the steps to close 50% and 90% of the gap.
+
+    python scripts/critic_lag.py --report OUT.jsonl [--csv OUT.csv] [--plot OUT.png] [--title TEXT]
+
+turns that output into a CSV of the rows and a figure: the critic's value per variant against gradient
+steps, each variant's target dashed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import torch
@@ -119,7 +126,43 @@ def train_critic(module, settings: dict, batches, steps: int, every: int, probe,
         ac.commit(imagination)
 
 
+def report(lines: list[str], csv_path: str | None, plot_path: str | None, title: str) -> None:
+    """The rows of a run's JSON lines as a CSV, and the value-against-steps figure."""
+    rows = [row for row in map(json.loads, lines) if "summary" not in row]
+    if csv_path:
+        columns = list(rows[0])
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    if plot_path:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, name in enumerate(dict.fromkeys(row["variant"] for row in rows)):
+            mine = [row for row in rows if row["variant"] == name]
+            line, = ax.plot([r["step"] for r in mine], [r["value"] for r in mine], label=name, color=f"C{i}")
+            ax.axhline(mine[0]["target"], color=line.get_color(), linestyle="--", linewidth=0.8)
+        ax.set_xlabel("critic gradient steps (world model and actor frozen)")
+        ax.set_ylabel("critic value at held-out starts (dashed: target)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=110)
+
+
 def main() -> None:
+    if "--report" in sys.argv:
+        parser = argparse.ArgumentParser(description="CSV and figure of a critic_lag.py output")
+        parser.add_argument("--report", required=True)
+        parser.add_argument("--csv")
+        parser.add_argument("--plot")
+        parser.add_argument("--title", default="")
+        args = parser.parse_args()
+        with open(args.report) as f:
+            report(f.read().splitlines(), args.csv, args.plot, args.title)
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")

@@ -126,6 +126,12 @@ def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_pat
     assert [r["value"] for r in rows if r["variant"] == "base"][-1] != frozen[0]
     assert summaries["frozen"]["settings"] == {"critic_lr": 0.0}
     assert summaries["base"]["target"] == summaries["frozen"]["target"] and np.isfinite(summaries["base"]["target"])
+    (tmp_path / "lag.jsonl").write_text("\n".join(json.dumps(r) for r in out))
+    subprocess.run([sys.executable, str(REPO / "scripts" / "critic_lag.py"), "--report", "lag.jsonl", "--csv", "lag.csv",
+                    "--plot", "lag.png"], cwd=tmp_path, env=env, check=True, timeout=120)
+    lines = (tmp_path / "lag.csv").read_text().splitlines()
+    assert lines[0].startswith("variant,step,value,target") and len(lines) == 1 + len(rows)
+    assert (tmp_path / "lag.png").stat().st_size > 10_000
 
 
 def test_discounted_returns_of_the_critic_diagnostic():
