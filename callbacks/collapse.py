@@ -70,7 +70,7 @@ class CollapseWatch(Callback):
         every: check every this many training steps (each check reads the entropy on the host once).
     """
 
-    def __init__(self, fraction: float = 0.1, window: int = 5000, every: int = 10):
+    def __init__(self, fraction: float = 0.2, window: int = 5000, every: int = 10):
         super().__init__()
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"fraction must be in [0, 1), got {fraction}")

@@ -97,7 +97,7 @@ class RunConfig:
     """Write an episode video and the world model's open-loop prediction every this many env steps (0: never)."""
     dir: Optional[str] = None
     """Folder for checkpoints and the run's files (None: runs/<run name>)."""
-    collapse_entropy: float = 0.1
+    collapse_entropy: float = 0.2
     """Warn of a policy collapse when the policy's entropy falls below this share of its first value while the
     return does not rise (0: off; callbacks/collapse.py)."""
     collapse_window: int = 5000
