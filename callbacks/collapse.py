@@ -11,10 +11,14 @@ This callback makes that visible. Every `run.log_every` training steps it compar
 - the return: the eval return where evaluation runs (`run.eval_every`), otherwise the training
   episodes' return. *Not rising* when the mean of the records of the last `window` env steps is no
   higher than the first record (it never left its start), or is lower than the mean of the window
-  before (it fell); "higher" and "lower" by more than 5% of the range of all records so far.
+  before (it fell); "higher" and "lower" by more than 5% of the range of all records so far;
+- the advantages: *biased* when the mean of `ac/advantage_sign_bias` read at the checks of the last
+  `window` env steps is at least 0.5 in size (most advantages share one sign: the critic lags).
 
-When both hold it logs `collapse/suspected` = 1 (0 at every other check) and warns once, again only
-after a check has cleared it. `collapse/entropy_ratio` (entropy / first entropy) is logged at every
+When all three hold it logs `collapse/suspected` = 1 (0 at every other check) and warns once, again only
+after a check has cleared it. The bias condition keeps apart the dips every cartpole-balance run goes
+through with a centred critic: a continuous policy's entropy falls far in normal learning, and the
+untrained balance policy scores higher than the first trained ones. `collapse/entropy_ratio` (entropy / first entropy) is logged at every
 check. A run whose return stays at its best after converging has low entropy but is not falling, so it
 does not warn.
 """
@@ -34,6 +38,8 @@ from lit_dreamer.callbacks.evaluation import EvalCallback
 
 TOLERANCE = 0.05
 """Changes of the return smaller than this share of the range of all records so far count as none."""
+BIASED = 0.5
+"""|mean sign bias| over the window from which the advantages count as biased."""
 
 
 def mean_in(records: list[tuple[int, float]], low: int, high: int) -> float | None:
@@ -61,6 +67,14 @@ def return_stalled(records: list[tuple[int, float]], now: int, window: int) -> b
     return never_left_start or fell
 
 
+def collapse_suspected(entropy_ratio: float, fraction: float, sign_bias: list[tuple[int, float]],
+                       records: list[tuple[int, float]], now: int, window: int) -> bool:
+    """The three conditions of the module doc: entropy collapsed, return not rising, advantages biased."""
+    bias = mean_in(sign_bias, now - window, now)
+    return (entropy_ratio < fraction and bias is not None and abs(bias) >= BIASED
+            and return_stalled(records, now, window))
+
+
 class CollapseWatch(Callback):
     """Logs `collapse/entropy_ratio` and `collapse/suspected`, and warns on a suspected collapse (module doc).
 
@@ -79,6 +93,7 @@ class CollapseWatch(Callback):
         self.fraction, self.window, self.every = fraction, window, max(1, every)
         self.initial_entropy: float | None = None
         self.records: list[tuple[int, float]] = []
+        self.sign_bias: list[tuple[int, float]] = []  # (env steps, ac/advantage_sign_bias) at each check
         self.source: str | None = None  # "eval" or "train": which returns the records are
         self.seen = {"eval": 0, "train": 0}  # records already taken from each source
         self.warned = False
@@ -93,18 +108,21 @@ class CollapseWatch(Callback):
         # The first step too: its entropy is the untrained policy's, the reference for the ratio.
         if self.checks % self.every and self.initial_entropy is not None:
             return
-        entropy = trainer.callback_metrics.get("ac/entropy")
-        if entropy is None:
+        metrics = trainer.callback_metrics
+        if "ac/entropy" not in metrics or "ac/advantage_sign_bias" not in metrics:
             return
-        entropy = float(entropy)  # one host read every `every` steps
+        entropy, bias = float(metrics["ac/entropy"]), float(metrics["ac/advantage_sign_bias"])  # host reads
         if self.initial_entropy is None:
             self.initial_entropy = entropy
+        now = total_env_steps(trainer)
         self.take_returns(trainer)
+        if math.isfinite(bias):
+            self.sign_bias.append((now, bias))
+            self.sign_bias = [item for item in self.sign_bias if item[0] > now - self.window]
         if not trainer.is_global_zero or self.initial_entropy <= 0 or not math.isfinite(entropy):
             return
-        now = total_env_steps(trainer)
         ratio = entropy / self.initial_entropy
-        suspected = ratio < self.fraction and return_stalled(self.records, now, self.window)
+        suspected = collapse_suspected(ratio, self.fraction, self.sign_bias, self.records, now, self.window)
         if trainer.logger is not None:
             trainer.logger.log_metrics({"collapse/entropy_ratio": ratio, "collapse/suspected": float(suspected)},
                                        step=now)
@@ -112,8 +130,9 @@ class CollapseWatch(Callback):
             rank_zero_warn(
                 f"possible policy collapse at {now} env steps: the policy's entropy is {ratio:.1%} of its first value "
                 f"({entropy:.3g} against {self.initial_entropy:.3g}) and the {self.source} return has not risen over "
-                f"the last {self.window} env steps. Check ac/advantage_sign_bias in MLflow: near +1 or -1 the critic "
-                "lags the returns (docs/results.md, 'One recipe'). Set run.collapse_entropy=0 to turn this check off.")
+                f"the last {self.window} env steps, while most advantages share one sign (ac/advantage_sign_bias "
+                f"{mean_in(self.sign_bias, now - self.window, now):+.2f}): the critic lags the returns (docs/results.md, "
+                "'One recipe'). Set run.collapse_entropy=0 to turn this check off.")
         self.warned = suspected
 
     def take_returns(self, trainer: L.Trainer) -> None:
@@ -137,12 +156,13 @@ class CollapseWatch(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"initial_entropy": self.initial_entropy, "records": [list(r) for r in self.records],
-                "source": self.source, "warned": self.warned}
+                "sign_bias": [list(b) for b in self.sign_bias], "source": self.source, "warned": self.warned}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial_entropy = state_dict["initial_entropy"]
         self.records = [(int(steps), float(value)) for steps, value in state_dict["records"]]
+        self.sign_bias = [(int(steps), float(value)) for steps, value in state_dict.get("sign_bias", [])]
         self.source, self.warned = state_dict["source"], state_dict["warned"]
         # The eval and collector histories start empty after a resume: count new records from there.
         self.seen = {"eval": 0, "train": 0}

@@ -99,7 +99,7 @@ class RunConfig:
     """Folder for checkpoints and the run's files (None: runs/<run name>)."""
     collapse_entropy: float = 0.2
     """Warn of a policy collapse when the policy's entropy falls below this share of its first value while the
-    return does not rise (0: off; callbacks/collapse.py)."""
+    return does not rise and most advantages share one sign (0: off; callbacks/collapse.py)."""
     collapse_window: int = 5000
     """Env steps over which the return must rise for the collapse warning (run.collapse_entropy)."""
     compile: bool = False

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 import torch
 
-from lit_dreamer.callbacks.collapse import CollapseWatch, return_stalled
+from lit_dreamer.callbacks.collapse import CollapseWatch, collapse_suspected, return_stalled
 from lit_dreamer.config import ConfigError, load_config
 
 
@@ -43,6 +43,22 @@ def test_no_verdict_before_a_whole_window_has_passed():
     records = [(1000, -500.0), (1500, -500.0)]
     assert not return_stalled(records, now=1500, window=2000)
     assert not return_stalled([], now=5000, window=1000)
+
+
+STUCK = [(1000, -500.0), (2000, -500.0), (3000, -500.0), (4000, -500.0)]
+
+
+def test_a_collapse_needs_low_entropy_a_stalled_return_and_biased_advantages():
+    biased = [(3000, -0.98), (3500, -1.0), (4000, -0.99)]
+    assert collapse_suspected(0.1, 0.2, biased, STUCK, now=4000, window=2000)
+    assert not collapse_suspected(0.3, 0.2, biased, STUCK, now=4000, window=2000), "entropy still high"
+    rising = [(1000, 20.0), (2000, 60.0), (3000, 150.0), (4000, 300.0)]
+    assert not collapse_suspected(0.1, 0.2, biased, rising, now=4000, window=2000), "return rising"
+    centred = [(3000, 0.45), (3500, -0.1), (4000, 0.3)]
+    assert not collapse_suspected(0.1, 0.2, centred, STUCK, now=4000, window=2000), "mean bias 0.22 < 0.5"
+    # Only the window's readings count: an old biased phase does not make a centred critic biased now.
+    old_then_centred = [(1000, 1.0), (1500, 1.0), (3000, 0.1), (4000, 0.0)]
+    assert not collapse_suspected(0.1, 0.2, old_then_centred, STUCK, now=4000, window=2000)
 
 
 def test_sign_bias_is_the_mean_over_the_mean_absolute_advantage():
@@ -111,10 +127,11 @@ def test_a_tiny_run_driven_into_a_biased_collapse_logs_the_metric_and_warns(tmp_
 def test_the_watch_keeps_its_reference_and_records_across_a_resume():
     watch = CollapseWatch(0.1, 1000)
     watch.initial_entropy, watch.records, watch.source, watch.warned = 0.69, [(1000, 20.0), (2000, 9.0)], "eval", True
+    watch.sign_bias = [(1900, 0.9), (2000, 0.95)]
     restored = CollapseWatch(0.1, 1000)
     restored.load_state_dict(watch.state_dict())
-    assert (restored.initial_entropy, restored.records, restored.source, restored.warned) == (
-        0.69, [(1000, 20.0), (2000, 9.0)], "eval", True)
+    assert (restored.initial_entropy, restored.records, restored.sign_bias, restored.source, restored.warned) == (
+        0.69, [(1000, 20.0), (2000, 9.0)], [(1900, 0.9), (2000, 0.95)], "eval", True)
 
 
 def test_the_watch_is_off_when_the_fraction_is_zero(tmp_path, monkeypatch):
