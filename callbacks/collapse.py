@@ -1,4 +1,4 @@
-"""CollapseWatch: warn when the policy's entropy has collapsed while the return does not rise.
+"""CollapseWatch: warn when the policy's entropy has collapsed, the return does not rise and the critic lags.
 
 On a small gradient budget the critic can lag the returns; then nearly every advantage has the same
 sign (`ac/advantage_sign_bias` = mean / mean |advantage| near +1 or -1), the actor's updates are mostly
@@ -16,11 +16,11 @@ This callback makes that visible. Every `run.log_every` training steps it compar
   `window` env steps is at least 0.5 in size (most advantages share one sign: the critic lags).
 
 When all three hold it logs `collapse/suspected` = 1 (0 at every other check) and warns once, again only
-after a check has cleared it. The bias condition keeps apart the dips every cartpole-balance run goes
-through with a centred critic: a continuous policy's entropy falls far in normal learning, and the
-untrained balance policy scores higher than the first trained ones. `collapse/entropy_ratio` (entropy / first entropy) is logged at every
-check. A run whose return stays at its best after converging has low entropy but is not falling, so it
-does not warn.
+after a check has cleared it; `collapse/entropy_ratio` (entropy / first entropy) is logged at every check.
+A run whose return stays at its best after converging has low entropy but is not falling, so it does not
+warn. The bias condition keeps apart the dips every cartpole-balance run goes through with a centred
+critic: a continuous policy's entropy falls far in normal learning, and the untrained balance policy
+scores higher than the first trained ones.
 """
 
 from __future__ import annotations
