@@ -38,7 +38,6 @@ import time
 import torch
 
 from lit_dreamer.evaluation import load_module
-from lit_dreamer.optim import LaProp
 from lit_dreamer.replay import Replay
 from lit_dreamer.rssm import State
 
@@ -94,17 +93,18 @@ def measure(module, start: State, start_cont: torch.Tensor, target: torch.Tensor
     return {"value": float(ac.critic(start.feat()).mean().mean()), "target": float(target.mean()),
             "return": float(imagination.returns.mean()), "slow_value": float(m["ac/slow_value"]),
             "advantage": float(m["ac/advantage"]), "return_scale": float(m["ac/return_scale"]),
-            "sign_bias": float(m["ac/advantage"] / m["ac/advantage_abs"].clamp_min(1e-8))}
+            "sign_bias": float(m["ac/advantage_sign_bias"])}
 
 
 def train_critic(module, settings: dict, batches, steps: int, every: int, probe, seed: int):
     """Critic-only updates under `settings`; yields a measurement every `every` steps (step 0 included)."""
     ac = module.actor_critic
     ac.cfg = dataclasses.replace(ac.cfg, **{k: v for k, v in settings.items() if k in BEHAVIOR_KEYS})
-    o = module.cfg.optim
-    lr = settings.get("critic_lr", o.critic_lr or o.lr)
-    optimizer = LaProp(ac.critic.parameters(), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, agc=o.agc, pmin=o.pmin,
-                       warmup=int(settings.get("warmup", 0)))
+    # The critic's optimizer as training builds it, fresh, with the variant's rate and (default: no) warmup.
+    optimizer = module.configure_optimizers()[2]
+    group = optimizer.param_groups[0]
+    group["lr"] = settings.get("critic_lr", group["lr"])
+    group["warmup"] = int(settings.get("warmup", 0))
     repval_scale = settings.get("repval", module.scales["repval"])
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -188,12 +188,14 @@ def main() -> None:
     probe_cont = (1.0 - held_out["is_terminal"].flatten(0, 1).float())[pick]
     base = copy.deepcopy(module)
     variants = [("base", {})] + [parse_variant(v) for v in args.variant]
-    summaries = []
+    summaries, targets = [], {}
     for name, settings in variants:
         module = copy.deepcopy(base)
         gamma = settings.get("gamma", module.actor_critic.cfg.gamma)
-        torch.manual_seed(args.seed)  # the same imagined actions for every variant's target
-        target = long_value(module, probe_start, gamma, args.long)
+        if gamma not in targets:  # the frozen policy's value depends on the discount only
+            torch.manual_seed(args.seed)
+            targets[gamma] = long_value(module, probe_start, gamma, args.long)
+        target = targets[gamma]
         rows, began = [], time.time()
 
         def probe():
@@ -201,7 +203,8 @@ def main() -> None:
 
         for step, row in train_critic(module, settings, batches, args.steps, args.every, probe, args.seed):
             row = {"variant": name, "step": step, **row}
-            gap0 = rows[0]["target"] - rows[0]["value"] if rows else row["target"] - row["value"]
+            first = rows[0] if rows else row
+            gap0 = first["target"] - first["value"]
             row["closed"] = 1.0 - (row["target"] - row["value"]) / gap0 if gap0 else 1.0
             rows.append(row)
             print(json.dumps(row), flush=True)
