@@ -300,7 +300,7 @@ def test_replay_sampling_is_checked_against_the_sampler_table(monkeypatch):
         load_config([], ["replay.sampling=rank"])
 
 
-RECIPE_KEYS = ("train_ratio", "batch_length")
+RECIPE_KEYS = ("train_ratio", "batch_length", "prefill")
 
 
 def test_an_included_file_comes_first_and_the_including_file_wins(tmp_path):
@@ -330,7 +330,7 @@ def test_task_files_take_their_hyperparameters_from_the_one_budget_recipe(task):
     with open(os.path.join(CONFIG_DIR, f"{task}.yaml")) as f:
         own = yaml.safe_load(f)
     assert own["include"] == ["budget"]
-    assert "optim" not in own and not set(own.get("run", {})) & set(RECIPE_KEYS)
+    assert "optim" not in own and "behavior" not in own and not set(own.get("run", {})) & set(RECIPE_KEYS)
     recipe, cfg = load_config(["budget"]), load_config([task])
-    assert cfg.optim == recipe.optim and cfg.model.size == recipe.model.size
+    assert cfg.optim == recipe.optim and cfg.behavior == recipe.behavior and cfg.model.size == recipe.model.size
     assert all(getattr(cfg.run, k) == getattr(recipe.run, k) for k in RECIPE_KEYS)
