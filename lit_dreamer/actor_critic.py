@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lit_dreamer.agent_config import BehaviorConfig, ModelConfig
 from lit_dreamer.distributions import BoundedNormal, Categorical, TwoHot
-from lit_dreamer.losses import actor_loss, critic_loss, lambda_returns
+from lit_dreamer.losses import actor_loss, center_advantage, critic_loss, lambda_returns
 from lit_dreamer.nets import Head
 from lit_dreamer.normalizer import ReturnNormalizer
 from lit_dreamer.rssm import State
@@ -166,9 +166,10 @@ class ActorCritic(nn.Module):
         returns = lambda_returns(reward.T, discount.T, value.T, self.cfg.lam).T  # (H, N); the function is batch-major
         spread = self.normalizer.peek(self.gather(returns))
         advantage = (returns - value[:-1]) / self.normalizer.scale(spread)
+        actor_advantage = center_advantage(advantage, weight) if self.cfg.advantage_center else advantage
         entropy = policy_dist.entropy()
         losses = {
-            "policy": actor_loss(policy_dist.log_prob(actions), entropy, advantage, weight, self.cfg.entropy).T,
+            "policy": actor_loss(policy_dist.log_prob(actions), entropy, actor_advantage, weight, self.cfg.entropy).T,
             "value": critic_loss(value_dist, returns, slow_value, weight, self.cfg.slow_reg).T,
         }
         advantage_abs = advantage.abs().mean()

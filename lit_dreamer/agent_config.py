@@ -179,6 +179,8 @@ class BehaviorConfig:
     """EMA rate of the slow critic, applied every step."""
     slow_reg: float = 1.0
     """Weight of the slow critic regularizer in the critic loss."""
+    advantage_center: bool = False
+    """Subtract the batch's weighted mean advantage before the actor loss (off in the spec; a deviation)."""
     retnorm_rate: float = 0.01
     """EMA rate of the return percentile spread."""
     retnorm_limit: float = 1.0

@@ -93,6 +93,17 @@ def actor_loss(log_prob: Tensor, entropy: Tensor, advantage: Tensor, weight: Ten
     return -weight.detach() * (advantage.detach() * log_prob + entropy_scale * entropy)
 
 
+def center_advantage(advantage: Tensor, weight: Tensor) -> Tensor:
+    """The advantage minus its mean over the batch, weighted as the actor loss weighs each step.
+
+    A baseline that is the same for every sample leaves REINFORCE's expected gradient unchanged. It removes
+    the part of the advantage that a lagging critic adds to every step alike: with it, the sampled actions'
+    log-probabilities are all pushed one way, a zero-mean push whose noise drives the policy deterministic.
+    """
+    weight = weight.detach()
+    return advantage - (weight * advantage).sum() / weight.sum().clamp_min(1e-8)
+
+
 def critic_loss(value_dist: TwoHot, target: Tensor, slow_target: Tensor, weight: Tensor,
                 slow_reg: float = 1.0) -> Tensor:
     """Two-hot critic loss towards the returns, regularized towards the slow critic's mean.

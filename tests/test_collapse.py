@@ -78,6 +78,41 @@ def test_sign_bias_is_the_mean_over_the_mean_absolute_advantage():
     assert -1.0 <= float(metrics["ac/advantage_sign_bias"]) <= 1.0
 
 
+def test_centering_changes_what_the_actor_learns_from_but_not_the_lag_metrics():
+    """behavior.advantage_center: the actor loss takes the centered advantage, the metrics the critic's lag."""
+    from lit_dreamer.actor_critic import ActorCritic
+    from lit_dreamer.agent_config import BehaviorConfig, ModelConfig
+    from lit_dreamer.losses import actor_loss, center_advantage
+    model = ModelConfig(deter=16, hidden=8, classes=2, stoch=2, units=8, blocks=2)
+    H, N = 3, 5
+    torch.manual_seed(0)
+    feat = torch.randn(H + 1, N, 20)
+    actions = torch.nn.functional.one_hot(torch.randint(2, (H, N)), 2).float()
+    reward = torch.rand(H + 1, N) * 4 + 1  # all positive: an untrained critic lags every return
+    cont = torch.ones(H + 1, N)
+    results = {}
+    for center in (False, True):
+        torch.manual_seed(1)
+        ac = ActorCritic(feat_dim=20, action_dim=2, discrete=True, model=model,
+                         behavior=BehaviorConfig(horizon=3, advantage_center=center))
+        params = ac.actor(feat[:-1])
+        results[center] = ac.behavior_losses(feat, actions, params, reward, cont), ac.actor.dist(params)
+    (plain, dist), (centered, _) = results[False], results[True]
+    assert float(plain.metrics["ac/advantage_sign_bias"]) > 0.9  # nearly every advantage positive
+    for key in ("ac/advantage", "ac/advantage_abs", "ac/advantage_sign_bias"):
+        assert torch.equal(plain.metrics[key], centered.metrics[key])
+    assert torch.equal(plain.losses["value"], centered.losses["value"])
+    # The actor loss is -w * (A * log p + scale * H): recover the uncentered A from the plain loss, then the
+    # centered loss must be the same expression with A minus its weighted mean.
+    weight = (torch.cumprod(BehaviorConfig().gamma * cont, 0) / BehaviorConfig().gamma)[:-1].T
+    log_prob, entropy = dist.log_prob(actions).T.detach(), dist.entropy().T.detach()
+    scale = BehaviorConfig().entropy
+    advantage = (-plain.losses["policy"].detach() / weight - scale * entropy) / log_prob
+    expected = actor_loss(log_prob, entropy, center_advantage(advantage, weight), weight, scale)
+    assert torch.allclose(centered.losses["policy"].detach(), expected, atol=1e-5)
+    assert (advantage > 0).float().mean() > 0.9 and not torch.allclose(plain.losses["policy"], expected, atol=1e-3)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["run.collapse_entropy=1.5"], "run.collapse_entropy must be in [0, 1)"),
     (["run.collapse_window=0"], "run.collapse_window must be a positive number"),

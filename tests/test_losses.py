@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from lit_dreamer.distributions import TwoHot
-from lit_dreamer.losses import actor_loss, critic_loss, kl_losses, lambda_returns
+from lit_dreamer.losses import actor_loss, center_advantage, critic_loss, kl_losses, lambda_returns
 from lit_dreamer.normalizer import ReturnNormalizer
 
 
@@ -171,6 +171,17 @@ def test_actor_loss_hand_values_and_stop_gradients():
     assert_close(log_prob.grad, torch.tensor([[-2.0, 0.5]]), rtol=0.0, atol=1e-7)  # -w * adv
     assert_close(entropy.grad, torch.tensor([[-0.1, -0.05]]), rtol=0.0, atol=1e-7)  # -w * scale
     assert advantage.grad is None and weight.grad is None
+
+
+def test_centered_advantage_hand_values():
+    advantage = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    weight = torch.tensor([[1.0, 1.0], [0.0, 2.0]], requires_grad=True)
+    # Weighted mean (1*1 + 1*2 + 0*3 + 2*6) / (1 + 1 + 0 + 2) = 15 / 4 = 3.75; a zero-weight step does not count.
+    centered = center_advantage(advantage, weight)
+    assert_close(centered, torch.tensor([[-2.75, -1.75], [-0.75, 2.25]]), rtol=0.0, atol=1e-6)
+    assert not centered.requires_grad  # the weight's gradient is stopped, as in the actor loss
+    # An advantage the same at every step (a critic lagging by the same amount everywhere) becomes zero.
+    assert_close(center_advantage(torch.full((3, 4), 0.7), torch.rand(3, 4) + 0.1), torch.zeros(3, 4))
 
 
 def test_critic_loss_hand_values_and_stop_gradients():
