@@ -13,6 +13,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 
 
+def load_script(name: str):
+    """A script under scripts/ as a module, for calling its functions (or its main) in this process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_docs_embed_the_example_file_verbatim():
     page = (REPO / "docs" / "custom_envs.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
@@ -62,10 +71,11 @@ def test_seed_sweep_script_trains_each_seed_and_compares_them(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
-def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_path):
+def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_path, capsys, monkeypatch):
     import json
 
     import numpy as np
+    import torch
 
     from lit_dreamer.replay import Replay
 
@@ -81,10 +91,15 @@ def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_pat
     ckpt = os.path.join(folder, "model.ckpt")
 
     def script(name: str, *args: str) -> str:
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), ckpt, *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout
+        """The script's main with these arguments, in this process (a subprocess would start torch again)."""
+        monkeypatch.setattr(sys, "argv", [name, ckpt, *args])
+        capsys.readouterr()
+        threads = torch.get_num_threads()
+        try:
+            load_script(name).main()
+        finally:
+            torch.set_num_threads(threads)  # diagnose_critic pins one thread for the process
+        return capsys.readouterr().out
 
     report = json.loads(script("diagnose_world_model.py"))
     assert report["steps"] == len(replay) == 120 and report["terminal_steps"] == terminals
@@ -126,30 +141,21 @@ def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_pat
     assert [r["value"] for r in rows if r["variant"] == "base"][-1] != frozen[0]
     assert summaries["frozen"]["settings"] == {"critic_lr": 0.0}
     assert summaries["base"]["target"] == summaries["frozen"]["target"] and np.isfinite(summaries["base"]["target"])
-    # The report part in-process (a subprocess would start torch again for a CSV and a figure).
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("critic_lag", REPO / "scripts" / "critic_lag.py")
-    critic_lag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(critic_lag)
-    critic_lag.report([json.dumps(r) for r in out], str(tmp_path / "lag.csv"), str(tmp_path / "lag.png"), "probe")
+    load_script("critic_lag.py").report([json.dumps(r) for r in out], str(tmp_path / "lag.csv"), str(tmp_path / "lag.png"), "probe")
     lines = (tmp_path / "lag.csv").read_text().splitlines()
     assert lines[0].startswith("variant,step,value,target") and len(lines) == 1 + len(rows)
     assert (tmp_path / "lag.png").stat().st_size > 10_000
 
 
 def test_discounted_returns_of_the_critic_diagnostic():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("diagnose_critic", REPO / "scripts" / "diagnose_critic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("diagnose_critic.py")
     # By hand: G2 = 4, G1 = 2 + 0.5 * 4 = 4, G0 = 1 + 0.5 * 4 = 3.
     assert module.discounted_returns(np.array([1.0, 2.0, 4.0]), 0.5).tolist() == [3.0, 4.0, 4.0]
     assert module.correlation([1, 2, 3], [2, 4, 6]) == 1.0 and module.correlation([1, 2, 3], [3, 2, 1]) == -1.0
     assert module.correlation([1, 1, 1], [1, 2, 3]) is None and module.correlation([1], [2]) is None
 
 
-def test_export_results_writes_points_and_bin_means(tmp_path):
+def test_export_results_writes_points_and_bin_means(tmp_path, monkeypatch):
     import csv
 
     import mlflow
@@ -165,10 +171,9 @@ def test_export_results_writes_points_and_bin_means(tmp_path):
     client.log_metric(run.info.run_id, "eval/return", 9.0, step=10, timestamp=2000)
 
     def export(*args: str) -> list[dict]:
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_results.py"), str(tmp_path / "o.csv"),
-                               run.info.run_id, "--tracking-uri", uri, *args],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        monkeypatch.setattr(sys, "argv", ["export_results.py", str(tmp_path / "o.csv"), run.info.run_id,
+                                          "--tracking-uri", uri, *args])
+        load_script("export_results.py").main()
         with open(tmp_path / "o.csv") as f:
             return list(csv.DictReader(f))
 
