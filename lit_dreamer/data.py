@@ -165,3 +165,6 @@ class ReplayDataModule(L.LightningDataModule):
             raise ConfigError(f"replay.capacity={err.capacity} is below the {err.stored} steps stored in the replay "
                               f"snapshot {err.snapshot}; resume with replay.capacity={err.stored} or more "
                               "(dropping the oldest steps is not done silently)") from None
+        if "task" in self.spec and "task" not in self.replay.spec and self.replay.num_tasks == 1:
+            # Saved before replays stored the task index: all its steps are of the one task, index 0.
+            self.replay.add_step_key("task", *self.spec["task"])

@@ -136,6 +136,15 @@ class Replay:
     def __len__(self) -> int:
         return self._filled * self.num_envs
 
+    def add_step_key(self, key: str, shape: tuple[int, ...], dtype: Any) -> None:
+        """A new step key, zero in every stored step: brings a snapshot from before the key existed up to
+        date (``task`` in a one-task replay is 0 everywhere)."""
+        if key in self.spec or clashes_with_a_batch_key(key):
+            raise ValueError(f"cannot add the step key {key!r}: it exists or is reserved")
+        self.spec[key] = (tuple(shape), np.dtype(dtype))
+        position = len(self.spec) - 1
+        self._data[key] = self._allocate(_file_name("data", position, key), (self._rows, self.num_envs, *shape), dtype)
+
     # ----------------------------------------------------------------------------- writing
     def add(self, step: Mapping[str, np.ndarray], context: Mapping[str, np.ndarray] | None = None) -> None:
         """Write one vector step: each value shaped (num_envs, *shape); optional latents (num_envs, ...)."""
