@@ -18,6 +18,7 @@ from lit_dreamer.config import ConfigError, load_config, task_metric_name, task_
 from lit_dreamer.data import DeviceReplay, ReplayDataModule
 from lit_dreamer.envs import make_env, make_task_vector_env, make_vector_env
 from lit_dreamer.envs.point_goals import GOALS
+from lit_dreamer.evaluation import EvalOptions, evaluate_checkpoint
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.replay import Replay
 from lit_dreamer.resume import CheckpointInfo, check_task_table
@@ -269,6 +270,11 @@ def test_two_task_fit_logs_per_task_metrics_and_its_checkpoint_keeps_the_table(t
         assert run.data.metrics[f"{kind}/return"] == pytest.approx(np.mean(per_task))
     ckpt = torch.load(f"{tmp_path}/run/checkpoints/last/model.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["lit_dreamer"]["tasks"] == [POINT.format(0), POINT.format(1)]
+    # The eval command runs every task of the checkpoint's table.
+    result = evaluate_checkpoint(f"{tmp_path}/run/checkpoints/last/model.ckpt", EvalOptions(episodes=1))
+    assert list(result["tasks"]) == [POINT.format(0), POINT.format(1)] and result["summary"]["episodes"] == 2
+    eval_metrics = client.get_run(result["mlflow_run_id"]).data.metrics
+    assert eval_metrics[f"eval/{names[1]}/return"] == pytest.approx(result["tasks"][POINT.format(1)]["return"])
     # Continuing it with another task table is refused before anything runs.
     proc = subprocess.run([*common, f"env.tasks=[{POINT.format(0)},{POINT.format(2)}]", "run.steps=400",
                            "ckpt_path=last"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
