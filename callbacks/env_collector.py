@@ -12,8 +12,9 @@ so that replayed steps / env steps (of all tasks) equals train_ratio exactly ove
 the count is per rank (each rank trains on its own replay shard, so the ratio means the same at
 any device count). It never steps an environment inside `training_step`.
 
-Collection stops at `total_steps` (run.steps, env steps of all tasks and ranks): a prefill longer than the run is cut to the run's
-length, and the steps a training step is owed are not taken past the end.
+Collection stops at `total_steps` (run.steps, env steps of all tasks and ranks): a prefill longer
+than the run is cut to the run's length, and the steps a training step is owed are not taken past
+the end.
 """
 
 from __future__ import annotations

@@ -141,7 +141,8 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
         "achieved_gflops": timer.flops / step_time / 1e9,
         "phases_seconds": phases,
         "config": {
-            "env": ",".join(task_names(cfg)), "obs": cfg.env.obs, "size": cfg.model.size, "model": vars(cfg.model.resolved()),
+            "env": ",".join(task_names(cfg)),
+            "obs": cfg.env.obs, "size": cfg.model.size, "model": vars(cfg.model.resolved()),
             "batch": B, "length": T, "horizon": cfg.behavior.horizon,
             "device": str(module.device), "precision": str(trainer.precision), "threads": torch.get_num_threads(),
             "torch": torch.__version__,

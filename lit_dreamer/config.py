@@ -77,7 +77,8 @@ class RunConfig:
     seed: int = 0
     """Seed of networks, envs and replay sampling."""
     train_ratio: float = 512.0
-    """Replayed steps per env step (of all tasks); gradient steps per env step = train_ratio / (batch_size * batch_length)."""
+    """Replayed steps per env step (of all tasks); gradient steps per env step = train_ratio / (batch_size *
+    batch_length)."""
     prefill: int = 1000
     """Env steps collected with a random policy before training."""
     batch_size: int = 16

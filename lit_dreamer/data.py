@@ -91,8 +91,8 @@ class ReplayDataModule(L.LightningDataModule):
     spec: what one replay step holds (see `lit_dreamer.envs.space_spec`). settings: the `replay`
     config section, passed whole (default `ReplayConfig()`); its capacity is in steps for this
     rank. num_envs counts the env streams of all tasks; num_tasks of them lie side by side (see
-    `Replay`), and every batch carries each sequence's `task` (B, T) int64. With `settings.directory`, the replay lives in memory-mapped files there (rank
-    subfolders under DDP), so capacity is not limited by RAM. A replay restored on resume takes
+    `Replay`), and every batch carries each sequence's `task` (B, T) int64. With
+    `settings.directory`, the replay lives in memory-mapped files there (rank subfolders under DDP), so capacity is not limited by RAM. A replay restored on resume takes
     these settings, not the saved run's.
     """
 

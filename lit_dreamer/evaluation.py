@@ -144,7 +144,8 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     tasks = task_names(cfg)
     torch.manual_seed(options.seed)
     per_task = {task: evaluate_task(module, task, k, cfg, options) for k, task in enumerate(tasks)}
-    stats = EpisodeStats([r for s in per_task.values() for r in s.returns], [n for s in per_task.values() for n in s.lengths])
+    stats = EpisodeStats([r for s in per_task.values() for r in s.returns],
+                         [n for s in per_task.values() for n in s.lengths])
     result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
               "env": ",".join(tasks), "checkpoint": os.path.abspath(ckpt_path)}
     if len(tasks) > 1:

@@ -21,8 +21,8 @@ from lit_dreamer.config import Config, ConfigError, task_names, validate
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, check_same_spaces, make_env, space_spec
 from lit_dreamer.module import DreamerModule
-from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, check_task_table, describe_start,
-                                find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
+from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, check_task_table,
+                                describe_start, find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
 # git_commit moved to tracking with the rest of the run record; scripts and tests import it from here too
 from lit_dreamer.tracking import (ResilientMLFlowLogger, TrackingError, check_tracking_uri, git_commit,  # noqa: F401
                                   logs_location, make_logger, mark_orphaned_run, record_run)
