@@ -17,7 +17,7 @@ import torch
 from lit_dreamer.config import ConfigError, load_config, task_metric_name, task_names
 from lit_dreamer.data import DeviceReplay, ReplayDataModule
 from lit_dreamer.envs import make_env, make_task_vector_env, make_vector_env
-from lit_dreamer.envs.point_goals import GOALS
+from lit_dreamer.envs.point_goals import GOALS, goal_reward
 from lit_dreamer.evaluation import EvalOptions, evaluate_checkpoint
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.replay import Replay
@@ -191,6 +191,24 @@ def test_point_goal_tasks_share_dynamics_and_differ_only_by_the_unobserved_goal(
     assert trunc_a  # 100-step episodes
     assert any(ra != rb for ra, rb in rewards) and all(0.0 <= r <= 1.0 for pair in rewards for r in pair)
     assert len(GOALS) == 5  # a fifth task to hold out
+
+
+def test_point_goal_reward_pays_for_its_own_goal():
+    assert goal_reward(0.0) == 1.0
+    assert goal_reward(1.4) == pytest.approx(0.5 * np.exp(-7.0))  # at the opposite goal: the peak's tail only
+
+    def heading_to(goal, task):
+        env = make_env(POINT.format(task), seed=task)
+        obs, _ = env.reset(seed=task)
+        total = 0.0
+        for _ in range(100):
+            position, velocity = obs["vector"][:2], obs["vector"][2:]
+            obs, reward, *_ = env.step(np.clip(3 * (GOALS[goal] - position) - 3 * velocity, -1, 1))
+            total += reward
+        return total
+
+    for task in range(5):  # a policy must know its task: heading to a neighbour's goal earns far less
+        assert heading_to(task, task) > heading_to((task + 1) % 5, task) + 40
 
 
 def test_one_task_vector_env_steps_as_the_plain_vector_env():
