@@ -1,17 +1,20 @@
 """EnvCollector: steps the environments between training steps so that the train ratio holds.
 
-The collector owns this rank's vector env. Before every training step it steps the envs with the
-current policy until the fractional credit of training steps reaches one:
+The collector owns this rank's envs: `num_envs` envs of each task of the run's task table, stepped
+together as one vector env (`lit_dreamer.envs.TaskVectorEnv`; one task is the table of one entry).
+Before every training step it steps the envs with the current policy until the fractional credit of
+training steps reaches one:
 
-    credit += num_envs * train_ratio / (B * T)    per vector step
-    credit -= 1                                   per training step
+    credit += num_tasks * num_envs * train_ratio / (B * T)    per vector step
+    credit -= 1                                               per training step
 
-so that replayed steps / env steps equals train_ratio exactly over a run, at any ratio, and
+so that replayed steps / env steps (of all tasks) equals train_ratio exactly over a run, at any ratio, and
 the count is per rank (each rank trains on its own replay shard, so the ratio means the same at
 any device count). It never steps an environment inside `training_step`.
 
-Collection stops at `total_steps` (run.steps): a prefill longer than the run is cut to the run's
-length, and the steps a training step is owed are not taken past the end.
+Collection stops at `total_steps` (run.steps, env steps of all tasks and ranks): a prefill longer
+than the run is cut to the run's length, and the steps a training step is owed are not taken past
+the end.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
@@ -31,26 +34,29 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lit_dreamer.envs import action_dim, action_kind, close_by_force, env_action, frames_per_step, make_vector_env
+from lit_dreamer.config import task_metric_name
+from lit_dreamer.envs import action_dim, action_kind, close_by_force, env_action, frames_per_step, make_task_vector_env
 from lit_dreamer.envs.faults import ERROR_KEY, NONFINITE_KEY, NonFiniteEnvError
 
 log = logging.getLogger(__name__)
 
 
 class EnvCollector(Callback):
-    """Collects experience into `trainer.datamodule.replay` from a gymnasium vector env.
+    """Collects experience into `trainer.datamodule.replay` from a gymnasium vector env per task.
 
     Args:
-        env_id: an id accepted by `lit_dreamer.envs.make_env` (gymnasium id, `dmc/walker-walk`, `atari/pong`).
-        total_steps: env steps over all ranks after which training stops (None: never).
-        prefill: env steps over all ranks collected with a uniform random policy before training.
+        env_id: an id accepted by `lit_dreamer.envs.make_env` (gymnasium id, `dmc/walker-walk`, `atari/pong`),
+            or the task table: a list of such ids, each trained as a task (same spaces), in this order.
+        num_envs: envs per task; the vector env and each replay row hold num_tasks * num_envs of them.
+        total_steps: env steps over all ranks and tasks after which training stops (None: never).
+        prefill: env steps over all ranks and tasks collected with a uniform random policy before training.
         train_ratio: replayed steps per env step.
         nonfinite: what a NaN or inf reward or observation does: "cut" ends that episode as truncated at
             the last finite step (warned once, counted), "error" raises NonFiniteEnvError.
         env_kwargs: passed to `make_env` (obs, action_repeat, image_size, time_limit).
     """
 
-    def __init__(self, env_id: str, *, num_envs: int = 1, seed: int = 0, train_ratio: float = 512.0,
+    def __init__(self, env_id: str | Sequence[str], *, num_envs: int = 1, seed: int = 0, train_ratio: float = 512.0,
                  prefill: int = 1000, total_steps: int | None = None, asynchronous: bool = False,
                  nonfinite: str = "cut", **env_kwargs: Any):
         super().__init__()
@@ -60,7 +66,12 @@ class EnvCollector(Callback):
             log.warning("run.prefill=%d is more than run.steps=%d: prefilling %d steps, so the whole run acts "
                         "randomly", prefill, total_steps, total_steps)
             prefill = total_steps
-        self.env_id, self.num_envs, self.seed = env_id, num_envs, seed
+        self.tasks = [env_id] if isinstance(env_id, str) else list(env_id)
+        self.env_id = self.tasks[0]
+        # num_envs from here on counts the envs of all tasks: the width of the vector env and of a replay row.
+        self.envs_per_task, self.num_envs, self.seed = num_envs, num_envs * len(self.tasks), seed
+        self.task_of_env = np.repeat(np.arange(len(self.tasks), dtype=np.int64), num_envs)
+        """(num_envs,) the task index of each env, as the replay stores it: task k has envs k*n .. k*n + n - 1."""
         self.train_ratio, self.prefill, self.total_steps = train_ratio, prefill, total_steps
         self.asynchronous, self.nonfinite, self.env_kwargs = asynchronous, nonfinite, env_kwargs
         self.envs = None
@@ -76,8 +87,8 @@ class EnvCollector(Callback):
         self.warned_nonfinite = False
         self.best_return = -math.inf
         self.last_return = math.nan
-        self.episode_return = MeanMetric()
-        self.episode_length = MeanMetric()
+        self.episode_returns = [MeanMetric() for _ in self.tasks]  # per task, for train/<task>/return
+        self.episode_lengths = [MeanMetric() for _ in self.tasks]
         self.return_log: list[tuple[int, float]] = []  # (env steps, mean return) as logged, for CollapseWatch
         self.rank, self.world_size = 0, 1
         # Throughput of this process only (a resumed run restarts them).
@@ -99,12 +110,13 @@ class EnvCollector(Callback):
         self.action_size = action_dim(self.envs)
         self.frames_per_step = frames_per_step(self.envs)
         self.rng = np.random.default_rng(self.env_seed())
-        self.episode_return.to(pl_module.device), self.episode_length.to(pl_module.device)
+        for metric in (*self.episode_returns, *self.episode_lengths):
+            metric.to(pl_module.device)
 
     def make_envs(self, seed: int) -> Any:
         # The envs cut at a non-finite value in both modes; in "error" mode the collector then stops.
-        return make_vector_env(self.env_id, self.num_envs, seed=seed, asynchronous=self.asynchronous,
-                               cut_nonfinite=True, **self.env_kwargs)
+        return make_task_vector_env(self.tasks, self.envs_per_task, seed=seed, asynchronous=self.asynchronous,
+                                    cut_nonfinite=True, **self.env_kwargs)
 
     def env_seed(self) -> int:
         # Each rank gets its own seeds; each env of a rank gets seed + index inside make_vector_env.
@@ -177,18 +189,30 @@ class EnvCollector(Callback):
     def log_episodes(self, trainer: L.Trainer, env_steps: int) -> None:
         """Mean return and length of the episodes that ended since the last call, over all ranks.
 
-        Logged straight to the logger against env steps, so that no episode is lost to Lightning's
-        logging interval. Every rank calls compute() (it synchronizes), even with no episodes.
+        With several tasks, each task's as train/<task>/return and train/<task>/length, and train/return,
+        train/length as the mean over the tasks that ended episodes. Logged straight to the logger against
+        env steps, so that no episode is lost to Lightning's logging interval. Every rank calls compute()
+        (it synchronizes) on every task's metric, even with no episodes.
         """
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # compute() before update() on a rank without episodes
-            ret, length = self.episode_return.compute(), self.episode_length.compute()
-        self.episode_return.reset(), self.episode_length.reset()
-        if not torch.isfinite(ret):
+        means = {}
+        for task, ret_metric, length_metric in zip(self.tasks, self.episode_returns, self.episode_lengths):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # compute() before update() on a rank without episodes
+                ret, length = ret_metric.compute(), length_metric.compute()
+            ret_metric.reset(), length_metric.reset()
+            if torch.isfinite(ret):
+                means[task] = (float(ret), float(length))
+        if not means:
             return
-        self.return_log.append((env_steps, float(ret)))
+        ret = float(np.mean([r for r, _ in means.values()]))
+        metrics = {"train/return": ret, "train/length": float(np.mean([n for _, n in means.values()]))}
+        if len(self.tasks) > 1:
+            for task, (task_return, task_length) in means.items():
+                metrics[f"train/{task_metric_name(task)}/return"] = task_return
+                metrics[f"train/{task_metric_name(task)}/length"] = task_length
+        self.return_log.append((env_steps, ret))
         if trainer.logger is not None:
-            trainer.logger.log_metrics({"train/return": float(ret), "train/length": float(length)}, step=env_steps)
+            trainer.logger.log_metrics(metrics, step=env_steps)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -297,7 +321,7 @@ class EnvCollector(Callback):
             self.cut[:] = True
         keep = (~self.is_first)[:, None]
         record = {**self.obs, "action": self.prev_action * keep, "reward": self.reward, "is_first": self.is_first,
-                  "is_last": self.is_last, "is_terminal": self.is_terminal}
+                  "is_last": self.is_last, "is_terminal": self.is_terminal, "task": self.task_of_env}
         trainer.datamodule.replay.add(record, context=context)
         self.track_episodes()
         self.env_steps += self.num_envs
@@ -370,8 +394,8 @@ class EnvCollector(Callback):
                 self.cut_episodes += 1
                 continue
             ret, length = float(self.running_return[i]), int(self.running_length[i])
-            self.episode_return.update(ret)
-            self.episode_length.update(length)
+            self.episode_returns[self.task_of_env[i]].update(ret)
+            self.episode_lengths[self.task_of_env[i]].update(length)
             self.episodes += 1
             self.last_return = ret
             self.best_return = max(self.best_return, ret)

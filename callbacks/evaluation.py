@@ -1,16 +1,17 @@
-"""EvalCallback: every N env steps, run evaluation episodes in separate envs and log eval/return."""
+"""EvalCallback: every N env steps, run evaluation episodes of every task in separate envs and log eval/return."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_dreamer.callbacks.env_collector import EnvStepSchedule, total_env_steps
-from lit_dreamer.envs import make_vector_env
-from lit_dreamer.evaluation import run_episodes
+from lit_dreamer.config import task_metric_name
+from lit_dreamer.envs import TASK_SEED_STRIDE, make_vector_env
+from lit_dreamer.evaluation import EpisodeStats, run_episodes
 
 
 class EvalCallback(Callback):
@@ -18,13 +19,17 @@ class EvalCallback(Callback):
 
     Runs on global rank 0 only, between training steps; the other ranks wait at the next collective.
     Logs eval/return (mean), eval/return_std, eval/return_min, eval/return_max, eval/length against
-    env steps, and at the end of training once more.
+    env steps, and at the end of training once more. `env_id` may be the task table (a list of ids):
+    then `episodes` run for each task, eval/<task>/return and eval/<task>/length are logged per task,
+    and eval/* are over the episodes of all tasks (eval/return is the mean of the tasks' means,
+    since every task runs as many episodes).
     """
 
-    def __init__(self, env_id: str, *, every_env_steps: int = 5000, episodes: int = 10, mode: str = "mode",
-                 seed: int = 1_000_000, **env_kwargs: Any):
+    def __init__(self, env_id: str | Sequence[str], *, every_env_steps: int = 5000, episodes: int = 10,
+                 mode: str = "mode", seed: int = 1_000_000, **env_kwargs: Any):
         super().__init__()
-        self.env_id, self.episodes, self.mode = env_id, episodes, mode
+        self.tasks = [env_id] if isinstance(env_id, str) else list(env_id)
+        self.env_id, self.episodes, self.mode = self.tasks[0], episodes, mode
         self.seed, self.env_kwargs = seed, env_kwargs
         self.schedule = EnvStepSchedule(every_env_steps)
         self.evaluations = 0
@@ -46,19 +51,30 @@ class EvalCallback(Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, env_steps: int) -> dict[str, float] | None:
         if not trainer.is_global_zero:
             return None
-        envs = make_vector_env(self.env_id, self.episodes, seed=self.seed + 1000 * self.evaluations,
-                               **self.env_kwargs)
-        try:
-            stats = run_episodes(pl_module, envs, mode=self.mode, seed=self.seed + 1000 * self.evaluations)
-        finally:
-            envs.close()
+        per_task = [self.run_task(pl_module, k) for k in range(len(self.tasks))]
         self.evaluations += 1
-        summary = stats.summary()
+        pooled = EpisodeStats([r for stats in per_task for r in stats.returns],
+                              [n for stats in per_task for n in stats.lengths])
+        summary: dict[str, float] = pooled.summary()
+        if len(self.tasks) > 1:
+            for task, stats in zip(self.tasks, per_task):
+                task_summary = stats.summary()
+                summary[f"{task_metric_name(task)}/return"] = task_summary["return"]
+                summary[f"{task_metric_name(task)}/length"] = task_summary["length"]
         self.history.append((env_steps, summary))
         if trainer.logger is not None:
             metrics = {f"eval/{k}": float(v) for k, v in summary.items() if k != "episodes"}
             trainer.logger.log_metrics(metrics, step=env_steps)
         return summary
+
+    def run_task(self, pl_module: L.LightningModule, task: int) -> EpisodeStats:
+        """`episodes` episodes of task number `task`, on seeds of their own (task 0: the one-task seeds)."""
+        seed = self.seed + 1000 * self.evaluations + task * TASK_SEED_STRIDE
+        envs = make_vector_env(self.tasks[task], self.episodes, seed=seed, **self.env_kwargs)
+        try:
+            return run_episodes(pl_module, envs, mode=self.mode, seed=seed)
+        finally:
+            envs.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_dreamer.callbacks import EnvCollector
-from lit_dreamer.config import Config
+from lit_dreamer.config import Config, task_names
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.options import at_least, checked
@@ -50,6 +50,8 @@ def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim:
         if key == "action":
             step[key] = (np.eye(action_dim, dtype=np.float32)[rng.integers(0, action_dim, num_envs)] if discrete
                          else rng.uniform(-1, 1, (num_envs, action_dim)).astype(np.float32))
+        elif key == "task":
+            step[key] = np.zeros(num_envs, dtype)  # the one task of the bench's replay
         elif dtype == np.uint8:
             step[key] = rng.integers(0, 256, (num_envs, *shape), dtype=np.uint8)
         elif dtype == np.bool_:
@@ -139,7 +141,8 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
         "achieved_gflops": timer.flops / step_time / 1e9,
         "phases_seconds": phases,
         "config": {
-            "env": cfg.env.id, "obs": cfg.env.obs, "size": cfg.model.size, "model": vars(cfg.model.resolved()),
+            "env": ",".join(task_names(cfg)),
+            "obs": cfg.env.obs, "size": cfg.model.size, "model": vars(cfg.model.resolved()),
             "batch": B, "length": T, "horizon": cfg.behavior.horizon,
             "device": str(module.device), "precision": str(trainer.precision), "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -170,7 +173,7 @@ def profile_rows(profile: torch.profiler.profile, steps: int, top: int = 25) -> 
 
 def time_collector(cfg: Config, trainer: L.Trainer, module: DreamerModule, steps: int) -> tuple[float, float]:
     """Env steps per second of the collector acting with the current policy, and seconds per env step."""
-    collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed, **cfg.env.make_kwargs())
+    collector = EnvCollector(task_names(cfg)[0], num_envs=cfg.env.num_envs, seed=cfg.run.seed, **cfg.env.make_kwargs())
     collector.setup(trainer, module, "fit")
     try:
         collector.reset_envs(module)

@@ -12,6 +12,7 @@ import difflib
 import functools
 import inspect
 import os
+import re
 import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -44,10 +45,12 @@ class EnvConfig:
 
     id: str = "CartPole-v1"
     """Gymnasium id (CartPole-v1, Pendulum-v1, ...), dmc/<domain>-<task> (dm_control), atari/<game>."""
+    tasks: list[str] = field(default_factory=list)
+    """Env ids trained together by one agent, each with env.num_envs envs per device (empty: the one task env.id)."""
     obs: str = "proprio"
     """Observation mode: proprio (the env's vectors) or pixels (64x64 RGB renders)."""
     num_envs: int = 1
-    """Environments stepped in parallel per device."""
+    """Environments stepped in parallel per device and task."""
     action_repeat: int = 1
     """Env frames per agent step (not for Atari, which uses the protocol's frame skip of 4)."""
     image_size: int = 64
@@ -70,11 +73,12 @@ class RunConfig:
     """Length, seed, train ratio and batch shape of a run."""
 
     steps: int = 2000
-    """Total env steps over all devices (agent steps, before action repeat)."""
+    """Total env steps over all devices and tasks (agent steps, before action repeat)."""
     seed: int = 0
     """Seed of networks, envs and replay sampling."""
     train_ratio: float = 512.0
-    """Replayed steps per env step; gradient steps per env step = train_ratio / (batch_size * batch_length)."""
+    """Replayed steps per env step (of all tasks); gradient steps per env step = train_ratio / (batch_size *
+    batch_length)."""
     prefill: int = 1000
     """Env steps collected with a random policy before training."""
     batch_size: int = 16
@@ -90,7 +94,7 @@ class RunConfig:
     eval_every: int = 5000
     """Evaluate in separate envs every this many env steps and at the end (0: never)."""
     eval_episodes: int = 10
-    """Episodes per evaluation, run in parallel envs."""
+    """Episodes per evaluation and task, run in parallel envs."""
     eval_mode: str = "mode"
     """Evaluation policy: mode (the most likely action) or sample."""
     video_every: int = 20000
@@ -178,6 +182,44 @@ class Config:
     def agent(self) -> AgentConfig:
         return AgentConfig(model=self.model, world_model=self.world_model, loss_scales=self.loss_scales,
                            behavior=self.behavior, optim=self.optim)
+
+
+# --------------------------------------------------------------------------------------------------
+# The task table
+
+
+def task_names(cfg: Config) -> list[str]:
+    """The run's task table: env ids in order, a task's index is its position (env.tasks, else [env.id]).
+
+    One task is the table of one entry: every part of a run (collector, replay, evaluation,
+    checkpoints) reads the table, so a one-task run takes the same code path as a many-task one.
+    """
+    return list(cfg.env.tasks) or [cfg.env.id]
+
+
+def task_metric_name(task: str) -> str:
+    """A task's id as one metric-name segment: `dmc/cartpole-balance` -> `dmc_cartpole-balance`.
+
+    MLflow allows `/` in metric names, but a task segment without it keeps `train/<task>/return`
+    three segments long, so that a pattern such as `eval/*/return` matches one metric per task.
+    """
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", task)
+
+
+def check_tasks(cfg: Config) -> None:
+    """A task table without repeats or metric-name clashes, and no env.id beside env.tasks."""
+    if not cfg.env.tasks:
+        return
+    if cfg.env.id != EnvConfig.id:
+        raise ConfigError(f"env.id={cfg.env.id!r} and env.tasks={list(cfg.env.tasks)} are both set; a run trains "
+                          "either the one task env.id or the list env.tasks: drop env.id, or add it to env.tasks")
+    names = [task_metric_name(task) for task in cfg.env.tasks]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            first = cfg.env.tasks[names.index(name)]
+            same = "twice" if first == cfg.env.tasks[index] else f"as {first!r} and {cfg.env.tasks[index]!r}"
+            raise ConfigError(f"env.tasks lists the task {name!r} {same} (its metrics would mix); "
+                              "list each task once")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,16 +379,19 @@ def load_config(files: list[str] = (), overrides: list[str] = (), base: dict | N
         except OmegaConfBaseException as err:  # a config saved by an older version with a key since renamed
             reason = str(getattr(err, "msg", err)).splitlines()[0]
             raise ConfigError(f"the saved config does not fit this version ({reason})") from None
-    layers = []
-    for path in files:
-        layers += config_file_layers(path)
+    layers = []  # (layer, source, level): each -c file with its includes is one level, the overrides the last
+    for level, path in enumerate(files):
+        layers += [(layer, source, level) for layer, source in config_file_layers(path)]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. run.steps=5000)")
-        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
-    for layer, source in layers:
+        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}", len(files)))
+    task_keys_set: dict[str, tuple[int, str]] = {"env.tasks": (-1, "the saved config")}
+    for layer, source, level in layers:
         layer = migrated(layer, source)
-        check_keys(list(flatten(OmegaConf.to_container(layer))), source)
+        keys = list(flatten(OmegaConf.to_container(layer)))
+        check_keys(keys, source)
+        task_keys_set.update({key: (level, source) for key in ("env.id", "env.tasks") if key in keys})
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
@@ -354,8 +399,24 @@ def load_config(files: list[str] = (), overrides: list[str] = (), base: dict | N
             reason = str(getattr(err, "msg", err)).splitlines()[0]
             raise ConfigError(f"bad value for {key} in {source}: {reason}") from None
     config: Config = OmegaConf.to_object(cfg)
+    settle_id_and_tasks(config, task_keys_set)
     validate(config)
     return config
+
+
+def settle_id_and_tasks(config: Config, set_at: dict[str, tuple[int, str]]) -> None:
+    """env.tasks set at a later level than env.id replaces it; both at one level, or env.id later, is an error.
+
+    A domain's recipe file names one env.id (configs/dmc_proprio.yaml): `-c dmc_proprio env.tasks=[...]`
+    trains the tasks with that recipe. On one command line, or in one file, both keys are a contradiction.
+    """
+    if not config.env.tasks or "env.id" not in set_at:
+        return
+    (id_level, id_source), (tasks_level, tasks_source) = set_at["env.id"], set_at["env.tasks"]
+    if id_level >= tasks_level:
+        raise ConfigError(f"env.id (in {id_source}) and env.tasks (in {tasks_source}) are both set; a run trains "
+                          "either the one task env.id or the list env.tasks: drop env.id, or add it to env.tasks")
+    config.env.id = EnvConfig.id  # the earlier file's env.id gives way to the task list
 
 
 def migrated(layer: DictConfig, source: str) -> DictConfig:
@@ -375,6 +436,7 @@ def validate(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.model.size, list(SIZES), n=1)
         raise ConfigError(f"unknown model.size {cfg.model.size!r}; choose one of {', '.join(SIZES)}"
                           + (f" (did you mean {close[0]}?)" if close else ""))
+    check_tasks(cfg)
     if cfg.env.obs not in ("proprio", "pixels"):
         raise ConfigError(f"env.obs must be 'proprio' or 'pixels', got {cfg.env.obs!r}")
     if cfg.env.nonfinite not in ("cut", "error"):

@@ -90,15 +90,16 @@ class ReplayDataModule(L.LightningDataModule):
 
     spec: what one replay step holds (see `lit_dreamer.envs.space_spec`). settings: the `replay`
     config section, passed whole (default `ReplayConfig()`); its capacity is in steps for this
-    rank. With `settings.directory`, the replay lives in memory-mapped files there (rank
-    subfolders under DDP), so capacity is not limited by RAM. A replay restored on resume takes
+    rank. num_envs counts the env streams of all tasks; num_tasks of them lie side by side (see
+    `Replay`), and every batch carries each sequence's `task` (B, T) int64. With
+    `settings.directory`, the replay lives in memory-mapped files there (rank subfolders under DDP), so capacity is not limited by RAM. A replay restored on resume takes
     these settings, not the saved run's.
     """
 
     def __init__(self, spec: Spec, settings: ReplayConfig | None = None, *, num_envs: int = 1,
-                 batch_size: int = 16, batch_length: int = 64, seed: int = 0):
+                 batch_size: int = 16, batch_length: int = 64, seed: int = 0, num_tasks: int = 1):
         super().__init__()
-        self.spec, self.num_envs, self.seed = spec, num_envs, seed
+        self.spec, self.num_envs, self.seed, self.num_tasks = spec, num_envs, seed, num_tasks
         self.settings = ReplayConfig() if settings is None else settings
         self.batch_size, self.batch_length = batch_size, batch_length
         self.replay: Replay | None = None
@@ -119,7 +120,8 @@ class ReplayDataModule(L.LightningDataModule):
         return dataclasses.replace(self.settings, directory=os.path.join(self.settings.directory, f"rank{self.rank}"))
 
     def new_replay(self) -> Replay:
-        return Replay(self.spec, self.rank_settings(), self.num_envs, seed=self.seed + 7919 * self.rank)
+        return Replay(self.spec, self.rank_settings(), self.num_envs, seed=self.seed + 7919 * self.rank,
+                      num_tasks=self.num_tasks)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ReplayStream(self), batch_size=None, num_workers=0)
@@ -163,3 +165,6 @@ class ReplayDataModule(L.LightningDataModule):
             raise ConfigError(f"replay.capacity={err.capacity} is below the {err.stored} steps stored in the replay "
                               f"snapshot {err.snapshot}; resume with replay.capacity={err.stored} or more "
                               "(dropping the oldest steps is not done silently)") from None
+        if "task" in self.spec and "task" not in self.replay.spec and self.replay.num_tasks == 1:
+            # Saved before replays stored the task index: all its steps are of the one task, index 0.
+            self.replay.add_step_key("task", *self.spec["task"])

@@ -133,32 +133,47 @@ def config_of_run_folder(ckpt_path: str) -> tuple[dict, str | None]:
 
 
 def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dict | None = None) -> dict:
-    """Run episodes of a checkpoint's env with its policy; log an eval run to MLflow linked to the training run."""
-    from lit_dreamer.envs import make_vector_env
+    """Run episodes of each task of a checkpoint with its policy; log an eval run to MLflow linked to the
+    training run. `episodes` run per task; an `env.id` override evaluates that one env instead."""
+    from lit_dreamer.config import task_names
     module, cfg, training_run_id = load_checkpoint(ckpt_path)
     for key, value in (env_overrides or {}).items():
         setattr(cfg.env, key, value)
-    envs = make_vector_env(cfg.env.id, options.episodes, seed=options.seed, **cfg.env.make_kwargs())
-    try:
-        torch.manual_seed(options.seed)
-        stats = run_episodes(module, envs, mode=options.mode, seed=options.seed)
-    finally:
-        envs.close()
+    if "id" in (env_overrides or {}) and "tasks" not in env_overrides:
+        cfg.env.tasks = []  # env.id=X asks for that one env, not the checkpoint's task list
+    tasks = task_names(cfg)
+    torch.manual_seed(options.seed)
+    per_task = {task: evaluate_task(module, task, k, cfg, options) for k, task in enumerate(tasks)}
+    stats = EpisodeStats([r for s in per_task.values() for r in s.returns],
+                         [n for s in per_task.values() for n in s.lengths])
     result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
-              "env": cfg.env.id, "checkpoint": os.path.abspath(ckpt_path)}
+              "env": ",".join(tasks), "checkpoint": os.path.abspath(ckpt_path)}
+    if len(tasks) > 1:
+        result["tasks"] = {task: task_stats.summary() for task, task_stats in per_task.items()}
     if options.video:
         from lit_dreamer.video import record_episode, write_gif
-        frames, video_return = record_episode(module, cfg.env.id, mode=options.mode, seed=options.seed,
+        frames, video_return = record_episode(module, tasks[0], mode=options.mode, seed=options.seed,
                                               max_steps=100_000, **cfg.env.make_kwargs())
         result["video"] = write_gif(frames, options.video)
         result["video_return"] = video_return
     if cfg.logger.backend == "mlflow" or options.tracking_uri:
         result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, result.get("video"),
-                                               training_run_id)
+                                               training_run_id, result.get("tasks"))
     else:  # the run logged to TensorBoard, CSV or nowhere: the table goes beside its other files
         result["csv"] = write_eval_csv(os.path.join(eval_csv_folder(ckpt_path), EVAL_CSV), result, options)
     return result
 
+
+
+def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions) -> EpisodeStats:
+    """`options.episodes` episodes of one task; task number `index` seeds its envs apart (task 0: options.seed)."""
+    from lit_dreamer.envs import TASK_SEED_STRIDE, make_vector_env
+    seed = options.seed + index * TASK_SEED_STRIDE
+    envs = make_vector_env(task, options.episodes, seed=seed, **cfg.env.make_kwargs())
+    try:
+        return run_episodes(module, envs, mode=options.mode, seed=seed)
+    finally:
+        envs.close()
 
 
 def eval_csv_folder(ckpt_path: str) -> str:
@@ -188,9 +203,12 @@ def write_eval_csv(path: str, result: dict, options: EvalOptions) -> str:
 
 
 def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats, video: str | None = None,
-                 training_run_id: str | None = None) -> str:
-    """An MLflow run of this evaluation, under the training run when that run is in the same store."""
+                 training_run_id: str | None = None, result_tasks: dict | None = None) -> str:
+    """An MLflow run of this evaluation, under the training run when that run is in the same store;
+    `result_tasks` ({task: summary}, several tasks only) adds eval/<task>/return and eval/<task>/length."""
     import mlflow
+
+    from lit_dreamer.config import task_metric_name
     uri = options.tracking_uri or cfg.logger.tracking_uri
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.logger.experiment)
@@ -208,6 +226,9 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats,
     summary = stats.summary()
     for key in ("return", "return_std", "return_min", "return_max", "length"):
         client.log_metric(run_id, f"eval/{key}", summary[key])
+    for task, task_summary in (result_tasks or {}).items():
+        for key in ("return", "length"):
+            client.log_metric(run_id, f"eval/{task_metric_name(task)}/{key}", task_summary[key])
     for index, (ret, length) in enumerate(zip(stats.returns, stats.lengths)):
         client.log_metric(run_id, "eval/episode_return", ret, step=index)
         client.log_metric(run_id, "eval/episode_length", length, step=index)
@@ -223,6 +244,9 @@ def format_table(result: dict) -> str:
              f"{'mean':>10} {'std':>10} {'min':>10} {'max':>10} {'length':>10}",
              f"{s['return']:>10.2f} {s['return_std']:>10.2f} {s['return_min']:>10.2f} {s['return_max']:>10.2f} "
              f"{s['length']:>10.1f}"]
+    for task, t in result.get("tasks", {}).items():  # several tasks: one line each, after the mean over them
+        lines.append(f"{t['return']:>10.2f} {t['return_std']:>10.2f} {t['return_min']:>10.2f} {t['return_max']:>10.2f} "
+                     f"{t['length']:>10.1f}  {task}")
     return "\n".join(lines)
 
 

@@ -108,7 +108,7 @@ class DreamerModule(L.LightningModule):
 
         # 1. World model: reconstruct, predict rewards and continues, KL between posterior and prior.
         with self.timer("world_model"):
-            wm_losses, post, metrics = self.world_model.loss(batch, self.replay_context(batch))
+            wm_losses, post, metrics = self.world_model.loss(without_task(batch), self.replay_context(batch))
 
         # 2. Imagination: roll out the policy in the prior from every posterior state.
         start = post.detach().flatten()
@@ -249,6 +249,11 @@ class DreamerModule(L.LightningModule):
         if not self.discrete:
             action = action.clamp(-1.0, 1.0)
         return action, (post, action), post
+
+
+def without_task(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch as the world model sees it: one world model serves every task, so no task index enters it."""
+    return {key: value for key, value in batch.items() if key != "task"}
 
 
 def _mirror_loaded_counters(module: DreamerModule, incompatible_keys) -> None:

@@ -68,26 +68,31 @@ class Replay:
             ``directory`` (if set, the buffers are ``.npy`` memmaps there, created fresh: existing
             buffer files are overwritten, so capacity is bounded by disk, not RAM) and the sampler
             (``sampling`` and its settings). Default: ``ReplayConfig()``.
-        num_envs: env streams written together by each ``add``.
+        num_envs: env streams written together by each ``add`` (over all tasks).
         seed: seed of the replay's own generator, which drives all sampling.
+        num_tasks: tasks whose streams lie side by side: task k writes columns
+            [k * num_envs // num_tasks, (k + 1) * num_envs // num_tasks); ``settings.task_balance``
+            gives each task an equal share of every batch (see ``lit_dreamer.sampling.Sampler``).
     """
 
-    def __init__(self, spec: SpecLike, settings: ReplayConfig | None = None, num_envs: int = 1, *, seed: int = 0):
+    def __init__(self, spec: SpecLike, settings: ReplayConfig | None = None, num_envs: int = 1, *, seed: int = 0,
+                 num_tasks: int = 1):
         settings = ReplayConfig() if settings is None else settings
         capacity, directory = settings.capacity, settings.directory
         if num_envs < 1 or capacity < num_envs:
             raise ValueError(f"need num_envs >= 1 and capacity >= num_envs, got {capacity=} {num_envs=}")
-        self.sampler = make_sampler(settings, num_envs)
+        self.sampler = make_sampler(settings, num_envs, num_tasks)
         self.settings = settings
         self.spec = {key: (tuple(int(size) for size in shape), np.dtype(dtype)) for key, (shape, dtype) in spec.items()}
         for key in self.spec:
             if clashes_with_a_batch_key(key):
                 raise ValueError(f"spec key {key!r} is reserved for what sample() returns; rename it")
-        self.num_envs = num_envs
+        self.num_envs, self.num_tasks = num_envs, num_tasks
         self.directory = directory
         self._rows = capacity // num_envs
         self._rng = np.random.default_rng(seed)
         self._rows_added = 0
+        self._draws = 0  # batches drawn: turns the rotation of the task shares
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
         self._data = {
@@ -130,6 +135,15 @@ class Replay:
 
     def __len__(self) -> int:
         return self._filled * self.num_envs
+
+    def add_step_key(self, key: str, shape: tuple[int, ...], dtype: Any) -> None:
+        """A new step key, zero in every stored step: brings a snapshot from before the key existed up to
+        date (``task`` in a one-task replay is 0 everywhere)."""
+        if key in self.spec or clashes_with_a_batch_key(key):
+            raise ValueError(f"cannot add the step key {key!r}: it exists or is reserved")
+        self.spec[key] = (tuple(shape), np.dtype(dtype))
+        position = len(self.spec) - 1
+        self._data[key] = self._allocate(_file_name("data", position, key), (self._rows, self.num_envs, *shape), dtype)
 
     # ----------------------------------------------------------------------------- writing
     def add(self, step: Mapping[str, np.ndarray], context: Mapping[str, np.ndarray] | None = None) -> None:
@@ -205,7 +219,8 @@ class Replay:
                 f"the replay holds {self._filled} steps per env stream but sample(length={length}) needs at "
                 f"least {length}; collect more steps before sampling"
             )
-        starts, streams = self.sampler.draw(self._rng, batch_size, self._filled - length + 1)
+        starts, streams = self.sampler.draw(self._rng, batch_size, self._filled - length + 1, self._draws)
+        self._draws += 1
         first = self._rows_added - self._filled + starts
         absolute = first[:, None] + np.arange(length)
         rows, columns = absolute % self._rows, streams[:, None]
@@ -244,11 +259,12 @@ class Replay:
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Counters and RNG state (plain JSON-able types); the buffers themselves go through save()."""
-        return {"rows_added": self._rows_added, "rng": self._rng.bit_generator.state}
+        return {"rows_added": self._rows_added, "rng": self._rng.bit_generator.state, "draws": self._draws}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._rows_added = int(state["rows_added"])
         self._rng.bit_generator.state = dict(state["rng"])
+        self._draws = int(state.get("draws", 0))  # snapshots from before multi-task replay lack it
 
     def save(self, path: str) -> None:
         """Write a complete snapshot into directory ``path``, replacing any previous one atomically.
@@ -296,6 +312,7 @@ class Replay:
             "spec": {key: [list(shape), dtype.str] for key, (shape, dtype) in self.spec.items()},
             "capacity": self.capacity,
             "num_envs": self.num_envs,
+            "num_tasks": self.num_tasks,
             "state": self.state_dict(),
             "files": files,
         }
@@ -330,7 +347,7 @@ class Replay:
         if settings.capacity // num_envs < filled:
             raise ReplayCapacityError(snapshot, settings.capacity, filled * num_envs)
         spec = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in meta["spec"].items()}
-        replay = cls(spec, settings, num_envs)
+        replay = cls(spec, settings, num_envs, num_tasks=int(meta.get("num_tasks", 1)))
         if replay._rows == stored_rows:  # the same ring: every row goes back where it was
             replay._restore_arrays(snapshot, meta["files"], oldest=0)
             replay.load_state_dict(meta["state"])
@@ -338,7 +355,7 @@ class Replay:
         # Another ring size: the stored rows, oldest first, become rows 0..filled-1 of the new ring,
         # numbered afresh (ids that sample() returned before the save do not outlive it anyway).
         replay._restore_arrays(snapshot, meta["files"], oldest=(rows_added - filled) % stored_rows)
-        replay.load_state_dict({"rows_added": filled, "rng": meta["state"]["rng"]})
+        replay.load_state_dict({**meta["state"], "rows_added": filled})
         return replay
 
     def _restore_arrays(self, snapshot: str, files: Mapping[str, Any], oldest: int) -> None:
@@ -414,6 +431,8 @@ def _read_meta(file: str) -> dict[str, Any]:
         # Every key that load() reads, with the type it needs: a damaged file fails here, not halfway.
         if int(meta["capacity"]) < int(meta["num_envs"]) or int(meta["num_envs"]) < 1:
             raise ValueError(f"capacity {meta['capacity']} and num_envs {meta['num_envs']} do not fit")
+        if int(meta["num_envs"]) % int(meta.get("num_tasks", 1)):
+            raise ValueError(f"num_envs {meta['num_envs']} does not split over num_tasks {meta['num_tasks']}")
         int(meta["state"]["rows_added"])
         dict(meta["state"]["rng"])
         dtypes = [np.dtype(dtype) for _, dtype in meta["spec"].values()]

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from lit_dreamer.callbacks import resolve_last
 from lit_dreamer.checkpoint_files import is_complete, open_checkpoint
-from lit_dreamer.config import Config, ConfigError, flatten, load_config, to_flat_dict
+from lit_dreamer.config import Config, ConfigError, EnvConfig, flatten, load_config, task_names, to_flat_dict
 
 RECORD_KEY = "lit_dreamer"  # the checkpoint's top-level entry written by RunRecord
 CONFIG_FILE = "config.yaml"  # the config a run started with, in its run folder
@@ -32,15 +32,18 @@ PLACE_KEYS = ("ckpt_path", "run.dir", "logger.run_name")
 
 
 class RunRecord(Callback):
-    """Writes the run's config and MLflow run id into every checkpoint."""
+    """Writes the run's config, its task table (env ids; a task's index is its position) and MLflow run id
+    into every checkpoint."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], tasks: list[str] | None = None):
         super().__init__()
         self.config = config
+        self.tasks = tasks if tasks is not None else tasks_of_saved_config(config)
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RECORD_KEY] = {"config": self.config, "mlflow_run_id": logger_run_id(trainer)}
+        checkpoint[RECORD_KEY] = {"config": self.config, "tasks": list(self.tasks),
+                                  "mlflow_run_id": logger_run_id(trainer)}
 
 
 def logger_run_id(trainer: L.Trainer) -> str | None:
@@ -52,7 +55,7 @@ def logger_run_id(trainer: L.Trainer) -> str | None:
 
 
 def run_record(cfg: Config) -> RunRecord:
-    return RunRecord(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return RunRecord(OmegaConf.to_container(OmegaConf.structured(cfg)), task_names(cfg))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,6 +73,8 @@ class CheckpointInfo:
     """Env steps over all ranks."""
     train_steps: int
     state_dict: dict
+    tasks: list[str] | None = None
+    """The task table it was trained on (env ids in index order); None when it carries no config at all."""
 
 
 def read_checkpoint(path: str, mmap: bool = True) -> CheckpointInfo:
@@ -80,7 +85,34 @@ def read_checkpoint(path: str, mmap: bool = True) -> CheckpointInfo:
     return CheckpointInfo(path=path, hparams=ckpt["hyper_parameters"], run_config=record.get("config"),
                           mlflow_run_id=record.get("mlflow_run_id"), env_steps=int(saver.get("last_saved_at", 0)),
                           train_steps=int(train_steps) if train_steps is not None else 0,
-                          state_dict=ckpt.get("state_dict", {}))
+                          state_dict=ckpt.get("state_dict", {}), tasks=saved_task_table(record))
+
+
+def saved_task_table(record: dict) -> list[str] | None:
+    """A checkpoint's task table; one that predates the table has the one task of its config's env.id."""
+    if "tasks" in record:
+        return list(record["tasks"])
+    config = record.get("config")
+    return tasks_of_saved_config(config) if config is not None else None
+
+
+def tasks_of_saved_config(config: dict) -> list[str]:
+    """task_names of a saved config, read without parsing the rest of it (it may come from another version)."""
+    env = config.get("env") or {}
+    return list(env.get("tasks") or []) or [env.get("id", EnvConfig.id)]
+
+
+def check_task_table(info: CheckpointInfo, tasks: list[str]) -> None:
+    """Refuse to continue a checkpoint with another task table: task indices in its replay, and the model's
+    task rows, would mean other tasks."""
+    if info.tasks is not None and info.tasks != list(tasks):
+        raise ConfigError(f"checkpoint {info.path} was trained on the tasks {info.tasks}, but this run has "
+                          f"{list(tasks)} (the same ids in the same order are needed to continue it); set "
+                          f"env.tasks={_listed(info.tasks)} (or env.id for one task), or start a new run")
+
+
+def _listed(tasks: list[str]) -> str:
+    return "[" + ",".join(tasks) + "]"
 
 
 # --------------------------------------------------------------------------------------------------

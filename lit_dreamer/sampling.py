@@ -33,10 +33,23 @@ class ReplayConfig:
     """Half-life in steps of the recency sampling."""
     device: str = "cpu"
     """cpu, or auto: also keep the steps on the accelerator the trainer uses, and sample batches there."""
+    task_balance: bool = True
+    """Each batch holds as many sequences of each task (env.tasks) as the others; a remainder rotates over the tasks."""
 
 
 REPLAY_DEVICES = ("cpu", "auto")
 """The values of replay.device."""
+
+
+def task_counts(batch_size: int, num_tasks: int, batch_number: int) -> np.ndarray:
+    """Sequences of each task in batch number ``batch_number``: equal shares, and the remainder of
+    ``batch_size / num_tasks`` one each to the next tasks in turn, so that over batches every task
+    gets the same (e.g. 5 over 2 tasks: 3/2, then 2/3)."""
+    share, remainder = divmod(batch_size, num_tasks)
+    counts = np.full(num_tasks, share, np.int64)
+    first = batch_number * remainder % num_tasks
+    counts[(first + np.arange(remainder)) % num_tasks] += 1
+    return counts
 
 
 class Sampler:
@@ -45,15 +58,30 @@ class Sampler:
     Start rows are offsets from the oldest stored row, in [0, num_starts); offset num_starts - 1 is
     the newest start that still fits a whole sequence. All randomness comes from the replay's
     generator ``rng``, so a replay restored with its RNG state draws the same batches.
+
+    The streams of task k are the columns [k * n, (k + 1) * n) with n = num_envs // num_tasks (the
+    collector writes the tasks' envs side by side). With ``task_balance`` each task gets its
+    ``task_counts`` share of the batch, sorted by task; otherwise streams are uniform over all
+    columns. One task draws the same streams either way.
     """
 
-    def __init__(self, settings: ReplayConfig, num_envs: int):
-        self.settings, self.num_envs = settings, num_envs
+    def __init__(self, settings: ReplayConfig, num_envs: int, num_tasks: int = 1):
+        if num_tasks < 1 or num_envs % num_tasks:
+            raise ValueError(f"num_envs={num_envs} streams cannot be split evenly over num_tasks={num_tasks}")
+        self.settings, self.num_envs, self.num_tasks = settings, num_envs, num_tasks
 
-    def draw(self, rng: np.random.Generator, batch_size: int, num_starts: int) -> tuple[np.ndarray, np.ndarray]:
-        """(starts, streams), each (batch_size,) int64. Streams are uniform unless a subclass says otherwise."""
+    def draw(self, rng: np.random.Generator, batch_size: int, num_starts: int,
+             batch_number: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, streams), each (batch_size,) int64; ``batch_number`` turns the rotation of task shares."""
         starts = self.starts(rng, batch_size, num_starts)
-        return starts, rng.integers(0, self.num_envs, size=batch_size)
+        return starts, self.streams(rng, batch_size, batch_number)
+
+    def streams(self, rng: np.random.Generator, batch_size: int, batch_number: int) -> np.ndarray:
+        if not self.settings.task_balance:
+            return rng.integers(0, self.num_envs, size=batch_size)
+        per_task = self.num_envs // self.num_tasks
+        tasks = np.repeat(np.arange(self.num_tasks), task_counts(batch_size, self.num_tasks, batch_number))
+        return tasks * per_task + rng.integers(0, per_task, size=batch_size)
 
     def starts(self, rng: np.random.Generator, batch_size: int, num_starts: int) -> np.ndarray:
         raise NotImplementedError
@@ -82,7 +110,7 @@ SAMPLERS: dict[str, type[Sampler]] = {"uniform": UniformSampler, "recency": Rece
 """replay.sampling name -> sampler class."""
 
 
-def make_sampler(settings: ReplayConfig, num_envs: int) -> Sampler:
+def make_sampler(settings: ReplayConfig, num_envs: int, num_tasks: int = 1) -> Sampler:
     """The sampler that ``settings.sampling`` names; ValueError listing the table for an unknown name."""
     if settings.sampling not in SAMPLERS:
         raise ValueError(f"unknown replay sampling {settings.sampling!r}; choose one of {', '.join(SAMPLERS)}")
@@ -90,4 +118,4 @@ def make_sampler(settings: ReplayConfig, num_envs: int) -> Sampler:
         raise ValueError(f"unknown replay device {settings.device!r}; choose one of {', '.join(REPLAY_DEVICES)}")
     if settings.recency_half_life <= 0:
         raise ValueError(f"recency_half_life must be positive, got {settings.recency_half_life}")
-    return SAMPLERS[settings.sampling](settings, num_envs)
+    return SAMPLERS[settings.sampling](settings, num_envs, num_tasks)

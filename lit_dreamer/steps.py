@@ -13,6 +13,8 @@ observation keys    o_t, written by the env through ``envs.adapters.DictObservat
 ``is_first``        o_t starts an episode; written by the collector.
 ``is_last``         o_t ends an episode, by termination or truncation; written by the collector.
 ``is_terminal``     o_t is a true end of the MDP (no bootstrap); written by the collector.
+``task``            index of the env's task in the run's task table (``config.task_names``), int64; written
+                    by the collector. Not an observation: the world model never sees it.
 ==================  ====================================================================================
 
 ``Replay.sample`` adds to a batch (``SAMPLE_KEYS`` and ``CONTEXT_PREFIX``; no step may use them):
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-NON_OBS_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
+NON_OBS_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal", "task")
 """Keys of a stored step that are not observations (written by the collector)."""
 SAMPLE_KEYS = ("index", "context_valid")
 """Keys that ``Replay.sample`` adds to a batch."""

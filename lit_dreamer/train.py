@@ -17,12 +17,12 @@ from lit_dreamer.callbacks.env_collector import find_collector
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.checkpoint_files import check_checkpoint_folder
-from lit_dreamer.config import Config, ConfigError, validate
+from lit_dreamer.config import Config, ConfigError, task_names, validate
 from lit_dreamer.data import ReplayDataModule
-from lit_dreamer.envs import action_dim, action_kind, make_env, space_spec
+from lit_dreamer.envs import action_dim, action_kind, check_same_spaces, make_env, space_spec
 from lit_dreamer.module import DreamerModule
-from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, describe_start,
-                                find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
+from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, check_task_table,
+                                describe_start, find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
 # git_commit moved to tracking with the rest of the run record; scripts and tests import it from here too
 from lit_dreamer.tracking import (ResilientMLFlowLogger, TrackingError, check_tracking_uri, git_commit,  # noqa: F401
                                   logs_location, make_logger, mark_orphaned_run, record_run)
@@ -45,15 +45,28 @@ def env_info(env) -> EnvInfo:
 
 
 def probe_env(cfg: Config) -> EnvInfo:
-    """Make one env to read its spaces (fails fast on an unknown id or an unusable space)."""
+    """Make one env of each task to read its spaces (fails fast on an unknown id, an unusable space, or
+    tasks whose spaces differ)."""
+    envs = []
     try:
-        env = make_env(cfg.env.id, **cfg.env.make_kwargs())
-    except (ValueError, ImportError) as err:  # ImportError: an env family whose package is not installed
-        raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
-    try:
-        return env_info(env)
+        for task in task_names(cfg):
+            try:
+                envs.append((task, make_env(task, **cfg.env.make_kwargs())))
+            except (ValueError, ImportError) as err:  # ImportError: an env family whose package is not installed
+                raise ConfigError(f"{task_key(cfg, task)}: {err}") from None
+        try:
+            check_same_spaces(envs)
+        except ValueError as err:
+            raise ConfigError(f"env.tasks: {err}") from None
+        return env_info(envs[0][1])
     finally:
-        env.close()
+        for _, env in envs:
+            env.close()
+
+
+def task_key(cfg: Config, task: str) -> str:
+    """How the config names a task: `env.id='X'` for a one-task run, `env.tasks[i]='X'` otherwise."""
+    return f"env.tasks[{cfg.env.tasks.index(task)}]={task!r}" if cfg.env.tasks else f"env.id={task!r}"
 
 
 def run_dir(cfg: Config) -> str:
@@ -92,7 +105,8 @@ def default_run_name(cfg: Config) -> str:
     torchrun starts every rank itself, so no rank can hand its name to the others as Lightning's
     own launcher allows (RUN_NAME_ENV): the name must come from what all ranks share.
     """
-    env = cfg.env.id.replace("/", "-")
+    tasks = task_names(cfg)
+    env = tasks[0].replace("/", "-") + (f"-and-{len(tasks) - 1}-more" if len(tasks) > 1 else "")
     rdzv_id = os.environ.get(TORCHRUN_ID_ENV)
     if rdzv_id not in (None, "", "none"):
         return f"{env}-seed{cfg.run.seed}-torchrun-{rdzv_id[:8]}"
@@ -123,6 +137,7 @@ def check_start(cfg: Config, ckpt_path: str | None) -> tuple[bool, dict | None]:
         return False, None
     continuing = inside(ckpt_path, os.path.join(run_dir(cfg), "checkpoints"))
     info = read_checkpoint(ckpt_path)
+    check_task_table(info, task_names(cfg))
     if rank_zero_only.rank == 0:
         print(describe_start(ckpt_path, info, cfg, continuing), flush=True)
     if nothing_to_do(info, cfg.run.steps):
@@ -172,14 +187,16 @@ def _override_value(value) -> str:
 
 def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback], EnvInfo]:
     """Module, datamodule and callbacks for a Config: the pieces a script would assemble by hand."""
-    info = probe_env(cfg)
+    info, tasks = probe_env(cfg), task_names(cfg)
     try:
         module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile)
     except ValueError as err:  # e.g. an observation the encoders cannot take
-        raise ConfigError(f"env.id={cfg.env.id!r}: {err}") from None
-    datamodule = ReplayDataModule(info.spec, cfg.replay, num_envs=cfg.env.num_envs, batch_size=cfg.run.batch_size,
-                                  batch_length=cfg.run.batch_length, seed=cfg.run.seed)
-    collector = EnvCollector(cfg.env.id, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
+        raise ConfigError(f"{task_key(cfg, tasks[0])}: {err}") from None
+    # Every replay row holds the envs of all tasks side by side (num_envs per task).
+    datamodule = ReplayDataModule(info.spec, cfg.replay, num_envs=cfg.env.num_envs * len(tasks),
+                                  batch_size=cfg.run.batch_size, batch_length=cfg.run.batch_length, seed=cfg.run.seed,
+                                  num_tasks=len(tasks))
+    collector = EnvCollector(tasks, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
                              train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
                              asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, **cfg.env.make_kwargs())
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
@@ -190,10 +207,10 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar turned off
         callbacks.append(EnvStepProgressBar())
     if cfg.run.eval_every > 0:
-        callbacks.append(EvalCallback(cfg.env.id, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
+        callbacks.append(EvalCallback(tasks, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
                                       mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **cfg.env.make_kwargs()))
     if cfg.run.video_every > 0:
-        callbacks.append(VideoCallback(cfg.env.id, os.path.join(run_dir(cfg), "videos"),
+        callbacks.append(VideoCallback(tasks[0], os.path.join(run_dir(cfg), "videos"),
                                        every_env_steps=cfg.run.video_every, **cfg.env.make_kwargs()))
     return module, datamodule, callbacks, info
 

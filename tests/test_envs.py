@@ -19,7 +19,8 @@ from lit_dreamer.envs import (
     space_spec,
 )
 
-FLAGS = {"reward": ((), np.float32), "is_first": ((), np.bool_), "is_last": ((), np.bool_), "is_terminal": ((), np.bool_)}
+FLAGS = {"reward": ((), np.float32), "is_first": ((), np.bool_), "is_last": ((), np.bool_),
+         "is_terminal": ((), np.bool_), "task": ((), np.int64)}
 
 
 def expected_spec(observations: dict, action_width: int) -> dict:

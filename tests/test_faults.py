@@ -149,9 +149,9 @@ def test_a_dead_env_subprocess_is_replaced(in_tmp, monkeypatch):
     FaultyCartPole.steps = 0
     monkeypatch.setenv("FAULTY_AT", "30")
     monkeypatch.setenv("FAULTY_MODE", "exit")
-    import lit_dreamer.callbacks.env_collector as env_collector
-    made, make = [], env_collector.make_vector_env
-    monkeypatch.setattr(env_collector, "make_vector_env", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
+    import lit_dreamer.envs.tasks as tasks  # the collector's vector env holds one make_vector_env per task
+    made, make = [], tasks.make_vector_env
+    monkeypatch.setattr(tasks, "make_vector_env", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
     summary = fit(config(in_tmp, "env.id=LitDreamerFaulty-v0", "env.num_envs=2", "env.asynchronous=true",
                          "run.steps=80", "run.prefill=20"))
     assert summary["env_steps"] == 80

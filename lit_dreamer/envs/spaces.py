@@ -59,6 +59,7 @@ def space_spec(env: AnyEnv) -> Spec:
     spec["reward"] = ((), np.dtype(np.float32))
     for flag in ("is_first", "is_last", "is_terminal"):
         spec[flag] = ((), np.dtype(np.bool_))
+    spec["task"] = ((), np.dtype(np.int64))  # the task table index of the env that wrote the step
     return spec
 
 
