@@ -137,7 +137,11 @@ def check_start(cfg: Config, ckpt_path: str | None) -> tuple[bool, dict | None]:
         return False, None
     continuing = inside(ckpt_path, os.path.join(run_dir(cfg), "checkpoints"))
     info = read_checkpoint(ckpt_path)
-    check_task_table(info, task_names(cfg))
+    tasks = task_names(cfg)
+    # A branch of a one-task checkpoint into a new run may change its env (the spaces are checked when the
+    # module is built, naming the difference); continuing a run, or any run of several tasks, keeps its table.
+    if continuing or len(tasks) > 1 or (info.tasks is not None and len(info.tasks) > 1):
+        check_task_table(info, tasks)
     if rank_zero_only.rank == 0:
         print(describe_start(ckpt_path, info, cfg, continuing), flush=True)
     if nothing_to_do(info, cfg.run.steps):
