@@ -15,6 +15,7 @@ from lit_dreamer.callbacks import (CollapseWatch, DreamerCheckpoint, EnvCollecto
                                    resolve_last)
 from lit_dreamer.callbacks.env_collector import find_collector
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
+from lit_dreamer.adapt import check_init_start, start_from_init
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.checkpoint_files import check_checkpoint_folder
 from lit_dreamer.config import Config, ConfigError, task_names, validate
@@ -245,6 +246,7 @@ def _fit_named(cfg: Config) -> dict:
     module, datamodule, callbacks, _ = build(cfg)
     if start.ckpt_path is not None:
         check_checkpoint_matches(start.ckpt_path, module)
+    start_from_init(cfg, module, start.init_path, task_names(cfg), announce=rank_zero_only.rank == 0)
     logger = set_up_logging(cfg, start)
     trainer = make_trainer(cfg, callbacks, logger)
     began = time.time()
@@ -260,6 +262,8 @@ class Start:
     ckpt_path: str | None
     continuing: bool
     finished: dict | None
+    init_path: str | None = None
+    """The init.ckpt model.ckpt whose weights a new run starts from (None: none, or continuing)."""
 
 
 def preflight(cfg: Config) -> Start:
@@ -269,10 +273,11 @@ def preflight(cfg: Config) -> Start:
         mark_orphaned_run(run_dir(cfg))  # a run killed in this folder before: end its MLflow run
     ckpt_path = resolve_ckpt_path(cfg)
     continuing, finished = check_start(cfg, ckpt_path)
+    init_path = check_init_start(cfg, continuing)
     if finished is None:
         check_writable_dir(run_dir(cfg))
         check_tracking(cfg)
-    return Start(ckpt_path, continuing, finished)
+    return Start(ckpt_path, continuing, finished, init_path)
 
 
 def check_tracking(cfg: Config) -> None:

@@ -94,6 +94,13 @@ class WorldModel(nn.Module):
         self.cont_head = ConditionedHead(feat, 1, cfg.units, cfg.cont_layers, bias=cfg.dense_bias, cond=cond)
         self.free_nats = free_nats
 
+    def freeze_shared(self) -> None:
+        """Stop training the parts all tasks share (encoders, RSSM, decoders); the reward and continue heads,
+        which depend on the task, stay trainable (`init.freeze`: adapting to a new task on a pretrained model)."""
+        for name, param in self.named_parameters():
+            if not name.startswith(("reward_head.", "cont_head.")):
+                param.requires_grad_(False)
+
     @property
     def decoded_keys(self) -> list[str]:
         return self.image_keys + self.vector_keys
