@@ -15,7 +15,7 @@ from lit_dreamer.callbacks import (CollapseWatch, DreamerCheckpoint, EnvCollecto
                                    resolve_last)
 from lit_dreamer.callbacks.env_collector import find_collector
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
-from lit_dreamer.adapt import check_init_start, start_from_init
+from lit_dreamer.adapt import check_init_start, saved_conditioning, start_from_init
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.checkpoint_files import check_checkpoint_folder
 from lit_dreamer.config import Config, ConfigError, task_names, validate
@@ -177,6 +177,16 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
         raise ConfigError(f"checkpoint {path} has another model config ({detail}); to load it, set {overrides}")
 
 
+def check_conditioning_matches(path: str, module: DreamerModule) -> None:
+    """Continuing or branching needs the checkpoint's task conditioning (its heads' shapes); init.ckpt does not."""
+    saved = saved_conditioning(read_checkpoint(path))
+    if module.cond.active and saved != module.cond:
+        raise ConfigError(f"checkpoint {path} conditions its heads with multitask.conditioning={saved.mode} "
+                          f"(embed_dim {saved.embed_dim}), but this run asks for {module.cond.mode} (embed_dim "
+                          f"{module.cond.embed_dim}); set multitask.conditioning={saved.mode} "
+                          f"multitask.embed_dim={saved.embed_dim}, or start a new run from its weights with init.ckpt")
+
+
 def _override_value(value) -> str:
     """A value as a `key=value` command-line override spells it (YAML: lowercase booleans, no spaces)."""
     if value is None or isinstance(value, bool):
@@ -246,6 +256,7 @@ def _fit_named(cfg: Config) -> dict:
     module, datamodule, callbacks, _ = build(cfg)
     if start.ckpt_path is not None:
         check_checkpoint_matches(start.ckpt_path, module)
+        check_conditioning_matches(start.ckpt_path, module)
     start_from_init(cfg, module, start.init_path, task_names(cfg), announce=rank_zero_only.rank == 0)
     logger = set_up_logging(cfg, start)
     trainer = make_trainer(cfg, callbacks, logger)

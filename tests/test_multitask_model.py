@@ -403,3 +403,13 @@ def test_init_ckpt_and_ckpt_path_together_are_refused(two_task_run, tmp_path):
                                   f"run.dir={tmp_path}/both"])
     with pytest.raises(ConfigError, match="init.ckpt=.* and ckpt_path=.* are both set"):
         fit(cfg)
+
+
+def test_continuing_with_the_other_conditioning_is_refused_naming_the_fix(two_task_run):
+    mode, tmp = two_task_run
+    other = "heads" if mode == "embedding" else "embedding"
+    cfg = load_config(["debug"], [f"env.tasks=[{POINT.format(0)},{POINT.format(1)}]", f"multitask.conditioning={other}",
+                                  "ckpt_path=last", f"run.dir={tmp}/run", "run.steps=400", "logger.backend=none"])
+    with pytest.raises(ConfigError, match=f"multitask.conditioning={mode} .*but this run asks for {other}.*"
+                                          f"set multitask.conditioning={mode} multitask.embed_dim=16"):
+        fit(cfg)
