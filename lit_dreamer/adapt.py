@@ -80,9 +80,13 @@ def initialize(module, path: str, parts: list[str], tasks: list[str]) -> InitRep
     except ConfigError as err:
         raise ConfigError(f"init.ckpt: {err}") from None
     info = read_checkpoint(path, mmap=False)
-    source = TaskedState(info.state_dict, saved_conditioning(info), saved_tasks(info))
+    return load_parts(module, TaskedState(info.state_dict, saved_conditioning(info), saved_tasks(info)), parts,
+                      tasks, InitReport(path))
+
+
+def load_parts(module, source: "TaskedState", parts: list[str], tasks: list[str], report: InitReport) -> InitReport:
+    """Fill `parts` of `module` (built for `tasks`) from a source state dict where they fit (see the module doc)."""
     target = TaskedState(module.state_dict(), module.cond, list(tasks))
-    report = InitReport(path)
     prefixes = tuple(p for part in parts for p in PART_PREFIXES[part])
     new_state = {}
     for name, tensor in target.state.items():
@@ -116,10 +120,11 @@ def fill(name: str, tensor: Tensor, source: TaskedState, target: TaskedState, re
     if value is None:
         report.fresh.append(name)
         return tensor
-    target_rows, source_rows = target.rows(name, tensor), source.rows(name, value)
-    if target_rows is not None and source_rows is not None:
-        return fill_rows(name, tensor, target_rows, source_rows, report)
-    if target_rows is None and source_rows is None:
+    if task_indexed(name, target.cond) or task_indexed(name, source.cond):
+        target_rows, source_rows = target.rows(name, tensor), source.rows(name, value)
+        if target_rows is not None and source_rows is not None:
+            return fill_rows(name, tensor, target_rows, source_rows, report)
+    else:  # shared by the tasks on both sides
         if value.shape == tensor.shape:
             report.loaded.append(name)
             return value.to(tensor.dtype)

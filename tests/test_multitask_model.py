@@ -413,3 +413,27 @@ def test_continuing_with_the_other_conditioning_is_refused_naming_the_fix(two_ta
     with pytest.raises(ConfigError, match=f"multitask.conditioning={mode} .*but this run asks for {other}.*"
                                           f"set multitask.conditioning={mode} multitask.embed_dim=16"):
         fit(cfg)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_init_from_a_one_task_model_gives_its_head_to_its_task_and_keeps_the_trunks(mode):
+    from lit_dreamer.adapt import InitReport, TaskedState, load_parts
+    one = make_module(num_tasks=1, seed=1)
+    perturb_output_layers(one)
+    source = TaskedState(one.state_dict(), one.cond, ["B"])
+    module = make_module(num_tasks=2, mode=mode, seed=2)
+    fresh = {k: v.clone() for k, v in module.state_dict().items()}
+    report = load_parts(module, source, ["world_model", "actor", "critic"], ["A", "B"], InitReport("x"))
+    state, old = module.state_dict(), one.state_dict()
+    head = "world_model.reward_head"
+    if mode == "heads":  # task B's output layer is the one-task head's; task A's is fresh
+        assert torch.equal(state[f"{head}.out.weight"][1], old[f"{head}.out.weight"])
+        assert torch.equal(state[f"{head}.out.weight"][0], fresh[f"{head}.out.weight"][0])
+        assert torch.equal(state[f"{head}.trunk.0.0.weight"], old[f"{head}.trunk.0.0.weight"])
+    else:  # the output layer is shared; the first layer's feature columns load, its task columns stay fresh
+        features = old[f"{head}.trunk.0.0.weight"].shape[1]
+        assert torch.equal(state[f"{head}.out.weight"], old[f"{head}.out.weight"])
+        assert torch.equal(state[f"{head}.trunk.0.0.weight"][:, :features], old[f"{head}.trunk.0.0.weight"])
+        assert torch.equal(state[f"{head}.trunk.0.0.weight"][:, features:], fresh[f"{head}.trunk.0.0.weight"][:, features:])
+        assert f"{head}.embedding.rows" in report.fresh
+    assert torch.equal(state["world_model.rssm.gru.gates.weight"], old["world_model.rssm.gru.gates.weight"])
