@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from lit_dreamer.conditioning import CONDITIONED_HEADS, Conditioning, task_indexed
@@ -197,8 +196,3 @@ def init_tag(cfg: Config) -> str | None:
         return os.path.abspath(find_checkpoint(cfg.init.ckpt))
     except ConfigError:
         return os.path.abspath(cfg.init.ckpt)
-
-
-def frozen_names(module) -> list[str]:
-    """Names of the parameters that do not train (for messages and tests)."""
-    return [name for name, p in module.named_parameters() if not p.requires_grad]

@@ -13,12 +13,10 @@ import subprocess
 import sys
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 
 import lit_dreamer.train as train_module
-from lit_dreamer.actor_critic import ActorCritic
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, ModelConfig, MultitaskConfig
 from lit_dreamer.conditioning import Conditioning, TaskEmbedding, TaskLinear, task_indexed
 from lit_dreamer.config import ConfigError, load_config, task_metric_name
@@ -241,7 +239,6 @@ def test_imagination_carries_each_starts_task_to_every_head_and_step():
     H = 4
     module = make_module(num_tasks=3, mode="heads", horizon=H)
     wm, ac = module.world_model, module.actor_critic
-    bins = wm.reward_head.out.bias.shape[1]
     with torch.no_grad():  # task k's reward head puts all mass on bin 100 + 20 k
         wm.reward_head.out.weight.zero_()
         wm.reward_head.out.bias.fill_(-1e4)
@@ -350,6 +347,9 @@ def test_adapting_to_a_new_task_with_a_frozen_world_model(two_task_run, tmp_path
     frozen = [name for name, p in module.world_model.named_parameters() if not p.requires_grad]
     assert frozen and all(not n.startswith(("reward_head", "cont_head")) for n in frozen)
     assert any(n.startswith("rssm.") for n in frozen) and any(n.startswith("vector_encoder.") for n in frozen)
+    stepped = {id(p) for opt in module.trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    assert not any(id(module.world_model.get_parameter(name)) in stepped for name in frozen)
+    assert id(module.world_model.reward_head.out.weight) in stepped
     for name in frozen:  # loaded from the checkpoint, and not moved by training
         assert torch.equal(module.world_model.get_parameter(name), source[f"world_model.{name}"]), name
     for head in ("reward_head", "cont_head"):
