@@ -295,7 +295,8 @@ class EnvCollector(Callback):
         device = pl_module.device
         obs = {k: torch.as_tensor(v, device=device) for k, v in self.obs.items()}
         is_first = torch.as_tensor(self.is_first, device=device)
-        action, self.carry, post = pl_module.act(obs, is_first, self.carry)
+        task = torch.as_tensor(self.task_of_env, device=device)
+        action, self.carry, post = pl_module.act(obs, is_first, self.carry, task=task)
         context = {k: v.cpu().numpy() for k, v in pl_module.context_entries(post).items()}
         action = action.float().cpu().numpy()
         bad = ~np.isfinite(action).all(-1)

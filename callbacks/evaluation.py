@@ -72,7 +72,7 @@ class EvalCallback(Callback):
         seed = self.seed + 1000 * self.evaluations + task * TASK_SEED_STRIDE
         envs = make_vector_env(self.tasks[task], self.episodes, seed=seed, **self.env_kwargs)
         try:
-            return run_episodes(pl_module, envs, mode=self.mode, seed=seed)
+            return run_episodes(pl_module, envs, mode=self.mode, seed=seed, task=task)
         finally:
             envs.close()
 

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from lit_dreamer.agent_config import BehaviorConfig, ModelConfig
+from lit_dreamer.conditioning import Conditioning, ConditionedHead
 from lit_dreamer.distributions import BoundedNormal, Categorical, TwoHot
 from lit_dreamer.losses import actor_loss, center_advantage, critic_loss, lambda_returns
-from lit_dreamer.nets import Head
 from lit_dreamer.normalizer import ReturnNormalizer
 from lit_dreamer.rssm import State
 from lit_dreamer.timing import PhaseTimer
@@ -23,17 +23,18 @@ class Actor(nn.Module):
     """Policy head: one-hot categorical with unimix for discrete actions, bounded normal for [-1, 1] boxes."""
 
     def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int, layers: int,
-                 unimix: float = 0.01, min_std: float = 0.1, max_std: float = 1.0, bias: bool = False):
+                 unimix: float = 0.01, min_std: float = 0.1, max_std: float = 1.0, bias: bool = False,
+                 cond: Conditioning = Conditioning()):
         super().__init__()
         self.discrete, self.action_dim = discrete, action_dim
         self.unimix, self.min_std, self.max_std = unimix, min_std, max_std
         # Output scaled by 0.01 at init: the first policy is close to uniform / zero-mean.
-        self.net = Head(feat_dim, action_dim if discrete else 2 * action_dim, units, layers, out_scale=0.01,
-                        bias=bias)
+        self.net = ConditionedHead(feat_dim, action_dim if discrete else 2 * action_dim, units, layers,
+                                   out_scale=0.01, bias=bias, cond=cond)
 
-    def forward(self, feat: Tensor) -> Tensor:
-        """feat (..., F) -> raw distribution parameters (..., P)."""
-        return self.net(feat)
+    def forward(self, feat: Tensor, task: Tensor | None = None) -> Tensor:
+        """feat (..., F), task (...) int64 (needed with several tasks) -> raw distribution parameters (..., P)."""
+        return self.net(feat, task)
 
     def dist(self, params: Tensor) -> Categorical | BoundedNormal:
         if self.discrete:
@@ -43,12 +44,14 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    def __init__(self, feat_dim: int, bins: int, units: int, layers: int, bias: bool = False):
+    def __init__(self, feat_dim: int, bins: int, units: int, layers: int, bias: bool = False,
+                 cond: Conditioning = Conditioning()):
         super().__init__()
-        self.net = Head(feat_dim, bins, units, layers, out_scale=0.0, bias=bias)
+        self.net = ConditionedHead(feat_dim, bins, units, layers, out_scale=0.0, bias=bias, cond=cond)
 
-    def forward(self, feat: Tensor) -> TwoHot:
-        return TwoHot(self.net(feat))
+    def forward(self, feat: Tensor, task: Tensor | None = None) -> TwoHot:
+        """feat (..., F), task (...) int64 (needed with several tasks) -> the value distribution."""
+        return TwoHot(self.net(feat, task))
 
 
 @dataclass
@@ -66,7 +69,9 @@ class Imagination:
     returns: Tensor
     """Lambda returns (N, H)."""
     spread: Tensor
-    """() the normalizer's peeked EMA of the return spread."""
+    """() the normalizer's peeked EMA of the return spread; (K,) with several tasks, one per task."""
+    task: Tensor | None = None
+    """(N,) the task of each start, carried through the horizon (None with one task)."""
 
 
 def same_device_only(returns: Tensor) -> Tensor:
@@ -77,20 +82,24 @@ def same_device_only(returns: Tensor) -> Tensor:
 class ActorCritic(nn.Module):
     """Actor, critic, slow critic and return normalizer, with the imagination and replay losses.
 
+    With several tasks (`cond`) the actor and critics are conditioned on the task, every imagined step carries
+    the task of its start, and the return normalizer keeps one scale per task.
+
     `gather` collects the imagined returns of all devices before the normalizer's percentiles are taken,
     so every rank computes the same scale; the system that runs several devices sets it (as it sets `timer`).
     """
 
     def __init__(self, feat_dim: int, action_dim: int, discrete: bool, model: ModelConfig,
-                 behavior: BehaviorConfig):
+                 behavior: BehaviorConfig, cond: Conditioning = Conditioning()):
         super().__init__()
         model = model.resolved()
-        self.cfg = behavior
+        self.cfg, self.cond = behavior, cond
         self.actor = Actor(feat_dim, action_dim, discrete, model.units, model.actor_layers, model.unimix,
-                           behavior.min_std, behavior.max_std, model.dense_bias)
-        self.critic = Critic(feat_dim, model.bins, model.units, model.critic_layers, model.dense_bias)
+                           behavior.min_std, behavior.max_std, model.dense_bias, cond=cond)
+        self.critic = Critic(feat_dim, model.bins, model.units, model.critic_layers, model.dense_bias, cond=cond)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.normalizer = ReturnNormalizer(rate=behavior.retnorm_rate, limit=behavior.retnorm_limit)
+        self.normalizer = ReturnNormalizer(rate=behavior.retnorm_rate, limit=behavior.retnorm_limit,
+                                           num_tasks=cond.num_tasks)
         self.timer = PhaseTimer()
         self.gather: Callable[[Tensor], Tensor] = same_device_only
 
@@ -104,37 +113,49 @@ class ActorCritic(nn.Module):
             slow.lerp_(fast, self.cfg.slow_rate)
         self.normalizer.commit(imagination.spread)
 
-    def imagine_loss(self, wm: WorldModel, start: State, start_cont: Tensor) -> Imagination:
+    def imagine_loss(self, wm: WorldModel, start: State, start_cont: Tensor, start_task: Tensor | None = None
+                     ) -> Imagination:
         """Actor and critic losses on rollouts from N start states (gradient already stopped).
 
-        start_cont (N,) = 1 - is_terminal of the replayed start step. Computed time-major inside,
+        start_cont (N,) = 1 - is_terminal of the replayed start step; start_task (N,) int64 its task (needed
+        with several tasks): every imagined step of a start has the start's task. Computed time-major inside,
         see `behavior_losses`.
         """
+        task = self.task_steps(start_task, self.cfg.horizon + 1)  # (H+1, N) or None
         with self.timer("imagination"):
-            feat, samples = self.rollout(wm, start)  # (H+1, N, F), (H, N, A); no gradient anywhere
+            feat, samples = self.rollout(wm, start, start_task)  # (H+1, N, F), (H, N, A); no gradient anywhere
             # The actor's forward with gradient, over all H rolled-out states at once, instead of a graph kept
             # per step inside the rollout: the rollout stays one function without autograd (run.compile).
             # It costs a second actor forward; interleaved A/B runs showed no difference per step.
-            params = self.actor(feat[:-1])
+            params = self.actor(feat[:-1], steps(task, slice(None, -1)))
             with torch.no_grad():
                 # reward_0 is never used and cont_0 is the replayed start's: the heads read steps 1..H.
-                reward = wm.reward(feat[1:]).mean()
+                reward = wm.reward(feat[1:], steps(task, slice(1, None))).mean()
                 reward = torch.cat([torch.zeros_like(reward[:1]), reward])
-                cont = wm.cont(feat[1:]).mean()
+                cont = wm.cont(feat[1:], steps(task, slice(1, None))).mean()
                 cont = torch.cat([start_cont[None].to(cont.dtype), cont])
         with self.timer("actor_critic"):
-            return self.behavior_losses(feat, samples, params, reward, cont)
+            return self.behavior_losses(feat, samples, params, reward, cont, task)
+
+    def task_steps(self, start_task: Tensor | None, length: int) -> Tensor | None:
+        """The task of each start at every step, (length, N); None with one task (the heads ignore it)."""
+        if not self.cond.active:
+            return None
+        assert start_task is not None, "several tasks: imagination needs the task of every start"
+        return start_task[None].expand(length, *start_task.shape)
 
     @torch.no_grad()
-    def rollout(self, wm: WorldModel, start: State) -> tuple[Tensor, Tensor]:
+    def rollout(self, wm: WorldModel, start: State, start_task: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Imagine H steps from the starts under the policy: features (H+1, N, F) and raw action samples (H, N, A).
 
-        One function over the whole loop, so that `torch.compile` (run.compile) can fuse all of it.
+        start_task (N,): the policy acts for each start's task at every step. One function over the whole
+        loop, so that `torch.compile` (run.compile) can fuse all of it.
         """
         samples = []
+        task = start_task if self.cond.active else None
 
         def policy(feat: Tensor) -> Tensor:
-            action = self.actor.dist(self.actor(feat)).sample()
+            action = self.actor.dist(self.actor(feat, task)).sample()
             samples.append(action)
             # The env clips a continuous action to [-1, 1] and the replay stores it clipped, so the
             # dynamics see the clipped action here too: an unclipped sample would ask the world model
@@ -145,27 +166,30 @@ class ActorCritic(nn.Module):
         feat = wm.rssm.imagine(start, policy, self.cfg.horizon)
         return feat, torch.stack(samples)
 
-    def behavior_losses(self, feat: Tensor, actions: Tensor, policy_params: Tensor, reward: Tensor, cont: Tensor
-                        ) -> Imagination:
+    def behavior_losses(self, feat: Tensor, actions: Tensor, policy_params: Tensor, reward: Tensor, cont: Tensor,
+                        task: Tensor | None = None) -> Imagination:
         """Actor and critic losses on imagined trajectories: lambda returns, advantages, weights.
 
         Inputs are time-major: feat, reward, cont (H+1, N); actions and policy_params (H, N), those
         of states 0..H-1. Only those H states are trained; the last state is only the returns'
         bootstrap, so the critic reads it without gradient and the slow critic not at all.
-        Its losses and lambda returns are batch-major, (N, H) (transposed views).
+        Its losses and lambda returns are batch-major, (N, H) (transposed views). task (H+1, N): the task of
+        each state with several tasks (None with one); advantages are divided by their task's return scale.
         """
         policy_dist = self.actor.dist(policy_params)
+        head, last = steps(task, slice(None, -1)), steps(task, slice(-1, None))
         with torch.no_grad():
-            slow_value = self.slow_critic(feat[:-1]).mean()
-            last_value = self.critic(feat[-1:]).mean()
-        value_dist = self.critic(feat[:-1])
+            slow_value = self.slow_critic(feat[:-1], head).mean()
+            last_value = self.critic(feat[-1:], last).mean()
+        value_dist = self.critic(feat[:-1], head)
         value = torch.cat([value_dist.mean().detach(), last_value])  # (H+1, N)
         discount = self.cfg.gamma * cont
         # Weight of step t: product of the discounts up to it (a terminal start contributes nothing).
         weight = (torch.cumprod(discount, 0) / self.cfg.gamma)[:-1]
         returns = lambda_returns(reward.T, discount.T, value.T, self.cfg.lam).T  # (H, N); the function is batch-major
-        spread = self.normalizer.peek(self.gather(returns))
-        advantage = (returns - value[:-1]) / self.normalizer.scale(spread)
+        spread = self.peek_spread(returns, head)
+        scale = self.normalizer.scale(spread)
+        advantage = (returns - value[:-1]) / (scale if head is None else scale[head])
         actor_advantage = center_advantage(advantage, weight) if self.cfg.advantage_center else advantage
         entropy = policy_dist.entropy()
         losses = {
@@ -179,23 +203,36 @@ class ActorCritic(nn.Module):
             # Near +1 or -1: nearly every advantage has one sign, the critic lags the returns (CollapseWatch).
             "ac/advantage_sign_bias": advantage.mean() / advantage_abs.clamp_min(1e-8),
             "ac/reward": reward[1:].mean(), "ac/cont": cont.mean(), "ac/weight": weight.mean(),
-            "ac/return_scale": self.normalizer.scale(spread), "ac/slow_value": slow_value.mean(),
+            "ac/return_scale": scale.mean(), "ac/slow_value": slow_value.mean(),
         }
-        return Imagination(losses, metrics, returns.T, spread)
+        return Imagination(losses, metrics, returns.T, spread, None if task is None else task[0])
+
+    def peek_spread(self, returns: Tensor, task: Tensor | None) -> Tensor:
+        """The normalizer's next spread from the returns of all devices (and their tasks, with several)."""
+        if task is None:
+            return self.normalizer.peek(self.gather(returns))
+        return self.normalizer.peek(self.gather(returns), self.gather(task.contiguous()))
 
     def replay_value_loss(self, post_feat: Tensor, batch: dict[str, Tensor], imagined_returns: Tensor) -> Tensor:
         """Critic loss on the replayed sequence itself (its gradient reaches the world model).
 
         post_feat (B, T, F) with gradient; imagined_returns (B, T): the lambda return of the
         imagined rollout from each replayed step, used as its bootstrap. Lambda returns over real
-        rewards and terminals; the recursion is cut at is_last. Returns (B, T-1).
+        rewards and terminals; the recursion is cut at is_last. With several tasks the critics read the
+        batch's `task` (B, T). Returns (B, T-1).
         """
+        task = batch["task"] if self.cond.active else None
         reward, last = batch["reward"].float(), batch["is_last"].float()
         discount = self.cfg.gamma * (1.0 - batch["is_terminal"].float())
         lam = self.cfg.lam * (1.0 - last)
         returns = lambda_returns(reward, discount, imagined_returns.detach(), lam)
-        value_dist = self.critic(post_feat)
+        value_dist = self.critic(post_feat, task)
         with torch.no_grad():
-            slow_value = self.slow_critic(post_feat).mean()
+            slow_value = self.slow_critic(post_feat, task).mean()
         return critic_loss(TwoHot(value_dist.logits[:, :-1]), returns, slow_value[:, :-1],
                            1.0 - last[:, :-1], self.cfg.slow_reg)
+
+
+def steps(task: Tensor | None, which: slice) -> Tensor | None:
+    """The task of some imagined steps (task (H+1, N) sliced in time), None for one task."""
+    return None if task is None else task[which]

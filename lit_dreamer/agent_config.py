@@ -222,6 +222,17 @@ class OptimConfig:
 
 
 @dataclass
+class MultitaskConfig:
+    """How the task-dependent heads (reward, continue, actor, critic) read the task; no effect with one task."""
+
+    conditioning: str = "embedding"
+    """embedding: a learned vector per task (norm at most 1) appended to the latent features of each head;
+    heads: shared trunks with one output layer per task. The encoder, RSSM and decoder never see the task."""
+    embed_dim: int = 16
+    """Size of the task vector of multitask.conditioning=embedding."""
+
+
+@dataclass
 class AgentConfig:
     """Everything the DreamerModule needs besides the spaces."""
 
@@ -230,3 +241,4 @@ class AgentConfig:
     loss_scales: LossScales = field(default_factory=LossScales)
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)

@@ -21,8 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig,
-                                     WorldModelConfig, migrate_moved_keys)
+from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, MultitaskConfig,
+                                     OptimConfig, WorldModelConfig, migrate_moved_keys)
 from lit_dreamer.sampling import REPLAY_DEVICES, SAMPLERS, ReplayConfig
 
 def config_dir() -> str:
@@ -163,6 +163,25 @@ def check_trainer_arg(name: str, source: str) -> None:
                           f"{FIT_TRAINER_ARGS[name]}")
 
 
+INIT_PARTS = ("world_model", "actor", "critic")
+
+
+@dataclass
+class InitConfig:
+    """Start a new run from another run's weights (adaptation to a new task or task list)."""
+
+    ckpt: Optional[str] = None
+    """A run folder or a model.ckpt whose weights the new run starts from (a new MLflow run, fresh optimizers,
+    step 0); parameters load by name and shape, task rows by task name; new tasks start fresh."""
+    parts: str = "world_model"
+    """Comma-separated parts to load from init.ckpt: world_model, actor, critic (e.g. world_model,actor,critic)."""
+    freeze: bool = False
+    """Freeze the loaded encoder, RSSM and decoder (not trained); the reward and continue heads still train."""
+
+    def part_list(self) -> list[str]:
+        return [part.strip() for part in self.parts.split(",") if part.strip()]
+
+
 @dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -173,6 +192,8 @@ class Config:
     loss_scales: LossScales = field(default_factory=LossScales)
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     trainer: dict[str, Any] = field(default_factory=default_trainer)
     """Keyword arguments of lightning.Trainer (devices, accelerator, precision, strategy, ...)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -181,7 +202,7 @@ class Config:
 
     def agent(self) -> AgentConfig:
         return AgentConfig(model=self.model, world_model=self.world_model, loss_scales=self.loss_scales,
-                           behavior=self.behavior, optim=self.optim)
+                           behavior=self.behavior, optim=self.optim, multitask=self.multitask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,6 +241,27 @@ def check_tasks(cfg: Config) -> None:
             same = "twice" if first == cfg.env.tasks[index] else f"as {first!r} and {cfg.env.tasks[index]!r}"
             raise ConfigError(f"env.tasks lists the task {name!r} {same} (its metrics would mix); "
                               "list each task once")
+
+
+def check_multitask(cfg: Config) -> None:
+    """The conditioning mode and the init.* settings."""
+    from lit_dreamer.conditioning import CONDITIONING_MODES
+    if cfg.multitask.conditioning not in CONDITIONING_MODES:
+        raise ConfigError(f"multitask.conditioning must be one of {', '.join(CONDITIONING_MODES)}, "
+                          f"got {cfg.multitask.conditioning!r}")
+    if cfg.multitask.embed_dim <= 0:
+        raise ConfigError(f"multitask.embed_dim must be positive, got {cfg.multitask.embed_dim}")
+    parts = cfg.init.part_list()
+    unknown = [part for part in parts if part not in INIT_PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"init.parts={cfg.init.parts!r}: give a comma-separated list of {', '.join(INIT_PARTS)} "
+                          "(e.g. init.parts=world_model,actor,critic)")
+    if cfg.init.freeze and cfg.init.ckpt is None:
+        raise ConfigError("init.freeze=true freezes weights loaded from init.ckpt, but init.ckpt is not set; "
+                          "set init.ckpt=RUN_FOLDER_OR_MODEL_CKPT, or drop init.freeze")
+    if cfg.init.freeze and "world_model" not in parts:
+        raise ConfigError(f"init.freeze=true freezes the loaded world model, but init.parts={cfg.init.parts!r} "
+                          "does not load it; add world_model to init.parts, or drop init.freeze")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,6 +479,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown model.size {cfg.model.size!r}; choose one of {', '.join(SIZES)}"
                           + (f" (did you mean {close[0]}?)" if close else ""))
     check_tasks(cfg)
+    check_multitask(cfg)
     if cfg.env.obs not in ("proprio", "pixels"):
         raise ConfigError(f"env.obs must be 'proprio' or 'pixels', got {cfg.env.obs!r}")
     if cfg.env.nonfinite not in ("cut", "error"):

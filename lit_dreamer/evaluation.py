@@ -25,8 +25,9 @@ class EpisodeStats:
 
 
 @torch.no_grad()
-def run_episodes(module, envs, *, mode: str = "mode", seed: int = 0, max_steps: int = 1_000_000) -> EpisodeStats:
-    """One episode in each sub-env of a gymnasium vector env, acting with `module.act`.
+def run_episodes(module, envs, *, mode: str = "mode", seed: int = 0, max_steps: int = 1_000_000,
+                 task: int = 0) -> EpisodeStats:
+    """One episode in each sub-env of a gymnasium vector env, acting with `module.act` for task number `task`.
 
     mode="mode" acts with the policy's most likely action (deterministic evaluation);
     mode="sample" samples as during training. Steps after a sub-env's episode ended are ignored.
@@ -36,11 +37,12 @@ def run_episodes(module, envs, *, mode: str = "mode", seed: int = 0, max_steps: 
     obs, _ = envs.reset(seed=seed)
     carry = module.initial_carry(n)
     is_first = torch.ones(n, dtype=torch.bool, device=module.device)
+    tasks = torch.full((n,), task, dtype=torch.long, device=module.device)
     done = np.zeros(n, bool)
     returns, lengths = np.zeros(n), np.zeros(n, np.int64)
     for _ in range(max_steps):
         tensors = {k: torch.as_tensor(v, device=module.device) for k, v in obs.items()}
-        action, carry, _ = module.act(tensors, is_first, carry, mode=mode)
+        action, carry, _ = module.act(tensors, is_first, carry, mode=mode, task=tasks)
         action = action.float().cpu().numpy()
         obs, reward, terminated, truncated, _ = envs.step(env_action(action, discrete))
         live = ~done
@@ -107,7 +109,7 @@ def load_checkpoint(ckpt_path: str):
     info = read_checkpoint(ckpt_path, mmap=False)
     hp = info.hparams
     obs_spec = {k: (tuple(shape), dtype) for k, (shape, dtype) in hp["obs_spec"].items()}
-    module = DreamerModule(obs_spec, hp["action_dim"], hp["discrete"], hp["config"])
+    module = DreamerModule(obs_spec, hp["action_dim"], hp["discrete"], hp["config"], num_tasks=hp.get("num_tasks", 1))
     module.load_state_dict(info.state_dict)
     module.eval()
     config, run_id = info.run_config, info.mlflow_run_id
@@ -137,13 +139,15 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     training run. `episodes` run per task; an `env.id` override evaluates that one env instead."""
     from lit_dreamer.config import task_names
     module, cfg, training_run_id = load_checkpoint(ckpt_path)
+    trained_on = task_names(cfg)
     for key, value in (env_overrides or {}).items():
         setattr(cfg.env, key, value)
     if "id" in (env_overrides or {}) and "tasks" not in env_overrides:
         cfg.env.tasks = []  # env.id=X asks for that one env, not the checkpoint's task list
     tasks = task_names(cfg)
     torch.manual_seed(options.seed)
-    per_task = {task: evaluate_task(module, task, k, cfg, options) for k, task in enumerate(tasks)}
+    per_task = {task: evaluate_task(module, task, k, cfg, options, policy_task(module, task, trained_on))
+                for k, task in enumerate(tasks)}
     stats = EpisodeStats([r for s in per_task.values() for r in s.returns],
                          [n for s in per_task.values() for n in s.lengths])
     result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
@@ -153,7 +157,8 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     if options.video:
         from lit_dreamer.video import record_episode, write_gif
         frames, video_return = record_episode(module, tasks[0], mode=options.mode, seed=options.seed,
-                                              max_steps=100_000, **cfg.env.make_kwargs())
+                                              max_steps=100_000, task=policy_task(module, tasks[0], trained_on),
+                                              **cfg.env.make_kwargs())
         result["video"] = write_gif(frames, options.video)
         result["video_return"] = video_return
     if cfg.logger.backend == "mlflow" or options.tracking_uri:
@@ -165,13 +170,26 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
 
 
 
-def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions) -> EpisodeStats:
-    """`options.episodes` episodes of one task; task number `index` seeds its envs apart (task 0: options.seed)."""
+def policy_task(module, task: str, trained_on: list[str]) -> int:
+    """The task index the policy acts for in env `task`: its index in the checkpoint's task table."""
+    if task in trained_on:
+        return trained_on.index(task)
+    if module.cond.active:
+        from lit_dreamer.config import ConfigError
+        raise ConfigError(f"{task!r} is not one of the tasks this checkpoint was trained on ({', '.join(trained_on)}), "
+                          "and its policy acts for one of them; evaluate one of those, or adapt the checkpoint to "
+                          f"the new task first (fit init.ckpt=CHECKPOINT env.id={task})")
+    return 0
+
+
+def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions, policy: int = 0) -> EpisodeStats:
+    """`options.episodes` episodes of one task; task number `index` seeds its envs apart (task 0: options.seed);
+    the policy acts for task number `policy` of the checkpoint's table."""
     from lit_dreamer.envs import TASK_SEED_STRIDE, make_vector_env
     seed = options.seed + index * TASK_SEED_STRIDE
     envs = make_vector_env(task, options.episodes, seed=seed, **cfg.env.make_kwargs())
     try:
-        return run_episodes(module, envs, mode=options.mode, seed=seed)
+        return run_episodes(module, envs, mode=options.mode, seed=seed, task=policy)
     finally:
         envs.close()
 

@@ -12,8 +12,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_dreamer.actor_critic import ActorCritic, Imagination
-from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, OptimConfig,
-                                     WorldModelConfig, migrate_moved_keys)
+from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, MultitaskConfig,
+                                     OptimConfig, WorldModelConfig, migrate_moved_keys)
+from lit_dreamer.conditioning import Conditioning
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
 from lit_dreamer.steps import CONTEXT_PREFIX, SpecLike
@@ -43,6 +44,7 @@ def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
         loss_scales=LossScales(**config.get("loss_scales", {})),
         behavior=BehaviorConfig(**config.get("behavior", {})),
         optim=OptimConfig(**config.get("optim", {})),
+        multitask=MultitaskConfig(**config.get("multitask", {})),  # absent before multi-task: the defaults
     )
 
 
@@ -50,23 +52,28 @@ class DreamerModule(L.LightningModule):
     """DreamerV3 under manual optimization with three LaProp optimizers (world model, actor, critic).
 
     obs_spec maps each observation key to (shape, dtype or dtype name); action_dim is the one-hot size
-    for discrete actions or the box dimension for continuous ones (in [-1, 1]).
+    for discrete actions or the box dimension for continuous ones (in [-1, 1]). num_tasks is the size of the
+    run's task table: with more than one, the reward and continue heads, actor and critics are conditioned on
+    the task (`multitask` config, lit_dreamer.conditioning); with one the agent is the one-task agent.
     """
 
     def __init__(self, obs_spec: SpecLike, action_dim: int, discrete: bool, config: AgentConfig | dict | None = None,
-                 compile: bool = False):
+                 compile: bool = False, num_tasks: int = 1):
         super().__init__()
         cfg = agent_config_from(config)
         obs_spec = {k: (tuple(int(d) for d in shape), str(np.dtype(dtype))) for k, (shape, dtype) in obs_spec.items()}
         # Plain types only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({"obs_spec": {k: [list(s), d] for k, (s, d) in obs_spec.items()},
                                    "action_dim": action_dim, "discrete": discrete, "config": asdict(cfg),
-                                   "compile": compile})
+                                   "compile": compile, "num_tasks": num_tasks})
         self.automatic_optimization = False
         self.cfg = cfg
         self.obs_spec, self.action_dim, self.discrete = obs_spec, action_dim, discrete
-        self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats)
-        self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior)
+        self.cond = Conditioning(num_tasks, cfg.multitask.conditioning, cfg.multitask.embed_dim)
+        self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats,
+                                      cond=self.cond)
+        self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior,
+                                        cond=self.cond)
         self.scales = {f"rec/{k}": cfg.loss_scales.rec for k in self.world_model.decoded_keys}
         self.scales.update({k: v for k, v in asdict(cfg.loss_scales).items() if k != "rec"})
         # Off unless a benchmark switches it on; shared with the actor-critic for its two phases.
@@ -97,23 +104,26 @@ class DreamerModule(L.LightningModule):
         kwargs = dict(betas=(o.beta1, o.beta2), eps=o.eps, agc=o.agc, pmin=o.pmin, warmup=o.warmup)
         ac = self.actor_critic
         return [
-            LaProp(self.world_model.parameters(), lr=o.world_model_lr or o.lr, **kwargs),
-            LaProp(ac.actor.parameters(), lr=o.actor_lr or o.lr, **kwargs),
-            LaProp(ac.critic.parameters(), lr=o.critic_lr or o.lr, **kwargs),
+            LaProp(trainable(self.world_model), lr=o.world_model_lr or o.lr, **kwargs),
+            LaProp(trainable(ac.actor), lr=o.actor_lr or o.lr, **kwargs),
+            LaProp(trainable(ac.critic), lr=o.critic_lr or o.lr, **kwargs),
         ]
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         B, T = batch["is_first"].shape
+        task = self.task_of(batch)  # (B, T); None with one task, whose heads read no task
 
         # 1. World model: reconstruct, predict rewards and continues, KL between posterior and prior.
+        #    Only the reward and continue heads are given the task.
         with self.timer("world_model"):
-            wm_losses, post, metrics = self.world_model.loss(without_task(batch), self.replay_context(batch))
+            wm_losses, post, metrics = self.world_model.loss(without_task(batch), self.replay_context(batch), task)
 
-        # 2. Imagination: roll out the policy in the prior from every posterior state.
+        # 2. Imagination: roll out the policy in the prior from every posterior state, each in its task.
         start = post.detach().flatten()
         start_cont = 1.0 - batch["is_terminal"].flatten(0, 1).float()
-        imagination = self.actor_critic.imagine_loss(self.world_model, start, start_cont)
+        start_task = None if task is None else task.flatten(0, 1)
+        imagination = self.actor_critic.imagine_loss(self.world_model, start, start_cont, start_task)
         metrics.update(imagination.metrics)
 
         # 3. Critic on the replayed sequence, bootstrapped from the imagined returns of each step.
@@ -157,6 +167,14 @@ class DreamerModule(L.LightningModule):
             # Filled on the device: a host tensor would be copied there by self.log, a blocking copy.
             metrics[f"lr/{name}"] = torch.full((), opt.optimizer.current_lr(), device=self.device)
         return True
+
+    def task_of(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """The batch's task (B, T) int64 when the heads are conditioned on it, else None."""
+        if not self.cond.active:
+            return None
+        if "task" not in batch:
+            raise ValueError(f"a batch for a {self.cond.num_tasks}-task agent must carry `task` (B, T)")
+        return batch["task"].long()
 
     def all_finite(self, values: list[Tensor]) -> bool:
         """Whether every value is finite on every rank: one device reduction, then one read on the host."""
@@ -232,11 +250,12 @@ class DreamerModule(L.LightningModule):
         return rssm.initial(n, self.device), torch.zeros(n, self.action_dim, device=self.device)
 
     @torch.no_grad()
-    def act(self, obs: dict[str, Tensor], is_first: Tensor, carry: tuple[State, Tensor], mode: str = "sample"
-            ) -> tuple[Tensor, tuple[State, Tensor], State]:
+    def act(self, obs: dict[str, Tensor], is_first: Tensor, carry: tuple[State, Tensor], mode: str = "sample",
+            task: Tensor | None = None) -> tuple[Tensor, tuple[State, Tensor], State]:
         """One policy step for N parallel environments.
 
-        obs values (N, ...), is_first (N,) bool. carry = (posterior state, previous action).
+        obs values (N, ...), is_first (N,) bool. carry = (posterior state, previous action). task (N,) int64:
+        the task of each env, needed by an agent of several tasks (ignored with one).
         Returns the action (N, A) (one-hot or in [-1, 1] before clipping), the new carry, and the
         posterior of this step (what the replay stores as context).
         """
@@ -244,7 +263,11 @@ class DreamerModule(L.LightningModule):
         keep = (~is_first.bool()).float()[:, None]
         embed = self.world_model.encode({k: v[:, None] for k, v in obs.items()})[:, 0]
         post = self.world_model.rssm.observe_step(state, prev_action, embed, keep)
-        dist = self.actor_critic.actor.dist(self.actor_critic.actor(post.feat()))
+        if self.cond.active:
+            if task is None:
+                raise ValueError(f"a {self.cond.num_tasks}-task agent acts for a task: pass the task of each env")
+            task = torch.as_tensor(task, device=self.device, dtype=torch.long).expand(is_first.shape[0])
+        dist = self.actor_critic.actor.dist(self.actor_critic.actor(post.feat(), task if self.cond.active else None))
         action = dist.mode() if mode == "mode" else dist.sample()
         if not self.discrete:
             action = action.clamp(-1.0, 1.0)
@@ -254,6 +277,11 @@ class DreamerModule(L.LightningModule):
 def without_task(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The batch as the world model sees it: one world model serves every task, so no task index enters it."""
     return {key: value for key, value in batch.items() if key != "task"}
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer steps: frozen ones (requires_grad False, `init.freeze`) are left out."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def _mirror_loaded_counters(module: DreamerModule, incompatible_keys) -> None:

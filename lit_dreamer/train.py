@@ -15,6 +15,7 @@ from lit_dreamer.callbacks import (CollapseWatch, DreamerCheckpoint, EnvCollecto
                                    resolve_last)
 from lit_dreamer.callbacks.env_collector import find_collector
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
+from lit_dreamer.adapt import check_init_start, saved_conditioning, start_from_init
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.checkpoint_files import check_checkpoint_folder
 from lit_dreamer.config import Config, ConfigError, task_names, validate
@@ -180,6 +181,16 @@ def check_checkpoint_matches(path: str, module: DreamerModule) -> None:
         raise ConfigError(f"checkpoint {path} has another model config ({detail}); to load it, set {overrides}")
 
 
+def check_conditioning_matches(path: str, module: DreamerModule) -> None:
+    """Continuing or branching needs the checkpoint's task conditioning (its heads' shapes); init.ckpt does not."""
+    saved = saved_conditioning(read_checkpoint(path))
+    if module.cond.active and saved != module.cond:
+        raise ConfigError(f"checkpoint {path} conditions its heads with multitask.conditioning={saved.mode} "
+                          f"(embed_dim {saved.embed_dim}), but this run asks for {module.cond.mode} (embed_dim "
+                          f"{module.cond.embed_dim}); set multitask.conditioning={saved.mode} "
+                          f"multitask.embed_dim={saved.embed_dim}, or start a new run from its weights with init.ckpt")
+
+
 def _override_value(value) -> str:
     """A value as a `key=value` command-line override spells it (YAML: lowercase booleans, no spaces)."""
     if value is None or isinstance(value, bool):
@@ -193,7 +204,8 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     """Module, datamodule and callbacks for a Config: the pieces a script would assemble by hand."""
     info, tasks = probe_env(cfg), task_names(cfg)
     try:
-        module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile)
+        module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile,
+                               num_tasks=len(tasks))
     except ValueError as err:  # e.g. an observation the encoders cannot take
         raise ConfigError(f"{task_key(cfg, tasks[0])}: {err}") from None
     # Every replay row holds the envs of all tasks side by side (num_envs per task).
@@ -248,6 +260,8 @@ def _fit_named(cfg: Config) -> dict:
     module, datamodule, callbacks, _ = build(cfg)
     if start.ckpt_path is not None:
         check_checkpoint_matches(start.ckpt_path, module)
+        check_conditioning_matches(start.ckpt_path, module)
+    start_from_init(cfg, module, start.init_path, task_names(cfg), announce=rank_zero_only.rank == 0)
     logger = set_up_logging(cfg, start)
     trainer = make_trainer(cfg, callbacks, logger)
     began = time.time()
@@ -263,6 +277,8 @@ class Start:
     ckpt_path: str | None
     continuing: bool
     finished: dict | None
+    init_path: str | None = None
+    """The init.ckpt model.ckpt whose weights a new run starts from (None: none, or continuing)."""
 
 
 def preflight(cfg: Config) -> Start:
@@ -272,10 +288,11 @@ def preflight(cfg: Config) -> Start:
         mark_orphaned_run(run_dir(cfg))  # a run killed in this folder before: end its MLflow run
     ckpt_path = resolve_ckpt_path(cfg)
     continuing, finished = check_start(cfg, ckpt_path)
+    init_path = check_init_start(cfg, continuing)
     if finished is None:
         check_writable_dir(run_dir(cfg))
         check_tracking(cfg)
-    return Start(ckpt_path, continuing, finished)
+    return Start(ckpt_path, continuing, finished, init_path)
 
 
 def check_tracking(cfg: Config) -> None:

@@ -30,8 +30,8 @@ def write_gif(frames: np.ndarray, path: str, fps: int = 20) -> str:
 
 @torch.no_grad()
 def record_episode(module, env_id: str, *, mode: str = "mode", seed: int = 0, max_steps: int = 1000,
-                   **env_kwargs: Any) -> tuple[np.ndarray, float]:
-    """Frames of one episode acted by `module` (env.render() frames), and its return."""
+                   task: int = 0, **env_kwargs: Any) -> tuple[np.ndarray, float]:
+    """Frames of one episode acted by `module` (env.render() frames) for task number `task`, and its return."""
     env = make_env(env_id, render=True, **env_kwargs)
     try:
         obs, _ = env.reset(seed=seed)
@@ -41,7 +41,7 @@ def record_episode(module, env_id: str, *, mode: str = "mode", seed: int = 0, ma
         discrete = action_kind(env) == "discrete"
         for _ in range(max_steps):
             tensors = {k: torch.as_tensor(np.asarray(v)[None], device=module.device) for k, v in obs.items()}
-            action, carry, _ = module.act(tensors, is_first, carry, mode=mode)
+            action, carry, _ = module.act(tensors, is_first, carry, mode=mode, task=torch.tensor([task]))
             action = action[0].float().cpu().numpy()
             obs, reward, terminated, truncated, _ = env.step(env_action(action, discrete))
             total += float(reward)
@@ -82,7 +82,8 @@ def open_loop(module, batch: dict[str, Tensor], context: int) -> dict[str, Any]:
         deters.append(state.deter), stochs.append(state.stoch)
     feat = torch.cat([post.feat(), State(torch.stack(deters, 1), torch.stack(stochs, 1)).feat()], 1)
     predictions = {k: dist.mean() for k, dist in wm.decode(feat).items()}
-    result = {"context": context, "keys": {}, "reward": (batch["reward"], wm.reward(feat).mean())}
+    task = batch["task"].long() if "task" in batch and module.cond.active else None  # the reward head's, not the model's
+    result = {"context": context, "keys": {}, "reward": (batch["reward"], wm.reward(feat, task).mean())}
     for key, pred in predictions.items():
         truth = batch[key].float() / 255.0 if key in wm.image_keys else batch[key].float()
         result["keys"][key] = (truth, pred)

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from lit_dreamer.agent_config import ModelConfig
+from lit_dreamer.conditioning import Conditioning, ConditionedHead
 from lit_dreamer.distributions import MSE, Bernoulli, SymlogMSE, TwoHot, kl_divergence
 from lit_dreamer.losses import kl_losses
-from lit_dreamer.nets import MLP, Head, ImageDecoder, ImageEncoder, VectorEncoder, linear
+from lit_dreamer.nets import MLP, ImageDecoder, ImageEncoder, VectorEncoder, linear
 from lit_dreamer.rssm import RSSM, State
 from lit_dreamer.steps import NON_OBS_KEYS, SpecLike, is_model_input
 
@@ -54,10 +55,13 @@ class WorldModel(nn.Module):
     (B, T, E); `decode` maps features (B, T, F) to one distribution per decoded key; `reward` and `cont` map
     features (..., F) to a two-hot reward and a Bernoulli continue; `loss(batch)` returns (losses (B, T) by
     name, posterior State (B, T), scalar metrics). Shapes: B batch, T time, E embedding, F = rssm.feat_dim.
+
+    Only the reward and continue heads depend on the task (`cond`, lit_dreamer.conditioning): they take the
+    task of each input beside its features. Encoder, RSSM and decoder are shared by all tasks and see none.
     """
 
     def __init__(self, obs_spec: SpecLike, action_dim: int, cfg: ModelConfig,
-                 free_nats: float = 1.0):
+                 free_nats: float = 1.0, cond: Conditioning = Conditioning()):
         super().__init__()
         cfg = cfg.resolved()
         self.image_keys, self.vector_keys = split_obs_keys(obs_spec, cfg.cnn_keys, cfg.mlp_keys)
@@ -85,9 +89,17 @@ class WorldModel(nn.Module):
         if self.vector_keys:
             self.vector_decoder = nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers, cfg.dense_bias),
                                                 linear(cfg.units, sum(self.vector_dims)))
-        self.reward_head = Head(feat, cfg.bins, cfg.units, cfg.reward_layers, out_scale=0.0, bias=cfg.dense_bias)
-        self.cont_head = Head(feat, 1, cfg.units, cfg.cont_layers, bias=cfg.dense_bias)
+        self.reward_head = ConditionedHead(feat, cfg.bins, cfg.units, cfg.reward_layers, out_scale=0.0,
+                                           bias=cfg.dense_bias, cond=cond)
+        self.cont_head = ConditionedHead(feat, 1, cfg.units, cfg.cont_layers, bias=cfg.dense_bias, cond=cond)
         self.free_nats = free_nats
+
+    def freeze_shared(self) -> None:
+        """Stop training the parts all tasks share (encoders, RSSM, decoders); the reward and continue heads,
+        which depend on the task, stay trainable (`init.freeze`: adapting to a new task on a pretrained model)."""
+        for name, param in self.named_parameters():
+            if not name.startswith(("reward_head.", "cont_head.")):
+                param.requires_grad_(False)
 
     @property
     def decoded_keys(self) -> list[str]:
@@ -116,16 +128,19 @@ class WorldModel(nn.Module):
                 outs[key] = SymlogMSE(part, event_dims=1)
         return outs
 
-    def reward(self, feat: Tensor) -> TwoHot:
-        return TwoHot(self.reward_head(feat))
+    def reward(self, feat: Tensor, task: Tensor | None = None) -> TwoHot:
+        """feat (..., F), task (...) int64 (needed with several tasks) -> the predicted reward."""
+        return TwoHot(self.reward_head(feat, task))
 
-    def cont(self, feat: Tensor) -> Bernoulli:
-        return Bernoulli(self.cont_head(feat).squeeze(-1))
+    def cont(self, feat: Tensor, task: Tensor | None = None) -> Bernoulli:
+        """feat (..., F), task (...) int64 (needed with several tasks) -> the predicted continue."""
+        return Bernoulli(self.cont_head(feat, task).squeeze(-1))
 
-    def loss(self, batch: dict[str, Tensor], start: State | None = None
+    def loss(self, batch: dict[str, Tensor], start: State | None = None, task: Tensor | None = None
              ) -> tuple[dict[str, Tensor], State, dict[str, Tensor]]:
-        """World-model losses of a replayed batch.
+        """World-model losses of a replayed batch (which holds no task: see `task`).
 
+        task (B, T) int64 goes to the reward and continue heads only, never to the encoder, RSSM or decoder.
         Returns losses as (B, T) tensors keyed `rec/<obs key>`, `rew`, `con`, `dyn`, `rep`; the
         posterior states (B, T) with gradients attached; and scalar metrics.
         """
@@ -136,8 +151,8 @@ class WorldModel(nn.Module):
         for key, dist in self.decode(feat).items():
             target = batch[key].float() / 255.0 if key in self.image_keys else batch[key]
             losses[f"rec/{key}"] = dist.loss(target)
-        losses["rew"] = self.reward(feat).loss(batch["reward"])
-        losses["con"] = self.cont(feat).loss(1.0 - batch["is_terminal"].float())
+        losses["rew"] = self.reward(feat, task).loss(batch["reward"])
+        losses["con"] = self.cont(feat, task).loss(1.0 - batch["is_terminal"].float())
         losses["dyn"], losses["rep"] = kl_losses(post.logits, prior_logits, free_nats=self.free_nats,
                                                  unimix=self.rssm.unimix)
         with torch.no_grad():

@@ -136,7 +136,7 @@ def test_imagined_rewards_and_continues_line_up_with_the_states_they_arrive_in(m
     wm, ac = make_agent()
     torch.nn.init.normal_(wm.reward_head.out.weight, std=0.3)  # the reward head starts at zero
     seen = {}
-    monkeypatch.setattr(ac, "behavior_losses", lambda feat, actions, params, reward, cont: seen.update(
+    monkeypatch.setattr(ac, "behavior_losses", lambda feat, actions, params, reward, cont, task=None: seen.update(
         feat=feat, actions=actions, params=params, reward=reward, cont=cont))
     _, post, _ = wm.loss(make_batch())
     start_cont = torch.tensor([1.0, 0.0]).repeat(B * T // 2)

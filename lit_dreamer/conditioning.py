@@ -1,0 +1,139 @@
+"""Task conditioning of the heads that depend on the task: reward, continue, actor, critic (issue 22).
+
+The world model's encoder, RSSM and decoder are shared by all tasks and never see a task. A head that
+depends on the task reads it in one of two ways (`multitask.conditioning`):
+
+- `embedding`: a learned vector per task (TD-MPC2 style), rescaled to an L2 norm of at most 1 and
+  concatenated to the latent features before the head's trunk;
+- `heads`: the trunk is shared and the head's last linear layer is one per task.
+
+With one task there is nothing to condition on: the heads are built exactly as in the one-task agent
+(same parameters, same initialization, same random draws), and a task index given to them is ignored.
+Plain `nn.Module`s; nothing here knows about Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lit_dreamer.nets import MLP, linear, trunc_normal_fan_in_
+
+CONDITIONING_MODES = ("embedding", "heads")
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How the task-dependent heads read the task: the number of tasks, the mode, the embedding size."""
+
+    num_tasks: int = 1
+    mode: str = "embedding"
+    embed_dim: int = 16
+
+    def __post_init__(self):
+        if self.mode not in CONDITIONING_MODES:
+            raise ValueError(f"multitask.conditioning must be one of {', '.join(CONDITIONING_MODES)}, got {self.mode!r}")
+        if self.num_tasks < 1 or self.embed_dim < 1:
+            raise ValueError(f"need num_tasks >= 1 and multitask.embed_dim >= 1, got {self.num_tasks}, {self.embed_dim}")
+
+    @property
+    def active(self) -> bool:
+        """Whether the heads depend on the task at all (not with one task)."""
+        return self.num_tasks > 1
+
+    @property
+    def extra_inputs(self) -> int:
+        """Width the task vector adds to a head's input."""
+        return self.embed_dim if self.active and self.mode == "embedding" else 0
+
+
+class TaskEmbedding(nn.Module):
+    """One learned vector per task, rescaled to an L2 norm of at most `max_norm`.
+
+    The cap is applied in the forward pass (differentiably), not by rewriting the table in place as
+    nn.Embedding(max_norm=...) does: a frozen or loaded table then stays what it was.
+    """
+
+    def __init__(self, num_tasks: int, dim: int, max_norm: float = 1.0):
+        super().__init__()
+        self.max_norm = max_norm
+        # Started at about unit norm: every task's vector is as far from the others as the cap allows.
+        self.rows = nn.Parameter(torch.randn(num_tasks, dim) / dim ** 0.5)
+
+    def forward(self, task: Tensor) -> Tensor:
+        """task (...) int64 -> vectors (..., D)."""
+        vectors = self.rows[task]
+        norm = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
+        return vectors * (self.max_norm / norm.clamp_min(self.max_norm))
+
+
+class TaskLinear(nn.Module):
+    """One linear layer per task: row k of `weight` (K, out, in) and `bias` (K, out) serves task k.
+
+    Every task's layer is applied to every input and the task's output picked: a task's parameters then get
+    gradient only from its own samples (the others' outputs are discarded), without gathering a (N, out, in)
+    weight per sample. Costs K times the layer; it is the last, small layer of a head.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_tasks: int, scale: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_tasks, out_dim, in_dim))
+        self.bias = nn.Parameter(torch.zeros(num_tasks, out_dim))
+        if scale != 0.0:
+            for row in self.weight:  # each task's layer initialized as `nets.linear` would
+                trunc_normal_fan_in_(row, in_dim, scale)
+
+    def forward(self, x: Tensor, task: Tensor) -> Tensor:
+        """x (..., in), task (...) int64 -> (..., out)."""
+        outs = torch.einsum("...i,koi->...ko", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)  # (..., K, out)
+        index = task[..., None, None].expand(*task.shape, 1, outs.shape[-1])
+        return outs.gather(-2, index).squeeze(-2)
+
+
+class ConditionedHead(nn.Module):
+    """An MLP trunk and an output layer (nets.Head), conditioned on the task as `cond` says.
+
+    One task: exactly nets.Head (the same parameter names `trunk.*`, `out.*`, and the same init).
+    `embedding`: the trunk reads [x, task vector] (`embedding.rows` holds the vectors).
+    `heads`: `out` is a TaskLinear with one layer per task.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, units: int, layers: int, out_scale: float = 1.0,
+                 bias: bool = False, cond: Conditioning = Conditioning()):
+        super().__init__()
+        self.cond = cond
+        self.trunk = MLP(in_dim + cond.extra_inputs, units, layers, bias)
+        if cond.active and cond.mode == "heads":
+            self.out = TaskLinear(self.trunk.out_dim, out_dim, cond.num_tasks, scale=out_scale)
+        else:
+            self.out = linear(self.trunk.out_dim, out_dim, scale=out_scale)
+        if cond.active and cond.mode == "embedding":
+            self.embedding = TaskEmbedding(cond.num_tasks, cond.embed_dim)
+
+    def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """x (..., in), task (...) int64 (required with several tasks, ignored with one) -> (..., out)."""
+        if not self.cond.active:
+            return self.out(self.trunk(x))
+        if task is None:
+            raise ValueError("a head conditioned on several tasks needs the task of each input")
+        assert task.shape == x.shape[:-1], f"task {tuple(task.shape)} must match the inputs' leading dims {tuple(x.shape[:-1])}"
+        if self.cond.mode == "embedding":
+            return self.out(self.trunk(torch.cat([x, self.embedding(task).to(x.dtype)], -1)))
+        return self.out(self.trunk(x), task)
+
+
+# Where the task-conditioned heads live in a DreamerModule's state dict: their task rows are what an
+# adaptation maps by task name (see lit_dreamer.adapt).
+CONDITIONED_HEADS = ("world_model.reward_head", "world_model.cont_head", "actor_critic.actor.net",
+                     "actor_critic.critic.net", "actor_critic.slow_critic.net")
+
+
+def task_indexed(name: str, cond: Conditioning) -> bool:
+    """Whether state-dict entry `name` of a DreamerModule built with `cond` has one row per task."""
+    head = next((h for h in CONDITIONED_HEADS if name.startswith(h + ".")), None)
+    if head is None or not cond.active:
+        return False
+    rest = name[len(head) + 1:]
+    return rest == "embedding.rows" or (cond.mode == "heads" and rest in ("out.weight", "out.bias"))
