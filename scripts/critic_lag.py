@@ -96,12 +96,22 @@ def measure(module, start: State, start_cont: torch.Tensor, target: torch.Tensor
             "sign_bias": float(m["ac/advantage_sign_bias"])}
 
 
+def freeze_all_but_the_critic(module) -> None:
+    """World model, actor and slow critic take no gradient; only the critic learns."""
+    module.requires_grad_(False)
+    module.actor_critic.critic.requires_grad_(True)
+
+
 def train_critic(module, settings: dict, batches, steps: int, every: int, probe, seed: int):
     """Critic-only updates under `settings`; yields a measurement every `every` steps (step 0 included)."""
     ac = module.actor_critic
     ac.cfg = dataclasses.replace(ac.cfg, **{k: v for k, v in settings.items() if k in BEHAVIOR_KEYS})
     # The critic's optimizer as training builds it, fresh, with the variant's rate and (default: no) warmup.
+    # configure_optimizers leaves frozen parameters out, so it is built with every part trainable, and the
+    # world model and actor are frozen again after.
+    module.requires_grad_(True)
     optimizer = module.configure_optimizers()[2]
+    freeze_all_but_the_critic(module)
     group = optimizer.param_groups[0]
     group["lr"] = settings.get("critic_lr", group["lr"])
     group["warmup"] = int(settings.get("warmup", 0))
@@ -176,8 +186,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     module, cfg = load_module(args.checkpoint)
-    module.requires_grad_(False)
-    module.actor_critic.critic.requires_grad_(True)
+    freeze_all_but_the_critic(module)
     replay = Replay.load(os.path.join(os.path.dirname(args.checkpoint), "replay-rank0"))
     B, T = cfg.run.batch_size, cfg.run.batch_length
     batches = replay_batches(module, replay, args.batches + 1, B, T)

@@ -93,6 +93,7 @@ def test_world_model_diagnostic_scripts_read_a_checkpoint_and_its_replay(tmp_pat
     def script(name: str, *args: str) -> str:
         """The script's main with these arguments, in this process (a subprocess would start torch again)."""
         monkeypatch.setattr(sys, "argv", [name, ckpt, *args])
+        monkeypatch.syspath_prepend(str(REPO / "scripts"))  # as when run as a script: they import each other
         capsys.readouterr()
         threads = torch.get_num_threads()
         try:

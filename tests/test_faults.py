@@ -26,8 +26,8 @@ def poison_reward_loss(monkeypatch, bad_calls):
     """Make the reward loss NaN on the given (1-based) calls of WorldModel.loss."""
     original, calls = WorldModel.loss, {"n": 0}
 
-    def loss(self, batch, start=None):
-        losses, post, metrics = original(self, batch, start)
+    def loss(self, batch, *args, **kwargs):
+        losses, post, metrics = original(self, batch, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] in bad_calls:
             losses["rew"] = losses["rew"] * float("nan")
@@ -82,8 +82,8 @@ def test_persistent_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(i
 def test_nan_actions_never_reach_the_environment(in_tmp, monkeypatch):
     original = DreamerModule.act
 
-    def nan_act(self, obs, is_first, carry, mode="sample"):
-        action, carry, post = original(self, obs, is_first, carry, mode)
+    def nan_act(self, obs, is_first, carry, *args, **kwargs):
+        action, carry, post = original(self, obs, is_first, carry, *args, **kwargs)
         return action * float("nan"), carry, post
 
     monkeypatch.setattr(DreamerModule, "act", nan_act)
