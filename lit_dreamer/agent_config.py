@@ -143,7 +143,7 @@ def migrate_moved_keys(config: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class LossScales:
-    """Weights of the loss terms; keys must match the loss dict exactly."""
+    """Weights of the loss terms; keys must match the loss dict exactly (except con_terminal, a weight inside one)."""
 
     rec: float = 1.0
     """Reconstruction (every decoded observation key)."""
@@ -151,6 +151,9 @@ class LossScales:
     """Reward prediction."""
     con: float = 1.0
     """Continue prediction."""
+    con_terminal: float = 1.0
+    """Weight of terminal steps inside the continue loss, relative to the other steps (1: the spec's plain
+    cross-entropy; not a loss term of its own)."""
     dyn: float = 1.0
     """Dynamics KL (trains the prior)."""
     rep: float = 0.1

@@ -93,6 +93,15 @@ def actor_loss(log_prob: Tensor, entropy: Tensor, advantage: Tensor, weight: Ten
     return -weight.detach() * (advantage.detach() * log_prob + entropy_scale * entropy)
 
 
+def weight_terminal_steps(loss: Tensor, is_terminal: Tensor, weight: float) -> Tensor:
+    """A per-step continue loss with terminal steps weighted `weight` times the others.
+
+    Terminal steps are a few percent of a replay; weighting them lets the continue head learn them in the
+    first thousand gradient steps, where the plain cross-entropy is dominated by the other steps.
+    """
+    return loss if weight == 1.0 else loss * (1.0 + (weight - 1.0) * is_terminal.to(loss.dtype))
+
+
 def center_advantage(advantage: Tensor, weight: Tensor) -> Tensor:
     """The advantage minus its mean over the batch, weighted as the actor loss weighs each step.
 

@@ -15,6 +15,7 @@ from lit_dreamer.actor_critic import ActorCritic, Imagination
 from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, MultitaskConfig,
                                      OptimConfig, WorldModelConfig, migrate_moved_keys)
 from lit_dreamer.conditioning import Conditioning
+from lit_dreamer.losses import weight_terminal_steps
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
 from lit_dreamer.steps import CONTEXT_PREFIX, SpecLike
@@ -75,7 +76,7 @@ class DreamerModule(L.LightningModule):
         self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior,
                                         cond=self.cond)
         self.scales = {f"rec/{k}": cfg.loss_scales.rec for k in self.world_model.decoded_keys}
-        self.scales.update({k: v for k, v in asdict(cfg.loss_scales).items() if k != "rec"})
+        self.scales.update({k: v for k, v in asdict(cfg.loss_scales).items() if k not in ("rec", "con_terminal")})
         # Off unless a benchmark switches it on; shared with the actor-critic for its two phases.
         self.timer = PhaseTimer()
         self.actor_critic.timer = self.timer
@@ -118,6 +119,8 @@ class DreamerModule(L.LightningModule):
         #    Only the reward and continue heads are given the task.
         with self.timer("world_model"):
             wm_losses, post, metrics = self.world_model.loss(without_task(batch), self.replay_context(batch), task)
+            wm_losses["con"] = weight_terminal_steps(wm_losses["con"], batch["is_terminal"],
+                                                     self.cfg.loss_scales.con_terminal)
 
         # 2. Imagination: roll out the policy in the prior from every posterior state, each in its task.
         start = post.detach().flatten()

@@ -177,3 +177,23 @@ def test_the_watch_is_off_when_the_fraction_is_zero(tmp_path, monkeypatch):
     assert not [cb for cb in build(cfg)[2] if isinstance(cb, CollapseWatch)]
     cfg = load(["debug"], [f"run.dir={tmp_path / 'run'}"])
     assert [cb for cb in build(cfg)[2] if isinstance(cb, CollapseWatch)]
+
+
+def test_terminal_weight_of_the_continue_loss_reaches_the_training_step(in_tmp, monkeypatch):
+    """loss_scales.con_terminal: every training step weighs its batch's terminal steps in the continue loss."""
+    import lit_dreamer.module as module_file
+    from lit_dreamer.train import fit
+    calls = []
+    original = module_file.weight_terminal_steps
+
+    def spy(loss, is_terminal, weight):
+        out = original(loss, is_terminal, weight)
+        calls.append((weight, int(is_terminal.sum()), bool(torch.equal(out, loss))))
+        return out
+
+    monkeypatch.setattr(module_file, "weight_terminal_steps", spy)
+    # CartPole under a random-ish policy ends an episode every ~20 steps: batches hold terminal steps.
+    summary = fit(load_config(["debug"], [f"run.dir={in_tmp}/run", "logger.backend=none", "run.steps=120",
+                                          "run.prefill=60", "loss_scales.con_terminal=3"]))
+    assert len(calls) == summary["train_steps"] > 0 and {w for w, _, _ in calls} == {3.0}
+    assert any(n > 0 and not same for _, n, same in calls)  # a batch with terminals got a different loss

@@ -8,7 +8,8 @@ import torch
 from torch.testing import assert_close
 
 from lit_dreamer.distributions import TwoHot
-from lit_dreamer.losses import actor_loss, center_advantage, critic_loss, kl_losses, lambda_returns
+from lit_dreamer.losses import (actor_loss, center_advantage, critic_loss, kl_losses, lambda_returns,
+                                weight_terminal_steps)
 from lit_dreamer.normalizer import ReturnNormalizer
 
 
@@ -182,6 +183,13 @@ def test_centered_advantage_hand_values():
     assert not centered.requires_grad  # the weight's gradient is stopped, as in the actor loss
     # An advantage the same at every step (a critic lagging by the same amount everywhere) becomes zero.
     assert_close(center_advantage(torch.full((3, 4), 0.7), torch.rand(3, 4) + 0.1), torch.zeros(3, 4))
+
+
+def test_terminal_steps_weighted_in_the_continue_loss_hand_values():
+    loss = torch.tensor([[0.5, 2.0, 1.0]])
+    is_terminal = torch.tensor([[False, True, False]])
+    assert_close(weight_terminal_steps(loss, is_terminal, 4.0), torch.tensor([[0.5, 8.0, 1.0]]))
+    assert weight_terminal_steps(loss, is_terminal, 1.0) is loss  # the spec's loss, untouched
 
 
 def test_critic_loss_hand_values_and_stop_gradients():
