@@ -10,8 +10,7 @@ from typing_extensions import override
 
 from lit_dreamer.callbacks.env_collector import EnvStepSchedule, total_env_steps
 from lit_dreamer.config import task_metric_name
-from lit_dreamer.envs import TASK_SEED_STRIDE, make_vector_env
-from lit_dreamer.evaluation import EpisodeStats, run_episodes
+from lit_dreamer.evaluation import EpisodeStats, task_episodes
 
 
 class EvalCallback(Callback):
@@ -53,8 +52,7 @@ class EvalCallback(Callback):
             return None
         per_task = [self.run_task(pl_module, k) for k in range(len(self.tasks))]
         self.evaluations += 1
-        pooled = EpisodeStats([r for stats in per_task for r in stats.returns],
-                              [n for stats in per_task for n in stats.lengths])
+        pooled = EpisodeStats.pooled(per_task)
         summary: dict[str, float] = pooled.summary()
         if len(self.tasks) > 1:
             for task, stats in zip(self.tasks, per_task):
@@ -69,12 +67,8 @@ class EvalCallback(Callback):
 
     def run_task(self, pl_module: L.LightningModule, task: int) -> EpisodeStats:
         """`episodes` episodes of task number `task`, on seeds of their own (task 0: the one-task seeds)."""
-        seed = self.seed + 1000 * self.evaluations + task * TASK_SEED_STRIDE
-        envs = make_vector_env(self.tasks[task], self.episodes, seed=seed, **self.env_kwargs)
-        try:
-            return run_episodes(pl_module, envs, mode=self.mode, seed=seed, task=task)
-        finally:
-            envs.close()
+        return task_episodes(pl_module, self.tasks[task], self.episodes, seed=self.seed + 1000 * self.evaluations,
+                             index=task, mode=self.mode, policy=task, **self.env_kwargs)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -17,6 +18,12 @@ from lit_dreamer.options import at_least, checked
 class EpisodeStats:
     returns: list[float]
     lengths: list[int]
+
+    @classmethod
+    def pooled(cls, parts: Iterable[EpisodeStats]) -> EpisodeStats:
+        """The episodes of several runs (e.g. one per task) as one set."""
+        parts = list(parts)
+        return cls([r for p in parts for r in p.returns], [n for p in parts for n in p.lengths])
 
     def summary(self) -> dict[str, float]:
         r = np.asarray(self.returns, np.float64)
@@ -148,8 +155,7 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     torch.manual_seed(options.seed)
     per_task = {task: evaluate_task(module, task, k, cfg, options, policy_task(module, task, trained_on))
                 for k, task in enumerate(tasks)}
-    stats = EpisodeStats([r for s in per_task.values() for r in s.returns],
-                         [n for s in per_task.values() for n in s.lengths])
+    stats = EpisodeStats.pooled(per_task.values())
     result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
               "env": ",".join(tasks), "checkpoint": os.path.abspath(ckpt_path)}
     if len(tasks) > 1:
@@ -185,11 +191,19 @@ def policy_task(module, task: str, trained_on: list[str]) -> int:
 def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions, policy: int = 0) -> EpisodeStats:
     """`options.episodes` episodes of one task; task number `index` seeds its envs apart (task 0: options.seed);
     the policy acts for task number `policy` of the checkpoint's table."""
+    return task_episodes(module, task, options.episodes, seed=options.seed, index=index, mode=options.mode,
+                         policy=policy, **cfg.env.make_kwargs())
+
+
+def task_episodes(module, env_id: str, episodes: int, *, seed: int, index: int, mode: str, policy: int,
+                  **env_kwargs) -> EpisodeStats:
+    """`episodes` episodes of env `env_id` in fresh envs, the policy acting for task number `policy`; task
+    number `index` of a table gets seeds of its own (seed + index * TASK_SEED_STRIDE; task 0: seed)."""
     from lit_dreamer.envs import TASK_SEED_STRIDE, make_vector_env
-    seed = options.seed + index * TASK_SEED_STRIDE
-    envs = make_vector_env(task, options.episodes, seed=seed, **cfg.env.make_kwargs())
+    seed = seed + index * TASK_SEED_STRIDE
+    envs = make_vector_env(env_id, episodes, seed=seed, **env_kwargs)
     try:
-        return run_episodes(module, envs, mode=options.mode, seed=seed, task=policy)
+        return run_episodes(module, envs, mode=mode, seed=seed, task=policy)
     finally:
         envs.close()
 
