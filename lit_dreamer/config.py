@@ -447,18 +447,24 @@ def load_config(files: list[str] = (), overrides: list[str] = (), base: dict | N
 
 
 def settle_id_and_tasks(config: Config, set_at: dict[str, tuple[int, str]]) -> None:
-    """env.tasks set at a later level than env.id replaces it; both at one level, or env.id later, is an error.
+    """Of env.id and env.tasks, the one set at the later level wins; both at one level is an error.
 
     A domain's recipe file names one env.id (configs/dmc_proprio.yaml): `-c dmc_proprio env.tasks=[...]`
-    trains the tasks with that recipe. On one command line, or in one file, both keys are a contradiction.
+    trains the tasks with that recipe; a family's file names a task list (configs/point_goal.yaml):
+    `-c point_goal env.id=...` trains that one task with the family's settings. On one command line, or in
+    one file, both keys are a contradiction. The task list of a run being continued (level -1) is not
+    replaced here: continuing with another task table is refused when the run starts.
     """
     if not config.env.tasks or "env.id" not in set_at:
         return
     (id_level, id_source), (tasks_level, tasks_source) = set_at["env.id"], set_at["env.tasks"]
-    if id_level >= tasks_level:
+    if id_level == tasks_level or tasks_level < 0:
         raise ConfigError(f"env.id (in {id_source}) and env.tasks (in {tasks_source}) are both set; a run trains "
                           "either the one task env.id or the list env.tasks: drop env.id, or add it to env.tasks")
-    config.env.id = EnvConfig.id  # the earlier file's env.id gives way to the task list
+    if id_level > tasks_level:
+        config.env.tasks = []  # the later env.id replaces the earlier file's task list
+    else:
+        config.env.id = EnvConfig.id  # the earlier file's env.id gives way to the task list
 
 
 def migrated(layer: DictConfig, source: str) -> DictConfig:

@@ -43,6 +43,12 @@ def test_one_task_is_the_table_of_env_id_and_tasks_replace_an_earlier_files_env_
     assert cfg.env.id == "CartPole-v1"  # the default: the saved config does not name a task it does not train
 
 
+def test_an_env_id_after_a_files_task_list_trains_that_one_task():
+    cfg = load_config(["point_goal"], [f"env.id={POINT.format(2)}"])
+    assert task_names(cfg) == [POINT.format(2)] and cfg.env.tasks == []
+    assert len(task_names(load_config(["point_goal"]))) == 4
+
+
 @pytest.mark.parametrize("overrides", [
     ["env.id=Pendulum-v1", TWO_TASKS],   # both on one command line
     [TWO_TASKS, "env.id=Pendulum-v1"],   # in either order
