@@ -51,7 +51,7 @@ def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim:
             step[key] = (np.eye(action_dim, dtype=np.float32)[rng.integers(0, action_dim, num_envs)] if discrete
                          else rng.uniform(-1, 1, (num_envs, action_dim)).astype(np.float32))
         elif key == "task":
-            step[key] = np.zeros(num_envs, dtype)  # the one task of the bench's replay
+            step[key] = np.arange(num_envs, dtype=dtype)  # stream k holds task k, as the collector lays them out
         elif dtype == np.uint8:
             step[key] = rng.integers(0, 256, (num_envs, *shape), dtype=np.uint8)
         elif dtype == np.bool_:
@@ -107,16 +107,20 @@ def count(module: torch.nn.Module) -> int:
 
 def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     L.seed_everything(cfg.run.seed, verbose=False)
-    info = probe_env(cfg)
-    module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile)
+    info, num_tasks = probe_env(cfg), len(task_names(cfg))
+    module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile,
+                           num_tasks=num_tasks)
     module.timer.enabled = True
     B, T = cfg.run.batch_size, cfg.run.batch_length
-    settings = ReplayConfig(capacity=max(4 * T, 2048), device=cfg.replay.device)
-    datamodule = ReplayDataModule(info.spec, settings, num_envs=1, batch_size=B, batch_length=T, seed=cfg.run.seed)
+    # One stream per task (the collector's layout with one env each), batches balanced as in training.
+    settings = ReplayConfig(capacity=max(4 * T, 2048) * num_tasks, device=cfg.replay.device,
+                            task_balance=cfg.replay.task_balance)
+    datamodule = ReplayDataModule(info.spec, settings, num_envs=num_tasks, batch_size=B, batch_length=T,
+                                  seed=cfg.run.seed, num_tasks=num_tasks)
     datamodule.setup("fit")
     rng = np.random.default_rng(cfg.run.seed)
-    for _ in range(datamodule.replay.capacity):
-        datamodule.replay.add(random_step(info.spec, 1, rng, info.action_dim, info.discrete))
+    for _ in range(datamodule.replay.capacity // num_tasks):
+        datamodule.replay.add(random_step(info.spec, num_tasks, rng, info.action_dim, info.discrete))
 
     timer = StepTimer(options.warmup, options.steps, options.profile_steps)
     trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k in ("accelerator", "devices", "precision", "strategy")}
@@ -173,19 +177,20 @@ def profile_rows(profile: torch.profiler.profile, steps: int, top: int = 25) -> 
 
 def time_collector(cfg: Config, trainer: L.Trainer, module: DreamerModule, steps: int) -> tuple[float, float]:
     """Env steps per second of the collector acting with the current policy, and seconds per env step."""
-    collector = EnvCollector(task_names(cfg)[0], num_envs=cfg.env.num_envs, seed=cfg.run.seed, **cfg.env.make_kwargs())
+    tasks = task_names(cfg)
+    collector = EnvCollector(tasks, num_envs=cfg.env.num_envs, seed=cfg.run.seed, **cfg.env.make_kwargs())
     collector.setup(trainer, module, "fit")
     try:
         collector.reset_envs(module)
         collector.step(trainer, module, random=False)  # first call allocates
         start = time.perf_counter()
-        vector_steps = max(1, steps // cfg.env.num_envs)
+        vector_steps = max(1, steps // (cfg.env.num_envs * len(tasks)))
         for _ in range(vector_steps):
             collector.step(trainer, module, random=False)
         elapsed = time.perf_counter() - start
     finally:
         collector.teardown(trainer, module, "fit")
-    env_steps = vector_steps * cfg.env.num_envs
+    env_steps = vector_steps * cfg.env.num_envs * len(tasks)
     return env_steps / elapsed, elapsed / env_steps
 
 

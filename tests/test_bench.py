@@ -43,3 +43,33 @@ def test_bench_rejects_unknown_options(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lit_dreamer", "bench", "-c", "debug", "bench.stepz=2"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "bench.steps=N" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_bench_with_several_tasks_times_the_conditioned_agent_on_task_balanced_batches(monkeypatch):
+    """With env.tasks the bench's agent has one head per task and every batch holds each task equally,
+    as in training, so the time per step of K tasks compares with one task's at the same batch."""
+    torch = pytest.importorskip("torch")
+    from lit_dreamer.bench import BenchConfig, bench
+    from lit_dreamer.config import load_config
+    from lit_dreamer.module import DreamerModule
+
+    seen = []
+    train_step = DreamerModule.training_step
+
+    def recording_step(self, batch, *args, **kwargs):
+        seen.append(torch.bincount(batch["task"][:, 0].cpu(), minlength=2).tolist())
+        return train_step(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(DreamerModule, "training_step", recording_step)
+    tasks = "env.tasks=[lit_dreamer/PointGoal-0-v0,lit_dreamer/PointGoal-1-v0]"
+    options = BenchConfig(steps=1, warmup=1, collector_steps=4)
+    one = bench(load_config(["debug"], ["env.id=lit_dreamer/PointGoal-0-v0", "multitask.conditioning=heads"]), options)
+    seen.clear()
+    two = bench(load_config(["debug"], [tasks, "multitask.conditioning=heads"]), options)
+    assert two["config"]["env"] == "lit_dreamer/PointGoal-0-v0,lit_dreamer/PointGoal-1-v0"
+    assert seen and all(counts == [2, 2] for counts in seen)  # debug's batch of 4: two sequences per task
+    # One output layer per task (heads mode): the second task's layers are parameters a one-task agent lacks.
+    assert two["params"]["actor"] > one["params"]["actor"]
+    assert two["params"]["world_model"] > one["params"]["world_model"]  # the reward and continue heads' layers
+    assert two["env_steps_per_s"] > 0
