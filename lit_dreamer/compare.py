@@ -18,11 +18,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from lit_dreamer.config import ConfigError, default_tracking_uri
+# The statistics live in curve_stats; tests and scripts/export_results.py import them from here too.
+from lit_dreamer.curve_stats import (IQM_DEFINITION, GroupCurve, bootstrap_ci, group_curve,  # noqa: F401
+                                     history_arrays, interpolate_to_grid, iqm, step_grid)
 from lit_dreamer.options import dataclass_help
 from lit_dreamer.tracking import KIND_TAG
 
@@ -61,107 +64,6 @@ MLFLOW_ONLY = ("compare reads MLflow only: runs trained with logger.backend=tens
 def options_help() -> str:
     """compare's --help epilog: what it reads, then its options with their defaults and docstrings."""
     return MLFLOW_ONLY + ".\n\n" + dataclass_help(CompareOptions)
-
-
-# --------------------------------------------------------------------------------------------------
-# Statistics: pure functions on arrays
-
-
-def history_arrays(points: Sequence[tuple[float, float, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """(step, timestamp, value) triples -> increasing steps and their values.
-
-    A step logged twice (a resumed run repeats the steps since its checkpoint) keeps the newer value.
-    """
-    latest = {step: value for step, _, value in sorted(points, key=lambda p: (p[0], p[1]))}
-    steps = np.array(sorted(latest), dtype=float)
-    return steps, np.array([latest[s] for s in sorted(latest)], dtype=float)
-
-
-def interpolate_to_grid(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """A run's curve at the grid's env steps: linear between logged steps, NaN outside the run's range."""
-    steps, values, grid = (np.asarray(a, dtype=float) for a in (steps, values, grid))
-    assert steps.shape == values.shape and np.all(np.diff(steps) > 0), "steps must increase, one value each"
-    out = np.full(grid.shape, np.nan)
-    if steps.size:
-        inside = (grid >= steps[0]) & (grid <= steps[-1])
-        out[inside] = np.interp(grid[inside], steps, values)
-    return out
-
-
-def step_grid(run_steps: Sequence[np.ndarray], max_points: int = 200) -> np.ndarray:
-    """Evenly spaced env steps from the group's first to its last logged step.
-
-    As many points as the most often logged run has (at most max_points), so evaluations at a fixed
-    interval land on the grid exactly and are not smoothed by the interpolation.
-    """
-    first, last = min(s[0] for s in run_steps), max(s[-1] for s in run_steps)
-    count = min(max_points, max(len(s) for s in run_steps))
-    return np.linspace(first, last, max(count, 2) if last > first else 1)
-
-
-IQM_DEFINITION = "IQM: rliable's 25% trimmed mean (scipy.stats.trim_mean(x, 0.25)): floor(n/4) runs dropped at each end"
-
-
-def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Interquartile mean as rliable computes it: a 25% trimmed mean along axis.
-
-    The floor(n/4) smallest and floor(n/4) largest values are dropped and the rest averaged with equal
-    weight (rliable's `aggregate_iqm` is `scipy.stats.trim_mean(scores, 0.25)`). For n < 4 nothing is
-    dropped: the IQM of 3 runs is their mean. NaN for no values.
-    """
-    ordered = np.moveaxis(np.sort(np.asarray(values, dtype=float), axis=axis), axis, -1)
-    n = ordered.shape[-1]
-    if n == 0:
-        return np.full(ordered.shape[:-1], np.nan)
-    cut = n // 4
-    return ordered[..., cut:n - cut].mean(axis=-1)
-
-
-def bootstrap_ci(values: Sequence[float], statistic: Callable = np.mean, confidence: float = 0.95,
-                 resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of statistic(values), resampling the values (runs) with replacement.
-
-    statistic takes an array and axis=-1 (np.mean, iqm). The seed is fixed, so a figure is reproducible.
-    """
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    estimates = statistic(values[rng.integers(0, values.size, size=(resamples, values.size))], axis=-1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(estimates, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-@dataclass
-class GroupCurve:
-    """A group's runs on a common env-step grid, their mean with a bootstrap CI, and the IQM at the end."""
-
-    name: str
-    grid: np.ndarray
-    curves: np.ndarray
-    """(runs, grid points); NaN where a run has no value."""
-    mean: np.ndarray
-    low: np.ndarray
-    high: np.ndarray
-    final_values: np.ndarray
-    """The values at the last grid step of the runs that reach it."""
-    final_iqm: float
-    final_iqm_ci: tuple[float, float]
-
-
-def group_curve(name: str, runs: Sequence[tuple[np.ndarray, np.ndarray]], max_points: int = 200) -> GroupCurve:
-    """Aggregate a group's (steps, values) curves; every run needs at least one point."""
-    grid = step_grid([steps for steps, _ in runs], max_points)
-    curves = np.stack([interpolate_to_grid(steps, values, grid) for steps, values in runs])
-    mean, low, high = (np.full(grid.shape, np.nan) for _ in range(3))
-    for j, column in enumerate(curves.T):
-        present = column[~np.isnan(column)]
-        if present.size:  # a grid point in a gap between runs' ranges has none
-            mean[j] = present.mean()
-            low[j], high[j] = bootstrap_ci(present)
-    final = curves[:, -1][~np.isnan(curves[:, -1])]
-    return GroupCurve(name, grid, curves, mean, low, high, final, float(iqm(final)), bootstrap_ci(final, iqm))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,9 +251,14 @@ def load_metrics(options: CompareOptions, notes: list[str] | None = None) -> dic
     runs = chosen_runs(client, options, kinds, notes)
     first, *others = matching_metrics(options.metric, runs)
     summaries = [summarize_run(client, r, first, options.group_by) for r in runs]
-    by_metric = {first: summaries, **{m: [with_metric(s, client, r, m) for s, r in zip(summaries, runs)] for m in others}}
-    order = lambda s: (s.group == "-", s.group, s.name)  # noqa: E731  runs without the param last
-    return {metric: sorted(found, key=order) for metric, found in by_metric.items()}
+    by_metric = {first: summaries}
+    for metric in others:  # the same runs, each with this metric's history
+        by_metric[metric] = [with_metric(s, client, r, metric) for s, r in zip(summaries, runs)]
+    return {metric: sorted(found, key=table_order) for metric, found in by_metric.items()}
+
+
+def table_order(run: RunSummary) -> tuple[bool, str, str]:
+    return run.group == "-", run.group, run.name  # runs without the param last
 
 
 def load_runs(options: CompareOptions, notes: list[str] | None = None) -> list[RunSummary]:
@@ -571,7 +478,8 @@ def report_metric(metric: str, runs: Sequence[RunSummary], groups: Sequence[Grou
     print(comparison_table(runs))
     plot_comparison(groups, metric).savefig(out, dpi=100)
     count = sum(bool(r.steps.size) for r in runs)
-    print(f"\n{metric} of {plural(count, 'run')} in {plural(len(groups), 'group')} -> {out}{without_note(metric, runs)}")
+    print(f"\n{metric} of {plural(count, 'run')} in {plural(len(groups), 'group')} -> {out}"
+          f"{without_note(metric, runs)}")
 
 
 def report_metrics(pattern: str, by_metric: dict[str, Sequence[RunSummary]],

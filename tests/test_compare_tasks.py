@@ -108,7 +108,8 @@ def test_main_returns_and_plots_one_panel_per_task(store, tmp_path, capsys):
 
 
 def test_a_pattern_that_matches_one_key_is_that_metric(store, tmp_path, capsys):
-    code, plain, err = run_compare(capsys, f"tracking_uri={store['uri']}", f"metric={KEYS[0]}", f"out={tmp_path / 'a.png'}")
+    code, plain, err = run_compare(capsys, f"tracking_uri={store['uri']}", f"metric={KEYS[0]}",
+                                   f"out={tmp_path / 'a.png'}")
     assert code == 0, err
     code, matched, err = run_compare(capsys, f"tracking_uri={store['uri']}", "metric=eval/*0-v0/return",
                                      f"out={tmp_path / 'a.png'}")
@@ -117,7 +118,8 @@ def test_a_pattern_that_matches_one_key_is_that_metric(store, tmp_path, capsys):
 
 
 def test_a_pattern_that_matches_nothing_names_the_metrics_there_are(store, tmp_path, capsys):
-    code, _, err = run_compare(capsys, f"tracking_uri={store['uri']}", "metric=eval/*/success", f"out={tmp_path / 'x.png'}")
+    code, _, err = run_compare(capsys, f"tracking_uri={store['uri']}", "metric=eval/*/success",
+                               f"out={tmp_path / 'x.png'}")
     assert code == 2 and not (tmp_path / "x.png").exists()
     assert ("no metric matches the pattern 'eval/*/success' (* matches any characters, / included); metrics "
             f"starting with 'eval/': {KEYS[0]}, {KEYS[1]}, eval/return") in err, err
