@@ -221,7 +221,7 @@ def listed(keys: Sequence[str], limit: int = 12) -> str:
 
 
 def matching_metrics(metric: str, runs: list) -> list[str]:
-    """The metric keys of the runs that options.metric names: itself, or the sorted keys its pattern matches.
+    """The runs' metric keys that metric names: itself, or, for a pattern, the sorted keys it matches.
 
     Fails naming the metric keys there are: for a pattern, those that start as it does (all if none does).
     """
