@@ -5,18 +5,27 @@ The runs of an experiment are grouped by a param (default `env.id`). The table h
 group. The figure has the group mean curves with 95% bootstrap bands over runs, and the interquartile
 mean (IQM) of each group at its last grid step: the aggregate rliable recommends for a few seeds
 (Agarwal et al., *Deep RL at the Edge of the Statistical Precipice*, 2021), computed as rliable does.
+
+The metric may be a pattern (`eval/*/return`: each task of multi-task runs): each metric key it matches
+gets its own curve panel and table section.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import math
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+import re
+from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import numpy as np
 
 from lit_dreamer.config import ConfigError, default_tracking_uri
+# The statistics live in curve_stats; tests and scripts/export_results.py import them from here too.
+from lit_dreamer.curve_stats import (IQM_DEFINITION, GroupCurve, bootstrap_ci, group_curve,  # noqa: F401
+                                     history_arrays, interpolate_to_grid, iqm, step_grid)
 from lit_dreamer.options import dataclass_help
 from lit_dreamer.tracking import KIND_TAG
 
@@ -34,9 +43,11 @@ class CompareOptions:
     group_by: str = "env.id"
     """Param whose value groups the runs (runs without it form the group '-')."""
     metric: str = "eval/return"
-    """Metric to compare; its MLflow steps are env steps."""
+    """Metric to compare; its MLflow steps are env steps. A pattern with * (e.g. 'eval/*/return', each task of
+    multi-task runs) compares every metric it matches: one curve panel and one table section per metric."""
     out: str = "compare.png"
-    """PNG with the group learning curves (left panel) and the IQM at the last grid step (right panel)."""
+    """PNG with the group learning curves (left panel) and the IQM at the last grid step (right panel); for a
+    metric pattern matching several metrics, a grid of curve panels, one per metric."""
     tracking_uri: str = field(default_factory=default_tracking_uri)
     """MLflow tracking URI (default: $MLFLOW_TRACKING_URI when set, else sqlite:///mlflow.db)."""
     runs: str = ""
@@ -53,107 +64,6 @@ MLFLOW_ONLY = ("compare reads MLflow only: runs trained with logger.backend=tens
 def options_help() -> str:
     """compare's --help epilog: what it reads, then its options with their defaults and docstrings."""
     return MLFLOW_ONLY + ".\n\n" + dataclass_help(CompareOptions)
-
-
-# --------------------------------------------------------------------------------------------------
-# Statistics: pure functions on arrays
-
-
-def history_arrays(points: Sequence[tuple[float, float, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """(step, timestamp, value) triples -> increasing steps and their values.
-
-    A step logged twice (a resumed run repeats the steps since its checkpoint) keeps the newer value.
-    """
-    latest = {step: value for step, _, value in sorted(points, key=lambda p: (p[0], p[1]))}
-    steps = np.array(sorted(latest), dtype=float)
-    return steps, np.array([latest[s] for s in sorted(latest)], dtype=float)
-
-
-def interpolate_to_grid(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """A run's curve at the grid's env steps: linear between logged steps, NaN outside the run's range."""
-    steps, values, grid = (np.asarray(a, dtype=float) for a in (steps, values, grid))
-    assert steps.shape == values.shape and np.all(np.diff(steps) > 0), "steps must increase, one value each"
-    out = np.full(grid.shape, np.nan)
-    if steps.size:
-        inside = (grid >= steps[0]) & (grid <= steps[-1])
-        out[inside] = np.interp(grid[inside], steps, values)
-    return out
-
-
-def step_grid(run_steps: Sequence[np.ndarray], max_points: int = 200) -> np.ndarray:
-    """Evenly spaced env steps from the group's first to its last logged step.
-
-    As many points as the most often logged run has (at most max_points), so evaluations at a fixed
-    interval land on the grid exactly and are not smoothed by the interpolation.
-    """
-    first, last = min(s[0] for s in run_steps), max(s[-1] for s in run_steps)
-    count = min(max_points, max(len(s) for s in run_steps))
-    return np.linspace(first, last, max(count, 2) if last > first else 1)
-
-
-IQM_DEFINITION = "IQM: rliable's 25% trimmed mean (scipy.stats.trim_mean(x, 0.25)): floor(n/4) runs dropped at each end"
-
-
-def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Interquartile mean as rliable computes it: a 25% trimmed mean along axis.
-
-    The floor(n/4) smallest and floor(n/4) largest values are dropped and the rest averaged with equal
-    weight (rliable's `aggregate_iqm` is `scipy.stats.trim_mean(scores, 0.25)`). For n < 4 nothing is
-    dropped: the IQM of 3 runs is their mean. NaN for no values.
-    """
-    ordered = np.moveaxis(np.sort(np.asarray(values, dtype=float), axis=axis), axis, -1)
-    n = ordered.shape[-1]
-    if n == 0:
-        return np.full(ordered.shape[:-1], np.nan)
-    cut = n // 4
-    return ordered[..., cut:n - cut].mean(axis=-1)
-
-
-def bootstrap_ci(values: Sequence[float], statistic: Callable = np.mean, confidence: float = 0.95,
-                 resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of statistic(values), resampling the values (runs) with replacement.
-
-    statistic takes an array and axis=-1 (np.mean, iqm). The seed is fixed, so a figure is reproducible.
-    """
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    estimates = statistic(values[rng.integers(0, values.size, size=(resamples, values.size))], axis=-1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(estimates, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-@dataclass
-class GroupCurve:
-    """A group's runs on a common env-step grid, their mean with a bootstrap CI, and the IQM at the end."""
-
-    name: str
-    grid: np.ndarray
-    curves: np.ndarray
-    """(runs, grid points); NaN where a run has no value."""
-    mean: np.ndarray
-    low: np.ndarray
-    high: np.ndarray
-    final_values: np.ndarray
-    """The values at the last grid step of the runs that reach it."""
-    final_iqm: float
-    final_iqm_ci: tuple[float, float]
-
-
-def group_curve(name: str, runs: Sequence[tuple[np.ndarray, np.ndarray]], max_points: int = 200) -> GroupCurve:
-    """Aggregate a group's (steps, values) curves; every run needs at least one point."""
-    grid = step_grid([steps for steps, _ in runs], max_points)
-    curves = np.stack([interpolate_to_grid(steps, values, grid) for steps, values in runs])
-    mean, low, high = (np.full(grid.shape, np.nan) for _ in range(3))
-    for j, column in enumerate(curves.T):
-        present = column[~np.isnan(column)]
-        if present.size:  # a grid point in a gap between runs' ranges has none
-            mean[j] = present.mean()
-            low[j], high[j] = bootstrap_ci(present)
-    final = curves[:, -1][~np.isnan(curves[:, -1])]
-    return GroupCurve(name, grid, curves, mean, low, high, final, float(iqm(final)), bootstrap_ci(final, iqm))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,12 +165,18 @@ def source_commit(run) -> str:
     return recorded or "-"
 
 
-def summarize_run(client, run, metric: str, group_by: str) -> RunSummary:
-    def history(key: str) -> list:
-        return client.get_metric_history(run.info.run_id, key) if key in run.data.metrics else []
+def metric_history(client, run, key: str) -> list:
+    """The run's logged points of the metric key ([] if it has none: no query for a key it never logged)."""
+    return client.get_metric_history(run.info.run_id, key) if key in run.data.metrics else []
 
-    steps, values = history_arrays([(m.step, m.timestamp, m.value) for m in history(metric)])
-    env_history = sorted(history("train/env_steps"), key=lambda m: (m.step, m.timestamp))
+
+def metric_arrays(client, run, key: str) -> tuple[np.ndarray, np.ndarray]:
+    return history_arrays([(m.step, m.timestamp, m.value) for m in metric_history(client, run, key)])
+
+
+def summarize_run(client, run, metric: str, group_by: str) -> RunSummary:
+    steps, values = metric_arrays(client, run, metric)
+    env_history = sorted(metric_history(client, run, "train/env_steps"), key=lambda m: (m.step, m.timestamp))
     end_ms = run.info.end_time
     if end_ms is None and env_history:  # still running, or killed: up to its last sign of life
         end_ms = max(m.timestamp for m in env_history)
@@ -271,31 +187,83 @@ def summarize_run(client, run, metric: str, group_by: str) -> RunSummary:
         git_commit=source_commit(run))
 
 
-def load_runs(options: CompareOptions, notes: list[str] | None = None) -> list[RunSummary]:
-    """The experiment's runs of the wanted kinds (or the selected runs), sorted by group and name.
+def with_metric(summary: RunSummary, client, run, metric: str) -> RunSummary:
+    """The same run's summary with another metric's history."""
+    steps, values = metric_arrays(client, run, metric)
+    return replace(summary, steps=steps, values=values)
 
-    Fails if none has the metric. A line about the runs left out for their kind is appended to notes.
-    """
-    kinds = parse_kinds(options.kinds)
-    client = open_client(options.tracking_uri)
+
+def chosen_runs(client, options: CompareOptions, kinds: Sequence[str], notes: list[str] | None) -> list:
+    """The experiment's runs of the wanted kinds, or the runs named in options.runs; a note on those left out."""
     runs = experiment_runs(client, options.experiment)
     if options.runs:
-        runs = select_runs(runs, [r.strip() for r in options.runs.split(",") if r.strip()])
-    else:
-        left_out = [r for r in runs if run_kind(r) not in kinds]
-        runs = [r for r in runs if run_kind(r) in kinds]
-        if left_out and notes is not None:
-            counts = {k: sum(run_kind(r) == k for r in left_out) for k in KINDS}
-            what = ", ".join(plural(n, f"{k} run") for k, n in counts.items() if n)
-            notes.append(f"left out: {what} (kinds={options.kinds}; add kinds=train,eval to include them)")
-        if not runs:
-            raise CompareError(f"experiment {options.experiment!r} has no runs of kinds={options.kinds}; "
-                               f"it has {', '.join(sorted({run_kind(r) for r in left_out}))} runs (set kinds=)")
-    if not any(options.metric in r.data.metrics for r in runs):
-        keys = sorted(set().union(*(r.data.metrics for r in runs)))
-        raise CompareError(f"no run has the metric {options.metric!r}; metrics: {', '.join(keys) or 'none'}")
-    summaries = [summarize_run(client, r, options.metric, options.group_by) for r in runs]
-    return sorted(summaries, key=lambda s: (s.group == "-", s.group, s.name))  # runs without the param last
+        return select_runs(runs, [r.strip() for r in options.runs.split(",") if r.strip()])
+    left_out = [r for r in runs if run_kind(r) not in kinds]
+    runs = [r for r in runs if run_kind(r) in kinds]
+    if left_out and notes is not None:
+        counts = {k: sum(run_kind(r) == k for r in left_out) for k in KINDS}
+        what = ", ".join(plural(n, f"{k} run") for k, n in counts.items() if n)
+        notes.append(f"left out: {what} (kinds={options.kinds}; add kinds=train,eval to include them)")
+    if not runs:
+        raise CompareError(f"experiment {options.experiment!r} has no runs of kinds={options.kinds}; "
+                           f"it has {', '.join(sorted({run_kind(r) for r in left_out}))} runs (set kinds=)")
+    return runs
+
+
+def is_pattern(metric: str) -> bool:
+    return any(c in metric for c in "*?[")
+
+
+def listed(keys: Sequence[str], limit: int = 12) -> str:
+    """The first limit keys, comma-separated, and how many more there are."""
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return (", ".join(keys[:limit]) or "none") + more
+
+
+def matching_metrics(metric: str, runs: list) -> list[str]:
+    """The runs' metric keys that metric names: itself, or, for a pattern, the sorted keys it matches.
+
+    Fails naming the metric keys there are: for a pattern, those that start as it does (all if none does).
+    """
+    keys = sorted(set().union(*(r.data.metrics for r in runs)))
+    if not is_pattern(metric):
+        if metric not in keys:
+            raise CompareError(f"no run has the metric {metric!r}; metrics: {', '.join(keys) or 'none'}")
+        return [metric]
+    matched = [k for k in keys if fnmatch.fnmatchcase(k, metric)]
+    if not matched:
+        prefix = re.split(r"[*?[]", metric)[0]
+        near = [k for k in keys if k.startswith(prefix)]
+        where = f" starting with {prefix!r}" if near and prefix else ""
+        raise CompareError(f"no metric matches the pattern {metric!r} (* matches any characters, / included); "
+                           f"metrics{where}: {listed(near or keys)}")
+    return matched
+
+
+def load_metrics(options: CompareOptions, notes: list[str] | None = None) -> dict[str, list[RunSummary]]:
+    """Each metric that options.metric names -> the chosen runs with its history, sorted by group and name.
+
+    Fails if no run has the metric (or no key matches the pattern). A line about the runs left out for
+    their kind is appended to notes.
+    """
+    kinds = parse_kinds(options.kinds)  # a bad option fails before the store is opened
+    client = open_client(options.tracking_uri)
+    runs = chosen_runs(client, options, kinds, notes)
+    first, *others = matching_metrics(options.metric, runs)
+    summaries = [summarize_run(client, r, first, options.group_by) for r in runs]
+    by_metric = {first: summaries}
+    for metric in others:  # the same runs, each with this metric's history
+        by_metric[metric] = [with_metric(s, client, r, metric) for s, r in zip(summaries, runs)]
+    return {metric: sorted(found, key=table_order) for metric, found in by_metric.items()}
+
+
+def table_order(run: RunSummary) -> tuple[bool, str, str]:
+    return run.group == "-", run.group, run.name  # runs without the param last
+
+
+def load_runs(options: CompareOptions, notes: list[str] | None = None) -> list[RunSummary]:
+    """The runs with the history of options.metric (of the first key, for a pattern): see load_metrics."""
+    return next(iter(load_metrics(options, notes).values()))
 
 
 def by_group(runs: Sequence[RunSummary]) -> dict[str, list[RunSummary]]:
@@ -386,43 +354,103 @@ def group_iqm_row(name: str, runs: Sequence[RunSummary]) -> list[str]:
             format_value(iqm_of([r.best for r in runs])), "", "", "", ""]
 
 
-def comparison_table(runs: Sequence[RunSummary]) -> str:
-    """One row per run, then a mean row and an IQM row per group, then what the IQM is."""
+def table_sections(runs: Sequence[RunSummary]) -> list[list[list[str]]]:
+    """One row per run, then a mean row and an IQM row per group (all TABLE_HEADER's columns)."""
     group_rows = [row for g, rs in by_group(runs).items() for row in (group_row(g, rs), group_iqm_row(g, rs))]
-    return format_table(TABLE_HEADER, [[run_row(r) for r in runs], group_rows]) + f"\n\n{IQM_DEFINITION}"
+    return [[run_row(r) for r in runs], group_rows]
+
+
+def comparison_table(runs: Sequence[RunSummary]) -> str:
+    """The table of one metric: its sections, then what the IQM is."""
+    return format_table(TABLE_HEADER, table_sections(runs)) + f"\n\n{IQM_DEFINITION}"
+
+
+METRIC_COLUMNS = ("run", "id", "group", "final", "best")
+RUN_COLUMNS = ("run", "id", "group", "env steps", "wall", "steps/s", "commit")
+
+
+def only_columns(names: Sequence[str], sections: Sequence[Sequence[Sequence[str]]]) -> list[list[list[str]]]:
+    """The sections' rows (of TABLE_HEADER's columns) cut to the named columns."""
+    index = [TABLE_HEADER.index(name) for name in names]
+    return [[[row[i] for i in index] for row in section] for section in sections]
+
+
+def metrics_table(by_metric: dict[str, Sequence[RunSummary]]) -> str:
+    """One section per metric (final, best, group mean and IQM), then the runs' steps, time and commit once."""
+    blocks = [f"{metric}\n" + format_table(METRIC_COLUMNS, only_columns(METRIC_COLUMNS, table_sections(runs)))
+              for metric, runs in by_metric.items()]
+    runs = next(iter(by_metric.values()))  # the same runs in each: only their metric's history differs
+    run_sections = [[run_row(r) for r in runs], [group_row(g, rs) for g, rs in by_group(runs).items()]]
+    blocks.append(format_table(RUN_COLUMNS, only_columns(RUN_COLUMNS, run_sections)))
+    return "\n\n".join(blocks) + f"\n\n{IQM_DEFINITION}"
 
 
 # --------------------------------------------------------------------------------------------------
 # Figure
 
 
-def plot_comparison(groups: Sequence[GroupCurve], metric: str):
-    """Left: each group's runs (thin), mean (thick, labelled) and 95% CI band; right: IQM with 95% CI."""
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)  # no pyplot: no global figure state, no display needed
-    curves_axes, iqm_axes = figure.subplots(1, 2, width_ratios=[2.2, 1])
-    for index, group in enumerate(groups):
-        color = f"C{index % 10}"
+    return figure
+
+
+def draw_groups(axes, groups: Sequence[GroupCurve], colors: dict[str, str]) -> None:
+    """Each group's runs (thin), mean (thick, labelled with its run count) and 95% CI band, in its color."""
+    for group in groups:
+        color = colors[group.name]
         for curve in group.curves:
-            curves_axes.plot(group.grid, curve, color=color, alpha=0.3, linewidth=0.8)
-        curves_axes.plot(group.grid, group.mean, color=color, linewidth=2, marker="o" if group.grid.size == 1 else None,
-                         label=f"{group.name} (n={len(group.curves)})")
-        curves_axes.fill_between(group.grid, group.low, group.high, color=color, alpha=0.2, linewidth=0)
+            axes.plot(group.grid, curve, color=color, alpha=0.3, linewidth=0.8)
+        axes.plot(group.grid, group.mean, color=color, linewidth=2, marker="o" if group.grid.size == 1 else None,
+                  label=f"{group.name} (n={len(group.curves)})")
+        axes.fill_between(group.grid, group.low, group.high, color=color, alpha=0.2, linewidth=0)
+    axes.legend(loc="best", fontsize="small")
+    axes.grid(alpha=0.3)
+
+
+def group_colors(names: Sequence[str]) -> dict[str, str]:
+    return {name: f"C{index % 10}" for index, name in enumerate(names)}
+
+
+def plot_comparison(groups: Sequence[GroupCurve], metric: str):
+    """Left: each group's runs (thin), mean (thick, labelled) and 95% CI band; right: IQM with 95% CI."""
+    figure = new_figure(12, 4.5)
+    curves_axes, iqm_axes = figure.subplots(1, 2, width_ratios=[2.2, 1])
+    draw_groups(curves_axes, groups, group_colors([g.name for g in groups]))
+    curves_axes.set(xlabel="env steps", ylabel=metric, title=f"{metric}: mean over runs, 95% bootstrap CI")
+    for index, group in enumerate(groups):
         low, high = group.final_iqm_ci
         iqm_axes.errorbar(group.final_iqm, index, xerr=[[group.final_iqm - low], [high - group.final_iqm]],
-                          fmt="o", color=color, capsize=4)
-    curves_axes.set(xlabel="env steps", ylabel=metric, title=f"{metric}: mean over runs, 95% bootstrap CI")
-    curves_axes.legend(loc="best", fontsize="small")
-    curves_axes.grid(alpha=0.3)
+                          fmt="o", color=f"C{index % 10}", capsize=4)
     iqm_axes.set_yticks(range(len(groups)), labels=[
         f"{g.name}\nn={len(g.final_values)} at {g.grid[-1]:,.0f}" for g in groups])
     iqm_axes.set_ylim(-0.5, len(groups) - 0.5)
     iqm_axes.invert_yaxis()
     iqm_axes.set(xlabel=metric, title="IQM at the last step (95% CI)\nrliable's: 25% trimmed mean")
     iqm_axes.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def panel_title(pattern: str, metric: str) -> str:
+    """The part of the metric key the pattern's wildcards matched (the task in eval/*/return), else the key."""
+    prefix, suffix = re.split(r"[*?[]", pattern)[0], re.split(r"[*?\]]", pattern)[-1]
+    middle = metric[len(prefix):len(metric) - len(suffix)]
+    return middle if middle and metric.startswith(prefix) and metric.endswith(suffix) else metric
+
+
+def plot_metrics(curves: dict[str, Sequence[GroupCurve]], pattern: str, columns: int = 3):
+    """One curves panel per metric (as plot_comparison's left one), in a grid; a group keeps its color throughout."""
+    rows, columns = math.ceil(len(curves) / columns), min(columns, len(curves))
+    figure = new_figure(5 * columns, 3.8 * rows)
+    colors = group_colors(list(dict.fromkeys(g.name for groups in curves.values() for g in groups)))
+    for index, (metric, groups) in enumerate(curves.items()):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        draw_groups(axes, groups, colors)
+        axes.set(xlabel="env steps", ylabel=metric, title=panel_title(pattern, metric))
+    figure.suptitle(f"{pattern}: mean over runs, 95% bootstrap CI")
     return figure
 
 
@@ -434,19 +462,47 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def main(options: CompareOptions) -> list[GroupCurve]:
-    """Print the table, write the figure; returns the plotted groups."""
-    notes: list[str] = []
-    runs = load_runs(options, notes)
-    print(comparison_table(runs))
-    groups = [group_curve(name, [(r.steps, r.values) for r in members if r.steps.size])
-              for name, members in by_group(runs).items() if any(r.steps.size for r in members)]
-    os.makedirs(os.path.dirname(os.path.abspath(options.out)), exist_ok=True)
-    plot_comparison(groups, options.metric).savefig(options.out, dpi=100)
+def metric_groups(runs: Sequence[RunSummary]) -> list[GroupCurve]:
+    """The group curves of the runs that have the metric (groups with none are left out)."""
+    return [group_curve(name, [(r.steps, r.values) for r in members if r.steps.size])
+            for name, members in by_group(runs).items() if any(r.steps.size for r in members)]
+
+
+def without_note(metric: str, runs: Sequence[RunSummary]) -> str:
     missing = [r.run_id[:8] for r in runs if not r.steps.size]
-    note = f" ({plural(len(missing), 'run')} without {options.metric}: {', '.join(missing)})" if missing else ""
-    print(f"\n{options.metric} of {plural(len(runs) - len(missing), 'run')} in {plural(len(groups), 'group')} "
-          f"-> {options.out}{note}")
+    return f" ({plural(len(missing), 'run')} without {metric}: {', '.join(missing)})" if missing else ""
+
+
+def report_metric(metric: str, runs: Sequence[RunSummary], groups: Sequence[GroupCurve], out: str) -> None:
+    """One metric: its table, the curves and IQM figure, and what was plotted."""
+    print(comparison_table(runs))
+    plot_comparison(groups, metric).savefig(out, dpi=100)
+    count = sum(bool(r.steps.size) for r in runs)
+    print(f"\n{metric} of {plural(count, 'run')} in {plural(len(groups), 'group')} -> {out}"
+          f"{without_note(metric, runs)}")
+
+
+def report_metrics(pattern: str, by_metric: dict[str, Sequence[RunSummary]],
+                   curves: dict[str, Sequence[GroupCurve]], out: str) -> None:
+    """Several metrics: a table section and a curves panel each, and what was plotted."""
+    print(metrics_table(by_metric))
+    plot_metrics(curves, pattern).savefig(out, dpi=100)
+    print(f"\n{pattern}: {plural(len(curves), 'metric')}, one panel each -> {out}")
+    for metric, runs in by_metric.items():
+        print(f"{metric}: {plural(len(curves[metric]), 'group')}{without_note(metric, runs)}")
+
+
+def main(options: CompareOptions) -> dict[str, list[GroupCurve]]:
+    """Print the table, write the figure; returns the plotted groups of each metric (one unless a pattern)."""
+    notes: list[str] = []
+    by_metric = load_metrics(options, notes)
+    curves = {metric: metric_groups(runs) for metric, runs in by_metric.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(options.out)), exist_ok=True)
+    if len(by_metric) == 1:
+        (metric, runs), = by_metric.items()
+        report_metric(metric, runs, curves[metric], options.out)
+    else:
+        report_metrics(options.metric, by_metric, curves, options.out)
     for line in notes:
         print(line)
-    return groups
+    return curves
