@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Sequence
 
 import lightning as L
 import numpy as np
@@ -15,6 +16,7 @@ from lit_dreamer.actor_critic import ActorCritic, Imagination
 from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, MultitaskConfig,
                                      OptimConfig, WorldModelConfig, migrate_moved_keys)
 from lit_dreamer.conditioning import Conditioning
+from lit_dreamer.config import task_metric_name
 from lit_dreamer.losses import weight_terminal_steps
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
@@ -56,10 +58,11 @@ class DreamerModule(L.LightningModule):
     for discrete actions or the box dimension for continuous ones (in [-1, 1]). num_tasks is the size of the
     run's task table: with more than one, the reward and continue heads, actor and critics are conditioned on
     the task (`multitask` config, lit_dreamer.conditioning); with one the agent is the one-task agent.
+    task_names (the env ids of the table, optional) name the per-task metrics; without them, task indices do.
     """
 
     def __init__(self, obs_spec: SpecLike, action_dim: int, discrete: bool, config: AgentConfig | dict | None = None,
-                 compile: bool = False, num_tasks: int = 1):
+                 compile: bool = False, num_tasks: int = 1, task_names: Sequence[str] | None = None):
         super().__init__()
         cfg = agent_config_from(config)
         obs_spec = {k: (tuple(int(d) for d in shape), str(np.dtype(dtype))) for k, (shape, dtype) in obs_spec.items()}
@@ -71,6 +74,8 @@ class DreamerModule(L.LightningModule):
         self.cfg = cfg
         self.obs_spec, self.action_dim, self.discrete = obs_spec, action_dim, discrete
         self.cond = Conditioning(num_tasks, cfg.multitask.conditioning, cfg.multitask.embed_dim)
+        # Not a hyperparameter: the checkpoint keeps the task table beside it (lit_dreamer.resume).
+        self.task_labels = task_labels(num_tasks, task_names)
         self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats,
                                       cond=self.cond)
         self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior,
@@ -128,6 +133,7 @@ class DreamerModule(L.LightningModule):
         start_task = None if task is None else task.flatten(0, 1)
         imagination = self.actor_critic.imagine_loss(self.world_model, start, start_cont, start_task)
         metrics.update(imagination.metrics)
+        metrics.update(self.task_scale_metrics(imagination))
 
         # 3. Critic on the replayed sequence, bootstrapped from the imagined returns of each step.
         with self.timer("actor_critic"):
@@ -170,6 +176,15 @@ class DreamerModule(L.LightningModule):
             # Filled on the device: a host tensor would be copied there by self.log, a blocking copy.
             metrics[f"lr/{name}"] = torch.full((), opt.optimizer.current_lr(), device=self.device)
         return True
+
+    def task_scale_metrics(self, imagination: Imagination) -> dict[str, Tensor]:
+        """ac/<task>/return_scale, each task's return scale of this step, with several tasks (ac/return_scale
+        is their mean). The task is a segment of its own, as in train/<task>/return: `ac/return_scale/<task>`
+        would make ac/return_scale a folder as well as a metric, which MLflow's file store cannot hold."""
+        if not self.cond.active:
+            return {}
+        scale = self.actor_critic.normalizer.scale(imagination.spread)
+        return {f"ac/{label}/return_scale": scale[k] for k, label in enumerate(self.task_labels)}
 
     def task_of(self, batch: dict[str, Tensor]) -> Tensor | None:
         """The batch's task (B, T) int64 when the heads are conditioned on it, else None."""
@@ -275,6 +290,14 @@ class DreamerModule(L.LightningModule):
         if not self.discrete:
             action = action.clamp(-1.0, 1.0)
         return action, (post, action), post
+
+
+def task_labels(num_tasks: int, task_names: Sequence[str] | None) -> list[str]:
+    """Each task's metric-name segment: its name as eval/<task>/return has it, else its index."""
+    if task_names is None:
+        return [str(k) for k in range(num_tasks)]
+    assert len(task_names) == num_tasks, f"{len(task_names)} task names for {num_tasks} tasks"
+    return [task_metric_name(name) for name in task_names]
 
 
 def without_task(batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -205,7 +205,7 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     info, tasks = probe_env(cfg), task_names(cfg)
     try:
         module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile,
-                               num_tasks=len(tasks))
+                               num_tasks=len(tasks), task_names=tasks)
     except ValueError as err:  # e.g. an observation the encoders cannot take
         raise ConfigError(f"{task_key(cfg, tasks[0])}: {err}") from None
     # Every replay row holds the envs of all tasks side by side (num_envs per task).
@@ -226,7 +226,7 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
         callbacks.append(EvalCallback(tasks, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
                                       mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **cfg.env.make_kwargs()))
     if cfg.run.video_every > 0:
-        callbacks.append(VideoCallback(tasks[0], os.path.join(run_dir(cfg), "videos"),
+        callbacks.append(VideoCallback(tasks, os.path.join(run_dir(cfg), "videos"),
                                        every_env_steps=cfg.run.video_every, **cfg.env.make_kwargs()))
     return module, datamodule, callbacks, info
 

@@ -31,10 +31,10 @@ OBS = {"vector": ((5,), "float32")}
 MODES = ("embedding", "heads")
 
 
-def make_module(num_tasks=1, mode="embedding", horizon=3, seed=0):
+def make_module(num_tasks=1, mode="embedding", horizon=3, seed=0, task_names=None):
     torch.manual_seed(seed)
     cfg = AgentConfig(model=TINY, behavior=BehaviorConfig(horizon=horizon), multitask=MultitaskConfig(conditioning=mode))
-    return DreamerModule(OBS, 2, False, cfg, num_tasks=num_tasks)
+    return DreamerModule(OBS, 2, False, cfg, num_tasks=num_tasks, task_names=task_names)
 
 
 def seeded_batch(B=3, T=6, task=None):
@@ -181,6 +181,46 @@ def test_advantages_are_divided_by_their_tasks_scale():
     assert torch.equal(imagination.task, torch.tensor([0, 1, 0, 1]))
 
 
+def logged_by_one_training_step(module):
+    """The metrics DreamerModule.training_step logs in one step under a Trainer (one seeded batch)."""
+    import lightning as L
+    logged = {}
+    original = module.log_metrics
+    module.log_metrics = lambda metrics: (logged.update(metrics), original(metrics))
+    task = [0, 1, 1] if module.cond.active else None
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")  # 3 optimizers: 3 global steps per step
+    batches = torch.utils.data.DataLoader([seeded_batch(task=task)], batch_size=None)  # as built, no collation
+    trainer.fit(module, train_dataloaders=batches)
+    return logged
+
+
+def test_each_tasks_return_scale_is_logged_under_its_name():
+    module = make_module(num_tasks=2, task_names=[POINT.format(0), POINT.format(1)])
+    assert module.task_labels == ["lit_dreamer_PointGoal-0-v0", "lit_dreamer_PointGoal-1-v0"]  # as eval/<task>/return
+    module.actor_critic.normalizer.spread.copy_(torch.tensor([3.0, 7.0]))  # above the floor of 1, and apart
+    logged = logged_by_one_training_step(module)
+    scale = module.actor_critic.normalizer.scale()  # (2,): committed after the step, the scale the step used
+    assert 2.9 < scale[0] < 3.1 and 6.9 < scale[1] < 7.1
+    names = [f"ac/{name}/return_scale" for name in module.task_labels]
+    assert sorted(k for k in logged if "return_scale" in k) == sorted(["ac/return_scale", *names])
+    for k, name in enumerate(names):
+        assert float(logged[name]) == float(scale[k])
+    torch.testing.assert_close(logged["ac/return_scale"], scale.mean())  # the mean, as before
+
+
+def test_task_scale_metrics_are_named_by_task_name_or_index_and_absent_with_one_task(tmp_path):
+    from lit_dreamer.module import task_labels
+    assert task_labels(2, [POINT.format(0), "dmc/cartpole-balance"]) == ["lit_dreamer_PointGoal-0-v0",
+                                                                        "dmc_cartpole-balance"]
+    assert task_labels(2, None) == ["0", "1"]  # a module built without the names (a script)
+    two_tasks = load_config(["debug"], [f"env.tasks=[{POINT.format(0)},{POINT.format(1)}]", "logger.backend=none",
+                                        f"run.dir={tmp_path}/run"])
+    assert train_module.build(two_tasks)[0].task_labels == [task_metric_name(POINT.format(k)) for k in (0, 1)]
+    logged = logged_by_one_training_step(make_module(num_tasks=1))
+    assert [k for k in logged if "return_scale" in k] == ["ac/return_scale"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Contracts with several tasks
 
@@ -316,6 +356,7 @@ def test_two_task_fit_logs_per_task_eval_and_its_checkpoint_rebuilds_the_conditi
     [run] = client.search_runs([client.get_experiment_by_name("lit_dreamer").experiment_id])
     for k in (0, 1):
         assert f"eval/{task_metric_name(POINT.format(k))}/return" in run.data.metrics
+        assert f"ac/{task_metric_name(POINT.format(k))}/return_scale" in run.data.metrics
     assert run.data.params["multitask.conditioning"] == mode
     path = f"{tmp}/run/checkpoints/last/model.ckpt"
     ckpt = torch.load(path, weights_only=True, map_location="cpu")

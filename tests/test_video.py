@@ -155,3 +155,71 @@ def test_eval_command_writes_a_video_of_a_dmc_pixel_checkpoint(dmc_pixel_run, tm
     assert main(["eval", "--ckpt", str(root / "run"), "episodes=1", f"video={video}"]) == 0
     assert "dmc/cartpole-balance: 1 episodes" in capsys.readouterr().out
     assert gif_info(video) == (21 * 50, (16, 16))
+
+
+# --------------------------------------------------------------------------------------------------
+# Several tasks: one episode per task, acted for that task; one open loop (the world model is shared)
+
+POINT_GOALS = ["lit_dreamer/PointGoal-0-v0", "lit_dreamer/PointGoal-1-v0"]
+
+
+class StubReplay:
+    """Replayed sequences of both tasks for the open loop (what the callback reads of the replay)."""
+
+    def sample(self, batch_size, length):
+        g = np.random.default_rng(0)
+        first = np.zeros((batch_size, length), bool)
+        first[:, 0] = True
+        return {"vector": g.standard_normal((batch_size, length, 4)).astype(np.float32),
+                "action": g.uniform(-1, 1, (batch_size, length, 2)).astype(np.float32),
+                "reward": g.standard_normal((batch_size, length)).astype(np.float32), "is_first": first,
+                "task": np.repeat(np.arange(batch_size) % 2, length).reshape(batch_size, length)}
+
+
+def recorded_by_the_built_callback(tmp_path, monkeypatch, env_override):
+    """Build the run as `fit` does, call its VideoCallback once at 50 env steps; returns the files written,
+    (env id, task) of each record_episode call and the task of every action the policy took."""
+    from types import SimpleNamespace
+
+    import lit_dreamer.callbacks.video as video_module
+    from lit_dreamer.callbacks import VideoCallback
+    from lit_dreamer.train import build
+    cfg = load_config(["debug"], [env_override, "run.video_every=50", "logger.backend=none", f"run.dir={tmp_path}/run"])
+    module, _, callbacks, _ = build(cfg)
+    [callback] = [c for c in callbacks if isinstance(c, VideoCallback)]
+    callback.max_episode_steps = 5  # a few steps show the task reached the policy
+    episodes, acted = [], []
+    original_act = module.act
+
+    def act(obs, is_first, carry, mode="mode", task=None):
+        acted.append(int(task.item()))
+        return original_act(obs, is_first, carry, mode=mode, task=task)
+
+    def spy_record_episode(pl_module, env_id, **kwargs):
+        episodes.append((env_id, kwargs.get("task", 0)))  # 0: record_episode's default
+        acted.append("new episode")
+        return record_episode(pl_module, env_id, **kwargs)
+
+    monkeypatch.setattr(module, "act", act)
+    monkeypatch.setattr(video_module, "record_episode", spy_record_episode)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(replay=StubReplay(), batch_size=4, batch_length=8), logger=None)
+    paths = callback.record(trainer, module, 50)
+    return sorted(os.path.basename(p) for p in paths), episodes, acted
+
+
+def test_video_callback_records_one_episode_per_task_acted_for_that_task(tmp_path, monkeypatch):
+    names, episodes, acted = recorded_by_the_built_callback(tmp_path, monkeypatch, f"env.tasks=[{','.join(POINT_GOALS)}]")
+    # The task segment is the one of the eval/<task>/return metrics (task_metric_name).
+    assert names == ["episode-lit_dreamer_PointGoal-0-v0-000000050.gif",
+                     "episode-lit_dreamer_PointGoal-1-v0-000000050.gif", "openloop-000000050.png"]
+    assert episodes == [(POINT_GOALS[0], 0), (POINT_GOALS[1], 1)]
+    # Every action of task k's episode was the policy's for task k.
+    assert acted == ["new episode", *[0] * 5, "new episode", *[1] * 5]
+    # The first frame and one per step, 50 ms each, at PointGoal's render size.
+    assert gif_info(tmp_path / "run" / "videos" / "episode-lit_dreamer_PointGoal-1-v0-000000050.gif") == (6 * 50, (64, 64))
+
+
+def test_video_callback_of_one_task_keeps_its_file_names(tmp_path, monkeypatch):
+    names, episodes, _ = recorded_by_the_built_callback(tmp_path, monkeypatch, f"env.id={POINT_GOALS[1]}")
+    assert names == ["episode-000000050.gif", "openloop-000000050.png"]
+    assert episodes == [(POINT_GOALS[1], 0)]
