@@ -18,7 +18,7 @@ import torch
 from lit_dreamer.config import ConfigError, load_config, task_metric_name, task_names
 from lit_dreamer.data import DeviceReplay, ReplayDataModule
 from lit_dreamer.envs import make_env, make_task_vector_env, make_vector_env
-from lit_dreamer.envs.point_goals import GOALS, goal_reward
+from lit_dreamer.envs.point_goals import GOALS, progress_reward
 from lit_dreamer.evaluation import EvalOptions, evaluate_checkpoint
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.replay import Replay
@@ -196,13 +196,23 @@ def test_point_goal_tasks_share_dynamics_and_differ_only_by_the_unobserved_goal(
         np.testing.assert_array_equal(obs_a["vector"], obs_b["vector"])  # the goal is not observed
         rewards.append((ra, rb))
     assert trunc_a  # 100-step episodes
-    assert any(ra != rb for ra, rb in rewards) and all(0.0 <= r <= 1.0 for pair in rewards for r in pair)
+    assert any(ra != rb for ra, rb in rewards) and all(abs(r) <= 10 * 0.1 * 2 ** 0.5 + 1e-6 for pair in rewards for r in pair)
     assert len(GOALS) == 5  # a fifth task to hold out
 
 
-def test_point_goal_reward_pays_for_its_own_goal():
-    assert goal_reward(0.0) == 1.0
-    assert goal_reward(1.4) == pytest.approx(0.5 * np.exp(-7.0))  # at the opposite goal: the peak's tail only
+def test_point_goal_reward_is_the_progress_toward_its_own_goal():
+    env = make_env(POINT.format(2), seed=0)
+    obs, _ = env.reset(seed=0)
+    goal, total, start = GOALS[2], 0.0, np.linalg.norm(obs["vector"][:2] - GOALS[2])
+    for action in ([1.0, 1.0], [-1.0, 0.5], [0.0, -1.0], [1.0, -1.0]):
+        before = np.hypot(*(obs["vector"][:2] - goal))
+        obs, reward, *_ = env.step(np.array(action, np.float32))
+        after = np.hypot(*(obs["vector"][:2] - goal))
+        assert reward == pytest.approx(10.0 * (before - after), abs=1e-5)  # PROGRESS_SCALE per unit covered
+        total += reward
+    # Potential-based: the return is the distance covered over the episode, whatever the path.
+    assert total == pytest.approx(10.0 * (start - np.linalg.norm(obs["vector"][:2] - goal)), abs=1e-4)
+    assert progress_reward(0.5, 0.25) == 2.5 and progress_reward(0.25, 0.5) == -2.5
 
     def heading_to(goal, task):
         env = make_env(POINT.format(task), seed=task)
@@ -215,7 +225,7 @@ def test_point_goal_reward_pays_for_its_own_goal():
         return total
 
     for task in range(5):  # a policy must know its task: heading to a neighbour's goal earns far less
-        assert heading_to(task, task) > heading_to((task + 1) % 5, task) + 40
+        assert heading_to(task, task) > 5.0 and heading_to((task + 1) % 5, task) < 0.0
 
 
 def test_one_task_vector_env_steps_as_the_plain_vector_env():
