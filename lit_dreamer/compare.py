@@ -174,6 +174,14 @@ def metric_arrays(client, run, key: str) -> tuple[np.ndarray, np.ndarray]:
     return history_arrays([(m.step, m.timestamp, m.value) for m in metric_history(client, run, key)])
 
 
+def run_group(params: dict, group_by: str) -> str:
+    """The run's value of the group_by param ('-' without it). Grouping by env.id, a multi-task run (which
+    logs no env.id) falls in the group of its task list, so it does not mix with one-task runs."""
+    if group_by == "env.id" and "env.id" not in params and params.get("env.tasks", "[]") != "[]":
+        return params["env.tasks"]
+    return str(params.get(group_by, "-"))
+
+
 def summarize_run(client, run, metric: str, group_by: str) -> RunSummary:
     steps, values = metric_arrays(client, run, metric)
     env_history = sorted(metric_history(client, run, "train/env_steps"), key=lambda m: (m.step, m.timestamp))
@@ -181,7 +189,7 @@ def summarize_run(client, run, metric: str, group_by: str) -> RunSummary:
     if end_ms is None and env_history:  # still running, or killed: up to its last sign of life
         end_ms = max(m.timestamp for m in env_history)
     return RunSummary(
-        name=run.info.run_name or "-", run_id=run.info.run_id, group=str(run.data.params.get(group_by, "-")),
+        name=run.info.run_name or "-", run_id=run.info.run_id, group=run_group(run.data.params, group_by),
         steps=steps, values=values, env_steps=env_history[-1].value if env_history else None,
         wall_seconds=(end_ms - run.info.start_time) / 1000 if end_ms and run.info.start_time else None,
         git_commit=source_commit(run))

@@ -360,6 +360,8 @@ def record_run(cfg: Config, directory: str, logger: Logger | None, continued: bo
     with open(config_file, "w") as f:
         f.write(to_yaml(cfg))
     params = {k: v for k, v in to_flat_dict(cfg).items() if k != "ckpt_path"}
+    if cfg.env.tasks:
+        del params["env.id"]  # unused beside a task list (left at its default): env.tasks names what is trained
     if not isinstance(logger, ResilientMLFlowLogger):
         if logger is not None:
             logger.log_hyperparams(params)

@@ -13,6 +13,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import lit_dreamer.compare as compare
+from lit_dreamer.compare import run_group
 from lit_dreamer.config import task_metric_name
 from tests.test_compare import T0, log_run, parse_table, run_compare
 
@@ -141,3 +142,11 @@ def test_listed_shortens_a_long_list():
 ])
 def test_panel_title_is_what_the_wildcards_matched(pattern, key, title):
     assert compare.panel_title(pattern, key) == title
+
+
+def test_grouped_by_env_id_a_multi_task_run_falls_in_the_group_of_its_task_list():
+    tasks = "['lit_dreamer/PointGoal-0-v0', 'lit_dreamer/PointGoal-1-v0']"
+    assert run_group({"env.id": "CartPole-v1", "env.tasks": "[]"}, "env.id") == "CartPole-v1"
+    assert run_group({"env.tasks": tasks}, "env.id") == tasks  # multi-task runs log no env.id
+    assert run_group({"env.tasks": tasks, "run.seed": "3"}, "run.seed") == "3"
+    assert run_group({"env.tasks": tasks}, "run.seed") == "-"

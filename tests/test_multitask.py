@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from lit_dreamer.compare import run_group
 from lit_dreamer.config import ConfigError, load_config, task_metric_name, task_names
 from lit_dreamer.data import DeviceReplay, ReplayDataModule
 from lit_dreamer.envs import make_env, make_task_vector_env, make_vector_env
@@ -304,6 +305,9 @@ def test_two_task_fit_logs_per_task_metrics_and_its_checkpoint_keeps_the_table(t
         per_task = [run.data.metrics[f"{kind}/{name}/return"] for name in names]
         # The last train/return and eval/return are the mean over the tasks of their last values.
         assert run.data.metrics[f"{kind}/return"] == pytest.approx(np.mean(per_task))
+    # The params name the task list, not the unused default env.id; compare groups the run by its list.
+    assert "env.id" not in run.data.params and run.data.params["env.tasks"] == str([POINT.format(0), POINT.format(1)])
+    assert run_group(run.data.params, "env.id") == run.data.params["env.tasks"]
     ckpt = torch.load(f"{tmp_path}/run/checkpoints/last/model.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["lit_dreamer"]["tasks"] == [POINT.format(0), POINT.format(1)]
     # The eval command runs every task of the checkpoint's table.
