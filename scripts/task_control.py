@@ -68,7 +68,7 @@ def standard_error(returns: list[float]) -> float:
 
 def task_row(k: int, row: list[EpisodeStats], zeroed: EpisodeStats | None) -> dict:
     """One task's own, off-diagonal, task-average and zeroed returns, and whether the control passes."""
-    means = [float(np.mean(stats.returns)) for stats in row]
+    means = [stats.summary()["return"] for stats in row]
     average = float(np.mean(means))
     # The task average is a mean of K independent cell means: its variance is the sum of theirs over K^2.
     average_se = math.sqrt(sum(standard_error(stats.returns) ** 2 for stats in row)) / len(row)
@@ -76,7 +76,7 @@ def task_row(k: int, row: list[EpisodeStats], zeroed: EpisodeStats | None) -> di
               "task_average": average, "task_average_se": average_se, "zeroed": None, "tolerance": None,
               "zeroed_within_average": None}
     if zeroed is not None:
-        zeroed_mean, zeroed_se = float(np.mean(zeroed.returns)), standard_error(zeroed.returns)
+        zeroed_mean, zeroed_se = zeroed.summary()["return"], standard_error(zeroed.returns)
         tolerance = math.sqrt(average_se ** 2 + zeroed_se ** 2)  # 1 standard error of zeroed - average
         result.update(zeroed=zeroed_mean, tolerance=tolerance, zeroed_within_average=zeroed_mean <= average + tolerance)
     return result
@@ -139,14 +139,15 @@ def task_control(ckpt: str, *, episodes: int = 10, mode: str = "mode", seed: int
     K = len(tasks)
     matrix = [[cell(module, tasks, k, j, **run) for j in range(K)] for k in range(K)]
     zeroed_module = zeroed_task_input(module)
+    # The policy index only picks a row of the actor's table, and every row is zero.
     zeroed = None if zeroed_module is None else [cell(zeroed_module, tasks, k, k, **run) for k in range(K)]
     rows = [task_row(k, matrix[k], zeroed[k] if zeroed else None) for k in range(K)]
     out = out or os.path.join(eval_csv_folder(path), CSV_FILE)
     return {"checkpoint": os.path.abspath(path), "tasks": tasks, "conditioning": module.cond.mode,
             "episodes": episodes, "mode": mode, "seed": seed,
-            "matrix": [[float(np.mean(s.returns)) for s in row] for row in matrix],
-            "matrix_std": [[float(np.std(s.returns)) for s in row] for row in matrix],
-            "zeroed": None if zeroed is None else [float(np.mean(s.returns)) for s in zeroed],
+            "matrix": [[s.summary()["return"] for s in row] for row in matrix],
+            "matrix_std": [[s.summary()["return_std"] for s in row] for row in matrix],
+            "zeroed": None if zeroed is None else [s.summary()["return"] for s in zeroed],
             "per_task": dict(zip(tasks, rows)), "summary": summary(rows),
             "csv": write_csv(out, tasks, matrix, zeroed)}
 
