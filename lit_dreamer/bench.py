@@ -69,6 +69,7 @@ class StepTimer(Callback):
     def __init__(self, warmup: int, steps: int, profile_steps: int = 0):
         self.warmup, self.steps, self.profile_steps = warmup, steps, profile_steps
         self.durations: list[float] = []
+        self.cpu_durations: list[float] = []  # the process's CPU time: what other load on the machine moves least
         self.phases: dict[str, float] = {}
         self.flops = 0
         self.profile: torch.profiler.profile | None = None
@@ -84,17 +85,18 @@ class StepTimer(Callback):
             self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.profile.__enter__()
         synchronize()  # the step starts with nothing queued and ends when its last kernel does
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         synchronize()
-        elapsed = time.perf_counter() - self._start
+        elapsed, cpu = time.perf_counter() - self._start, time.process_time() - self._cpu_start
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self.flops = self._counter.get_total_flops()
             self._counter = None
         if self.warmup <= batch_idx < self.warmup + self.steps:
             self.durations.append(elapsed)
+            self.cpu_durations.append(cpu)
         if batch_idx == self.warmup + self.steps - 1:
             self.phases = pl_module.timer.mean()
         if batch_idx == self.warmup + self.steps + self.profile_steps - 1 and self.profile is not None:
@@ -139,6 +141,7 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     result = {
         "train_steps_per_s": 1.0 / step_time,
         "seconds_per_train_step": step_time,
+        "cpu_seconds_per_train_step": float(np.mean(timer.cpu_durations)),
         "env_steps_per_s": env_steps_per_s,
         "params": {"world_model": count(module.world_model), "actor": count(ac.actor), "critic": count(ac.critic)},
         "flops_per_step": timer.flops,

@@ -20,6 +20,8 @@ def test_bench_prints_json_with_timings_flops_and_params(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["train_steps_per_s"] > 0 and result["env_steps_per_s"] > 0
     assert result["seconds_per_train_step"] == pytest.approx(1 / result["train_steps_per_s"])
+    # One thread: the step's CPU time is at most its wall time (and the most of it on an idle machine).
+    assert 0 < result["cpu_seconds_per_train_step"] <= result["seconds_per_train_step"] * 1.05
     for phase in ("replay_sampling", "world_model", "imagination", "actor_critic", "backward", "optimizer",
                   "collector_per_env_step"):
         assert result["phases_seconds"][phase] > 0, phase
