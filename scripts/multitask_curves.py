@@ -19,7 +19,8 @@ of a kind the table gives the IQM (rliable's, as compare), mean and count, then
           e.g. PointGoal's lie in about [-7, 7]): n/a otherwise, and then read diff.
 `meets` is ratio >= --target (the issue's 90%). The row `all tasks` is over the tasks that have single-task runs:
 the IQM (and mean) over all (task, seed) values of a kind pooled, their diff and the ratio of the two pooled
-IQMs, plus the mean of the per-task ratios (over the tasks where a ratio is defined). A task without a
+IQMs, plus the mean of the per-task ratios (over the tasks where a ratio is defined); the JSON's
+every_task_meets_target is true or false when every such task has a ratio, else null. A task without a
 single-task run is shown with its multi-task curves only and marked in the table.
 
 Writes a PNG with one panel per task (each kind's seeds thin, their mean thick, a 95% bootstrap band, a dotted
