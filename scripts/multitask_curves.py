@@ -15,8 +15,10 @@ the task (both kinds) has logged, so that no run is extrapolated (the table says
 run's return there is interpolated linearly between its logged evals (compare's interpolation); over the seeds
 of a kind the table gives the IQM (rliable's, as compare), mean and count, then
   diff  = IQM multi - IQM single, and
-  ratio = IQM multi / IQM single, only meaningful when the single-task IQM is positive (returns can be negative,
-          e.g. PointGoal's lie in about [-7, 7]): n/a otherwise, and then read diff.
+  ratio = (IQM multi - B) / (IQM single - B), with B = --baseline (default 0), e.g. a random policy's return:
+          the share of the single-task run's gain over B that the multi-task run makes. Only meaningful when
+          the single-task IQM is above B (returns can be negative, e.g. PointGoal's lie in about [-7, 7] and a
+          random policy gets about -2): n/a otherwise, and then read diff.
 `meets` is ratio >= --target (the issue's 90%). The row `all tasks` is over the tasks that have single-task runs:
 the IQM (and mean) over all (task, seed) values of a kind pooled, their diff and the ratio of the two pooled
 IQMs, plus the mean of the per-task ratios (over the tasks where a ratio is defined); the JSON's
@@ -193,45 +195,48 @@ def kind_stats(values: Sequence[float]) -> dict:
     return {"iqm": float(iqm(present)), "mean": float(np.mean(present)), "n": len(present), "values": present}
 
 
-def compare_values(multi: dict, single: dict, target: float) -> dict:
-    """diff and ratio of the IQMs (ratio only where the single-task IQM is positive) and the target check."""
+def compare_values(multi: dict, single: dict, target: float, baseline: float = 0.0) -> dict:
+    """diff and ratio of the IQMs over `baseline` (ratio only where the single-task IQM is above it) and the
+    target check."""
     if multi["iqm"] is None or single["iqm"] is None:
         return {"diff": None, "ratio": None, "meets_target": None}
-    ratio = multi["iqm"] / single["iqm"] if single["iqm"] > 0 else None
+    gain = single["iqm"] - baseline
+    ratio = (multi["iqm"] - baseline) / gain if gain > 0 else None
     return {"diff": multi["iqm"] - single["iqm"], "ratio": ratio,
             "meets_target": None if ratio is None else ratio >= target}
 
 
-def task_row(task: str, curves: Sequence[Curve], at: float | None, target: float) -> dict:
+def task_row(task: str, curves: Sequence[Curve], at: float | None, target: float, baseline: float = 0.0) -> dict:
     """One task's comparison at its compared step (curves: this task's, with at least one logged point)."""
     step, limited_by = compared_step(curves, at)
     stats = {kind: kind_stats([value_at(c, step) for c in curves if c.kind == kind]) for kind in (MULTI, SINGLE)}
     has_single = any(c.kind == SINGLE for c in curves)
     row = {"task": task, "per_task_env_steps": step, "step_from": limited_by, "has_single": has_single,
            MULTI: stats[MULTI], SINGLE: stats[SINGLE] if has_single else None}
-    return row | compare_values(stats[MULTI], stats[SINGLE], target)
+    return row | compare_values(stats[MULTI], stats[SINGLE], target, baseline)
 
 
-def overall_row(rows: Sequence[dict], target: float) -> dict:
+def overall_row(rows: Sequence[dict], target: float, baseline: float = 0.0) -> dict:
     """Pooled (task, seed) values of the tasks with both kinds, and the mean of the per-task ratios."""
     both = [r for r in rows if r["has_single"] and r[MULTI]["n"] and r[SINGLE]["n"]]
     pooled = {kind: kind_stats([v for r in both for v in r[kind]["values"]]) for kind in (MULTI, SINGLE)}
     ratios = [r["ratio"] for r in both if r["ratio"] is not None]
     defined = [r["meets_target"] for r in both if r["meets_target"] is not None]
     return {"tasks": len(both), MULTI: pooled[MULTI], SINGLE: pooled[SINGLE],
-            **compare_values(pooled[MULTI], pooled[SINGLE], target),
+            **compare_values(pooled[MULTI], pooled[SINGLE], target, baseline),
             "mean_task_ratio": float(np.mean(ratios)) if ratios else None, "tasks_with_ratio": len(ratios),
             "every_task_meets_target": all(defined) if defined and len(defined) == len(both) else None}
 
 
-def comparison(tasks: Sequence[str], curves: Sequence[Curve], at: float | None, target: float) -> dict:
+def comparison(tasks: Sequence[str], curves: Sequence[Curve], at: float | None, target: float,
+               baseline: float = 0.0) -> dict:
     """Per-task rows (tasks with any logged eval) and the all-tasks row."""
     rows = []
     for task in tasks:
         logged = [c for c in curves if c.task == task and c.steps.size]
         if any(c.kind == MULTI for c in logged):
-            rows.append(task_row(task, logged, at, target))
-    return {"per_task": rows, "overall": overall_row(rows, target)}
+            rows.append(task_row(task, logged, at, target, baseline))
+    return {"per_task": rows, "overall": overall_row(rows, target, baseline), "baseline": baseline}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +292,7 @@ def task_note(row: dict, target: float) -> str:
     if not row["has_single"]:
         return "NO SINGLE-TASK RUN (multi only)"
     if row["ratio"] is None and row["diff"] is not None:
-        return "ratio n/a: single IQM <= 0"
+        return "ratio n/a: single IQM <= baseline"
     verdict = "" if row["meets_target"] is None else (" meets" if row["meets_target"] else " BELOW") + f" {target:g}"
     ends = {"--at": "at --at", "both": "both kinds end there"}
     step = ends.get(row["step_from"], f"{row['step_from']} runs end first")
@@ -318,8 +323,8 @@ def run_ids(curves: Sequence[Curve], kind: str, task: str | None = None) -> list
     return list(dict.fromkeys(c.run_id for c in curves if c.kind == kind and task in (None, c.task)))
 
 
-EXPLANATION = ("diff = multi IQM - single IQM; ratio = multi IQM / single IQM, only meaningful where the single-task "
-               "IQM is positive (n/a otherwise: read diff). all tasks: IQM over the pooled (task, seed) values of the "
+EXPLANATION = ("diff = multi IQM - single IQM; ratio = (multi IQM - baseline) / (single IQM - baseline), only "
+               "meaningful where the single-task IQM is above the baseline (n/a otherwise: read diff). all tasks: IQM over the pooled (task, seed) values of the "
                "tasks with both kinds, ratio of those two IQMs.")
 
 
@@ -333,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--at", type=float, default=None, help="per-task env step to compare at (default: the "
                         "last step every run of the task reaches)")
     parser.add_argument("--target", type=float, default=0.9, help="ratio a task must reach (issue 22: 0.9)")
+    parser.add_argument("--baseline", type=float, default=0.0, help="return the ratio counts gains from, e.g. a "
+                        "random policy's (default 0: the plain ratio of the IQMs)")
     parser.add_argument("--label-multi", default="multi-task")
     parser.add_argument("--label-single", default="single-task")
     args = parser.parse_args(argv)
@@ -341,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = comparison(tasks, curves, args.at, args.target)
+    result = comparison(tasks, curves, args.at, args.target, args.baseline)
     csv_path = args.csv or os.path.splitext(args.out)[0] + ".csv"
     for path in (args.out, csv_path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -114,8 +114,24 @@ def test_table_at_the_last_common_per_task_step(script, store, tmp_path, capsys)
     assert overall["every_task_meets_target"] is None  # task 1 has no ratio
     table = "\n".join(lines)
     assert "both kinds end there, BELOW 0.9" in next(line for line in lines if line.startswith(TASKS[0]))
-    assert "ratio n/a: single IQM <= 0" in table and "only meaningful where the single-task IQM is positive" in table
+    assert "ratio n/a: single IQM <= baseline" in table
+    assert "only meaningful where the single-task IQM is above the baseline" in table
     assert f"{trimmed(multi_all):.2f}" in next(line for line in lines if line.startswith("all tasks (2)"))
+
+
+def test_baseline_makes_the_ratio_the_share_of_the_single_task_gain_over_it(script, store, tmp_path, capsys):
+    """With --baseline B (e.g. a random policy's return) the ratio is (multi - B) / (single - B): defined for
+    task 1, whose single-task returns are negative but above B."""
+    code, _, result, err = run_script(script, capsys, store, tmp_path, "--multi", "mt-seed0", "mt-seed1",
+                                      "--single", *all_singles(store), "--baseline", "-20")
+    assert code == 0, err
+    assert result["baseline"] == -20.0
+    for k, row in enumerate(result["per_task"]):
+        multi = trimmed([MULTI[s][k][-1] for s in MULTI])
+        single = trimmed([curve[-1] for curve in SINGLE[k]])
+        assert single > -20.0 and row["ratio"] == pytest.approx((multi + 20.0) / (single + 20.0))
+        assert row["diff"] == pytest.approx(multi - single)  # the difference does not depend on B
+    assert result["overall"]["tasks_with_ratio"] == 2
 
 
 def test_at_interpolates_each_run_between_its_evals(script, store, tmp_path, capsys):
