@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_dreamer.nets import MLP, linear, trunc_normal_fan_in_
@@ -62,11 +63,14 @@ class TaskEmbedding(nn.Module):
         # Started at about unit norm: every task's vector is as far from the others as the cap allows.
         self.rows = nn.Parameter(torch.randn(num_tasks, dim) / dim ** 0.5)
 
+    def table(self) -> Tensor:
+        """Every task's capped vector, (K, D)."""
+        norm = torch.linalg.vector_norm(self.rows, dim=-1, keepdim=True)
+        return self.rows * (self.max_norm / norm.clamp_min(self.max_norm))
+
     def forward(self, task: Tensor) -> Tensor:
         """task (...) int64 -> vectors (..., D)."""
-        vectors = self.rows[task]
-        norm = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
-        return vectors * (self.max_norm / norm.clamp_min(self.max_norm))
+        return self.table()[task]
 
 
 class TaskLinear(nn.Module):
@@ -120,8 +124,29 @@ class ConditionedHead(nn.Module):
             raise ValueError("a head conditioned on several tasks needs the task of each input")
         assert task.shape == x.shape[:-1], f"task {tuple(task.shape)} must match the inputs' leading dims {tuple(x.shape[:-1])}"
         if self.cond.mode == "embedding":
-            return self.out(self.trunk(torch.cat([x, self.embedding(task).to(x.dtype)], -1)))
+            return self.out(self.embedded_trunk(x, task))
         return self.out(self.trunk(x), task)
+
+    def embedded_trunk(self, x: Tensor, task: Tensor) -> Tensor:
+        """The trunk on [x, task vector], without building that concatenation.
+
+        The first layer's weight splits into the columns of x and those of the task vector: W [x, e] =
+        W_x x + W_e e, where W_e e is computed once per task (K rows) and gathered. Besides the (N, in + D)
+        copy this saves the gradient with respect to x, which the concatenation made autograd compute in
+        full (a (N, units) x (units, in + D) product) only to keep the task columns' part; the actor and
+        critics read detached features, so nothing else needs it. Same function, same parameters.
+        """
+        if len(self.trunk) == 0:  # no hidden layer: the input is the trunk's output
+            return torch.cat([x, self.embedding(task).to(x.dtype)], -1)
+        linear_layer, *after_linear = self.trunk[0]  # the first NormAct: Linear, RMSNorm, SiLU
+        width = x.shape[-1]
+        weight = linear_layer.weight.to(x.dtype)
+        per_task = F.linear(self.embedding.table().to(x.dtype), weight[:, width:])  # (K, units)
+        bias = None if linear_layer.bias is None else linear_layer.bias.to(x.dtype)
+        hidden = F.linear(x, weight[:, :width], bias) + per_task[task]
+        for layer in [*after_linear, *list(self.trunk)[1:]]:
+            hidden = layer(hidden)
+        return hidden
 
 
 # Where the task-conditioned heads live in a DreamerModule's state dict: their task rows are what an

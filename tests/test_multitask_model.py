@@ -18,7 +18,7 @@ import torch
 
 import lit_dreamer.train as train_module
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, ModelConfig, MultitaskConfig
-from lit_dreamer.conditioning import Conditioning, TaskEmbedding, TaskLinear, task_indexed
+from lit_dreamer.conditioning import ConditionedHead, Conditioning, TaskEmbedding, TaskLinear, task_indexed
 from lit_dreamer.config import ConfigError, load_config, task_metric_name
 from lit_dreamer.evaluation import load_checkpoint
 from lit_dreamer.module import DreamerModule
@@ -478,3 +478,41 @@ def test_init_from_a_one_task_model_gives_its_head_to_its_task_and_keeps_the_tru
         assert torch.equal(state[f"{head}.trunk.0.0.weight"][:, features:], fresh[f"{head}.trunk.0.0.weight"][:, features:])
         assert f"{head}.embedding.rows" in report.fresh
     assert torch.equal(state["world_model.rssm.gru.gates.weight"], old["world_model.rssm.gru.gates.weight"])
+
+
+@pytest.mark.parametrize("layers", [2, 0])
+def test_an_embedded_head_is_its_trunk_on_the_features_and_task_vector_side_by_side(layers):
+    """The split first layer (W_x x + W_e e, no concatenation) is the same function with the same gradients
+    for every parameter as the trunk on torch.cat([x, e]); and it needs no gradient for the (detached) x."""
+    torch.manual_seed(3)
+    head = ConditionedHead(12, 5, units=16, layers=layers, bias=True, cond=Conditioning(3, "embedding", 4))
+    with torch.no_grad():
+        head.trunk[0][0].bias.normal_() if layers else None
+    x, task = torch.randn(7, 6, 12), torch.randint(0, 3, (7, 6))
+    split = head(x, task)
+    grads = torch.autograd.grad(split.square().sum(), list(head.parameters()))
+    reference = head.out(head.trunk(torch.cat([x, head.embedding(task)], -1)))
+    expected = torch.autograd.grad(reference.square().sum(), list(head.parameters()))
+    torch.testing.assert_close(split, reference)
+    for (name, _), got, want in zip(head.named_parameters(), grads, expected):
+        torch.testing.assert_close(got, want, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads[:1])  # the task rows get gradient
+
+
+def test_an_embedded_head_skips_the_feature_gradient_the_concatenation_cost():
+    """FLOPs (a count, not a timing): the concatenated input made autograd compute the first layer's input
+    gradient in full, a (N, units) x (units, in + D) product, for the task columns alone."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    head = ConditionedHead(64, 5, units=32, layers=2, cond=Conditioning(4, "embedding", 16))
+    x, task = torch.randn(100, 64), torch.randint(0, 4, (100,))
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn().square().sum().backward()
+        return counter.get_total_flops()
+
+    split = flops(lambda: head(x, task))
+    concatenated = flops(lambda: head.out(head.trunk(torch.cat([x, head.embedding(task)], -1))))
+    input_gradient = 2 * 100 * 32 * (64 + 16)
+    assert concatenated - split >= input_gradient
