@@ -116,6 +116,8 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"per episode: {', '.join(f'{r:.1f}' for r in result['returns'])}")
     if "video" in result:
         print(f"video of one episode (return {result['video_return']:.1f}): {result['video']}")
+    for task, path in result.get("videos", {}).items():
+        print(f"video of one episode of {task} (return {result['video_returns'][task]:.1f}): {path}")
     if "mlflow_run_id" in result:
         print(f"MLflow eval run {result['mlflow_run_id']}")
     else:

@@ -99,7 +99,8 @@ class EvalOptions:
     """MLflow store of the eval run (None: the training run's logger.tracking_uri); given, the eval run goes
     to MLflow even when the run used another logger.backend."""
     video: str | None = None
-    """Also write a GIF of one episode here, e.g. video=episode.gif (None: no video)."""
+    """Also write a GIF of one episode here, e.g. video=episode.gif (None: no video); with several tasks one per
+    task, episode-<task>.gif."""
 
 
 def load_module(ckpt_path: str):
@@ -161,19 +162,32 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     if len(tasks) > 1:
         result["tasks"] = {task: task_stats.summary() for task, task_stats in per_task.items()}
     if options.video:
-        from lit_dreamer.video import record_episode, write_gif
-        frames, video_return = record_episode(module, tasks[0], mode=options.mode, seed=options.seed,
-                                              max_steps=100_000, task=policy_task(module, tasks[0], trained_on),
-                                              **cfg.env.make_kwargs())
-        result["video"] = write_gif(frames, options.video)
-        result["video_return"] = video_return
+        result.update(record_videos(module, tasks, trained_on, cfg, options))
     if cfg.logger.backend == "mlflow" or options.tracking_uri:
-        result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, result.get("video"),
+        videos = list(result["videos"].values()) if "videos" in result else [result.get("video")]
+        result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, [v for v in videos if v],
                                                training_run_id, result.get("tasks"))
     else:  # the run logged to TensorBoard, CSV or nowhere: the table goes beside its other files
         result["csv"] = write_eval_csv(os.path.join(eval_csv_folder(ckpt_path), EVAL_CSV), result, options)
     return result
 
+
+
+def record_videos(module, tasks: list[str], trained_on: list[str], cfg, options: EvalOptions) -> dict:
+    """One episode's GIF at options.video ({"video", "video_return"}); with several tasks one per task at
+    <stem>-<task><ext> ({"videos", "video_returns"}, keyed by task), <task> as in eval/<task>/return."""
+    from lit_dreamer.config import task_metric_name
+    from lit_dreamer.video import record_episode, write_gif
+    stem, ext = os.path.splitext(options.video)
+    paths, returns = {}, {}
+    for task in tasks:
+        frames, returns[task] = record_episode(module, task, mode=options.mode, seed=options.seed, max_steps=100_000,
+                                               task=policy_task(module, task, trained_on), **cfg.env.make_kwargs())
+        path = options.video if len(tasks) == 1 else f"{stem}-{task_metric_name(task)}{ext or '.gif'}"
+        paths[task] = write_gif(frames, path)
+    if len(tasks) == 1:
+        return {"video": paths[tasks[0]], "video_return": returns[tasks[0]]}
+    return {"videos": paths, "video_returns": returns}
 
 
 def policy_task(module, task: str, trained_on: list[str]) -> int:
@@ -234,7 +248,7 @@ def write_eval_csv(path: str, result: dict, options: EvalOptions) -> str:
     return path
 
 
-def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats, video: str | None = None,
+def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats, videos: list[str] | None = None,
                  training_run_id: str | None = None, result_tasks: dict | None = None) -> str:
     """An MLflow run of this evaluation, under the training run when that run is in the same store;
     `result_tasks` ({task: summary}, several tasks only) adds eval/<task>/return and eval/<task>/length."""
@@ -252,7 +266,8 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats,
         tags["mlflow.parentRunId"] = parent  # shows the eval run under its training run in the MLflow UI
     run = client.create_run(experiment_id, tags=tags, run_name=f"eval-{cfg.logger.run_name or 'run'}")
     run_id = run.info.run_id
-    for key, value in {"checkpoint": os.path.abspath(ckpt_path), "env.id": cfg.env.id, "episodes": options.episodes,
+    env = {"env.tasks": str(list(cfg.env.tasks))} if cfg.env.tasks else {"env.id": cfg.env.id}
+    for key, value in {"checkpoint": os.path.abspath(ckpt_path), **env, "episodes": options.episodes,
                        "mode": options.mode, "seed": options.seed}.items():
         client.log_param(run_id, key, value)
     summary = stats.summary()
@@ -264,7 +279,7 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats,
     for index, (ret, length) in enumerate(zip(stats.returns, stats.lengths)):
         client.log_metric(run_id, "eval/episode_return", ret, step=index)
         client.log_metric(run_id, "eval/episode_length", length, step=index)
-    if video:
+    for video in videos or []:
         client.log_artifact(run_id, video, artifact_path="videos")
     client.set_terminated(run_id)
     return run_id

@@ -311,9 +311,17 @@ def test_two_task_fit_logs_per_task_metrics_and_its_checkpoint_keeps_the_table(t
     ckpt = torch.load(f"{tmp_path}/run/checkpoints/last/model.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["lit_dreamer"]["tasks"] == [POINT.format(0), POINT.format(1)]
     # The eval command runs every task of the checkpoint's table.
-    result = evaluate_checkpoint(f"{tmp_path}/run/checkpoints/last/model.ckpt", EvalOptions(episodes=1))
+    result = evaluate_checkpoint(f"{tmp_path}/run/checkpoints/last/model.ckpt",
+                                 EvalOptions(episodes=1, video=f"{tmp_path}/episode.gif"))
     assert list(result["tasks"]) == [POINT.format(0), POINT.format(1)] and result["summary"]["episodes"] == 2
-    eval_metrics = client.get_run(result["mlflow_run_id"]).data.metrics
+    # video=: one episode of each task, named as its metrics, logged with the eval run.
+    assert result["videos"] == {task: f"{tmp_path}/episode-{name}.gif" for task, name in zip(result["tasks"], names)}
+    assert all(os.path.getsize(path) > 0 for path in result["videos"].values())
+    eval_run = client.get_run(result["mlflow_run_id"])
+    assert "env.id" not in eval_run.data.params and eval_run.data.params["env.tasks"] == str(list(result["tasks"]))
+    logged = sorted(os.path.basename(a.path) for a in client.list_artifacts(result["mlflow_run_id"], "videos"))
+    assert logged == sorted(f"episode-{name}.gif" for name in names)
+    eval_metrics = eval_run.data.metrics
     assert eval_metrics[f"eval/{names[1]}/return"] == pytest.approx(result["tasks"][POINT.format(1)]["return"])
     # Continuing it with another task table is refused before anything runs (the CLI turns a ConfigError
     # into exit code 2: tests/test_system.py).
