@@ -81,16 +81,18 @@ class TaskLinear(nn.Module):
     The rows are laid out by task in blocks of equal size (`task_blocks`) and multiplied block by block
     (one bmm), with no host-device sync: splitting the rows by task would need the counts on the host.
     A narrow layer (few outputs) instead applies every task's layer to every input and picks the task's
-    output: K times the layer, but fewer and cheaper ops than the bookkeeping (`EVERY_TASK_MAX_EXTRA`).
+    output (the others', discarded, pass no gradient): K times the layer, but fewer ops than the blocks'
+    bookkeeping, which then costs more than the layer (`EVERY_TASK_MAX_EXTRA`).
     """
 
     # Rows per block: ceil(N / (K * BLOCKS_PER_TASK)). Each task pads at most one block, so the padding costs
-    # under 1/BLOCKS_PER_TASK of the layer; each block gathers its task's weight: about (BLOCKS_PER_TASK + 1) * K
-    # copies of (out, in), whatever N.
+    # about 1/BLOCKS_PER_TASK of the layer at most; each block gathers its task's weight: about
+    # (BLOCKS_PER_TASK + 1) * K copies of (out, in), whatever N (a weight per row would be N copies).
     BLOCKS_PER_TASK = 16
     # Up to this many extra outputs per input ((K - 1) * out), computing every task's layer is faster than
     # the blocks (CPU, 1 thread, 512 to 8192 rows of 64 units, K = 4: equal time at 16 to 64 outputs; at
-    # 255 outputs the blocks take a quarter of the time). The actor's and continue head's layers stay there.
+    # 255 outputs the blocks take a quarter of the time). The continue head's layer (1 output) and a small
+    # action space's actor stay on that path; the 255-bin reward head and critics take the blocks.
     EVERY_TASK_MAX_EXTRA = 64
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, scale: float = 1.0):
