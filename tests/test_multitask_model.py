@@ -18,7 +18,8 @@ import torch
 
 import lit_dreamer.train as train_module
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, ModelConfig, MultitaskConfig
-from lit_dreamer.conditioning import ConditionedHead, Conditioning, TaskEmbedding, TaskLinear, task_indexed
+from lit_dreamer.conditioning import (ConditionedHead, Conditioning, TaskEmbedding, TaskLinear, task_blocks,
+                                      task_indexed)
 from lit_dreamer.config import ConfigError, load_config, task_metric_name
 from lit_dreamer.evaluation import load_checkpoint
 from lit_dreamer.module import DreamerModule
@@ -146,6 +147,79 @@ def test_task_embedding_caps_the_norm_and_task_linear_picks_each_task_layer():
     expected = torch.stack([x[i] @ layer.weight[k].T + layer.bias[k] for i, k in enumerate(task.tolist())])
     torch.testing.assert_close(layer(x, task), expected)
 
+
+def every_task_then_pick(layer, x, task):
+    """TaskLinear as it was first written: every task's layer on every input, then the task's output picked."""
+    outs = torch.einsum("...i,koi->...ko", x, layer.weight) + layer.bias  # (..., K, out)
+    return outs.gather(-2, task[..., None, None].expand(*task.shape, 1, outs.shape[-1])).squeeze(-2)
+
+
+TASK_ORDERS = {"shuffled": lambda g: torch.randint(0, 4, (7, 6), generator=g),
+               "task 1 absent": lambda g: torch.tensor([0, 2, 3])[torch.randint(0, 3, (7, 6), generator=g)],
+               "last task absent": lambda g: torch.randint(0, 3, (7, 6), generator=g),
+               "all task 2": lambda g: torch.full((7, 6), 2),
+               "one input": lambda g: torch.tensor([3])}
+
+
+@pytest.mark.parametrize("out_dim", [3, 40])  # the narrow layer's path (every task's layer) and the blocks'
+@pytest.mark.parametrize("order", TASK_ORDERS)
+def test_task_linear_gives_the_outputs_and_gradients_of_every_tasks_layer_then_pick(order, out_dim):
+    assert (3 * out_dim > TaskLinear.EVERY_TASK_MAX_EXTRA) == (out_dim == 40)  # both paths covered (K = 4)
+    g = torch.Generator().manual_seed(0)
+    layer = TaskLinear(5, out_dim, num_tasks=4)
+    with torch.no_grad():
+        layer.bias.normal_(generator=g)
+    task = TASK_ORDERS[order](g)
+    x = torch.randn(*task.shape, 5, generator=g, requires_grad=True)
+    upstream = torch.randn(*task.shape, out_dim, generator=g)
+    inputs = [x, layer.weight, layer.bias]
+    got = layer(x, task)
+    want = every_task_then_pick(layer, x, task)
+    torch.testing.assert_close(got, want)
+    for name, got_grad, want_grad in zip(("x", "weight", "bias"), torch.autograd.grad((got * upstream).sum(), inputs),
+                                         torch.autograd.grad((want * upstream).sum(), inputs)):
+        torch.testing.assert_close(got_grad, want_grad, msg=name)
+
+
+@pytest.mark.parametrize("out_dim", [3, 40])
+def test_task_linear_gives_no_gradient_to_a_task_without_samples(out_dim):
+    layer = TaskLinear(5, out_dim, num_tasks=4)
+    task = torch.tensor([0, 2, 2, 0, 2, 0, 0])  # no sample of task 1 nor of task 3, whose rows pad the last blocks
+    layer(torch.randn(7, 5), task).square().sum().backward()
+    for param in (layer.weight, layer.bias):
+        assert torch.equal(param.grad[[1, 3]], torch.zeros_like(param.grad[[1, 3]]))
+        assert param.grad[0].abs().sum() > 0 and param.grad[2].abs().sum() > 0
+
+
+def test_task_blocks_lay_each_tasks_rows_out_in_blocks_of_their_own():
+    task = torch.tensor([2, 0, 1, 1, 0, 2, 2])
+    slot, block_task = task_blocks(task, num_tasks=4, block_size=2)
+    # Task 0's rows fill block 0, task 1's block 1, task 2's blocks 2 and 3 (one slot left empty); the
+    # ceil(7 / 2) + 4 - 1 = 7 blocks end with padding blocks, given to the last task.
+    assert slot.tolist() == [4, 0, 2, 3, 1, 5, 6]
+    assert block_task.tolist() == [0, 1, 2, 2, 3, 3, 3]
+
+
+def test_task_linear_costs_one_layer_whatever_the_number_of_tasks():
+    """FLOPs (a count, not a timing) of forward and backward: one (N, in) x (in, out) product each for the
+    output, the input gradient and the weight gradient, plus the blocks' padding, instead of K times that."""
+    from torch.utils.flop_counter import FlopCounterMode
+    N, in_dim, out_dim = 1000, 32, 64
+    layer = TaskLinear(in_dim, out_dim, num_tasks=4)
+    x, task = torch.randn(N, in_dim, requires_grad=True), torch.randint(0, 4, (N,))
+    with FlopCounterMode(display=False) as counter:
+        layer(x, task).square().sum().backward()
+    one_layer = 3 * 2 * N * in_dim * out_dim
+    assert one_layer <= counter.get_total_flops() <= 1.1 * one_layer
+
+
+def test_task_linear_needs_no_host_device_sync():
+    """Traced as one graph: a count read on the host (bincount().tolist() to split the rows by task) would
+    break it. The stand-in for a GPU's sync on a CPU-only test machine."""
+    layer = TaskLinear(8, 40, num_tasks=4)
+    traced = torch.compile(layer, backend="eager", fullgraph=True, dynamic=False)
+    x, task = torch.randn(6, 5, 8), torch.randint(0, 4, (6, 5))
+    torch.testing.assert_close(traced(x, task), layer(x, task))
 
 def test_per_task_return_normalizer_takes_each_tasks_own_percentiles():
     g = torch.Generator().manual_seed(0)
