@@ -153,13 +153,17 @@ def log_run(client, experiment_id, name, params, curve, start, end=None, tags=No
     return run.info.run_id
 
 
+def new_store(root, *experiments: str) -> tuple[str, MlflowClient, list[str]]:
+    """A fresh sqlite MLflow store in folder `root` with the named experiments: (uri, client, their ids)."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    return uri, client, [client.create_experiment(name, artifact_location=str(root / "artifacts")) for name in experiments]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    main_id = client.create_experiment("lit_dreamer", artifact_location=str(root / "artifacts"))
-    other_id = client.create_experiment("other", artifact_location=str(root / "artifacts"))
+    uri, client, (main_id, other_id) = new_store(root, "lit_dreamer", "other")
     ids = {}
     for seed in range(3):
         steps = range(0, 10_001, 2000)

@@ -10,12 +10,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 
 import lit_dreamer.compare as compare
 from lit_dreamer.compare import run_group
 from lit_dreamer.config import task_metric_name
-from tests.test_compare import T0, log_run, parse_table, run_compare
+from tests.test_compare import T0, log_run, new_store, parse_table, run_compare
 
 TASKS = ["lit_dreamer/PointGoal-0-v0", "lit_dreamer/PointGoal-1-v0"]
 KEYS = [f"eval/{task_metric_name(t)}/return" for t in TASKS]  # eval/lit_dreamer_PointGoal-0-v0/return, ...
@@ -26,9 +25,7 @@ SEEDS = {"embedding": 5, "heads": 2}
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("lit_dreamer", artifact_location=str(root / "artifacts"))
+    uri, client, (experiment,) = new_store(root, "lit_dreamer")
     rng = np.random.default_rng(0)
     returns, ids = {}, {}
     for group, seeds in SEEDS.items():

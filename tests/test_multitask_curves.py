@@ -14,10 +14,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 
 from lit_dreamer.config import task_metric_name
-from tests.test_compare import T0, log_run
+from tests.test_compare import T0, log_run, new_store
 from tests.test_examples import REPO, load_script
 
 TASKS = ["lit_dreamer/PointGoal-0-v0", "lit_dreamer/PointGoal-1-v0"]
@@ -36,10 +35,7 @@ SINGLE = {  # task index -> per seed, the returns at SINGLE_STEPS
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    multi_experiment = client.create_experiment("lit_dreamer", artifact_location=str(root / "artifacts"))
-    single_experiment = client.create_experiment("single", artifact_location=str(root / "artifacts"))
+    uri, client, (multi_experiment, single_experiment) = new_store(root, "lit_dreamer", "single")
     ids = {"multi": [], "single": {0: [], 1: []}}
     for seed, per_task in MULTI.items():
         mean = np.mean(per_task, axis=0)  # eval/return: the mean over tasks, as the eval callback logs it
