@@ -35,7 +35,7 @@ class VideoCallback(Callback):
                  max_episode_steps: int = 500, seed: int = 2_000_000, **env_kwargs: Any):
         super().__init__()
         self.tasks = [env_id] if isinstance(env_id, str) else list(env_id)
-        self.env_id, self.directory = self.tasks[0], directory
+        self.directory = directory
         self.sequences, self.max_episode_steps, self.seed, self.env_kwargs = sequences, max_episode_steps, seed, env_kwargs
         self.schedule = EnvStepSchedule(every_env_steps)
         self.written: list[str] = []
