@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, MultitaskConfig,
                                      OptimConfig, WorldModelConfig, migrate_moved_keys)
+from lit_dreamer.rewards.settings import RewardConfig, check_reward
 from lit_dreamer.sampling import REPLAY_DEVICES, SAMPLERS, ReplayConfig
 
 def config_dir() -> str:
@@ -194,6 +195,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: dict[str, Any] = field(default_factory=default_trainer)
     """Keyword arguments of lightning.Trainer (devices, accelerator, precision, strategy, ...)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -486,6 +488,10 @@ def validate(cfg: Config) -> None:
                           + (f" (did you mean {close[0]}?)" if close else ""))
     check_tasks(cfg)
     check_multitask(cfg)
+    try:
+        check_reward(cfg.reward)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.env.obs not in ("proprio", "pixels"):
         raise ConfigError(f"env.obs must be 'proprio' or 'pixels', got {cfg.env.obs!r}")
     if cfg.env.nonfinite not in ("cut", "error"):

@@ -15,6 +15,7 @@ from lit_dreamer.callbacks import (CollapseWatch, DreamerCheckpoint, EnvCollecto
                                    resolve_last)
 from lit_dreamer.callbacks.env_collector import find_collector
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
+from lit_dreamer.callbacks.reward_stats import RewardStats
 from lit_dreamer.adapt import check_init_start, saved_conditioning, start_from_init
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.checkpoint_files import check_checkpoint_folder
@@ -22,6 +23,7 @@ from lit_dreamer.config import Config, ConfigError, task_names, validate
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, check_same_spaces, make_env, space_spec
 from lit_dreamer.module import DreamerModule
+from lit_dreamer.rewards import shared_judge
 from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, check_task_table,
                                 describe_start, find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
 # git_commit moved to tracking with the rest of the run record; scripts and tests import it from here too
@@ -52,7 +54,7 @@ def probe_env(cfg: Config) -> EnvInfo:
     try:
         for task in task_names(cfg):
             try:
-                envs.append((task, make_env(task, **cfg.env.make_kwargs())))
+                envs.append((task, make_env(task, reward=cfg.reward, **cfg.env.make_kwargs())))
             except (ValueError, ImportError) as err:  # ImportError: an env family whose package is not installed
                 raise ConfigError(f"{task_key(cfg, task)}: {err}") from None
         try:
@@ -214,10 +216,13 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
                                   num_tasks=len(tasks))
     collector = EnvCollector(tasks, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
                              train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
-                             asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, **cfg.env.make_kwargs())
+                             asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, reward=cfg.reward,
+                             **cfg.env.make_kwargs())  # evaluation and videos keep the env's own reward
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
     callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg)]
+    if cfg.reward.source == "llm":
+        callbacks.append(RewardStats(shared_judge(cfg.reward.llm), every=cfg.run.log_every))
     if cfg.run.collapse_entropy > 0:
         callbacks.append(CollapseWatch(cfg.run.collapse_entropy, cfg.run.collapse_window, every=cfg.run.log_every))
     if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar turned off

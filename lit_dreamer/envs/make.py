@@ -24,6 +24,7 @@ from gymnasium.wrappers import AddRenderObservation, AtariPreprocessing, RepeatA
 from lit_dreamer.envs.adapters import DictObservation, adapt_action_space
 from lit_dreamer.envs.faults import CutNonFinite, RestartOnError
 from lit_dreamer.envs.spaces import FRAMES_PER_STEP_KEY
+from lit_dreamer.rewards import RewardConfig, wrap_env, wrap_vector_env
 
 OBS_MODES = ("proprio", "pixels")
 
@@ -212,6 +213,7 @@ def make_env(
     time_limit: int | None = None,
     seed: int | None = None,
     render: bool = False,
+    reward: RewardConfig | None = None,
 ) -> gym.Env:
     """Build an env whose observations are a flat ``spaces.Dict`` and whose actions are
     ``Discrete(n)`` or ``Box(-1, 1, (A,), float32)``.
@@ -227,6 +229,8 @@ def make_env(
         time_limit: extra limit in agent steps; reaching it truncates (is_last, not is_terminal).
         seed: seeds the env and its action space with a first ``reset(seed=seed)``.
         render: also create the env with render_mode="rgb_array" so ``env.render()`` gives frames.
+        reward: the ``reward`` config section: a function's or a language model's reward instead of (or added to)
+            the env's (``lit_dreamer.rewards``; a language model answers only through ``make_vector_env``).
 
     ``frames_per_step(env)`` tells the frames one agent step spans (action repeat, or 4 on Atari).
     """
@@ -245,6 +249,8 @@ def make_env(
         env = RepeatAction(env, action_repeat)
     if time_limit is not None:
         env = TimeLimit(env, max_episode_steps=time_limit)
+    # Here it sees raw observations (the mission string) and every episode end, time limits included.
+    env = wrap_env(env, reward)
     env = DictObservation(adapt_action_space(env))
     env.metadata = {**env.metadata, FRAMES_PER_STEP_KEY: _count_frames_per_step(env)}
     if seed is not None:
@@ -280,7 +286,8 @@ def make_vector_env(
     env_fns = [functools.partial(_restarting_env, env_id, seed + index, cut_nonfinite, make_env_kwargs)
                for index in range(num_envs)]
     vector_class = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    return vector_class(env_fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    envs = vector_class(env_fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    return wrap_vector_env(envs, make_env_kwargs.get("reward"))  # a language model judges all envs' episodes together
 
 
 def close_by_force(envs: gym.vector.VectorEnv) -> None:
