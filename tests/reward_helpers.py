@@ -48,3 +48,8 @@ def episode_length(instruction: str, episode: Episode, info) -> float:
 def cartpole_length(instruction: str, episode: Episode) -> str:
     """A describer for CartPole (no instruction): how long the pole stayed up."""
     return f"The pole stayed up for {len(episode.actions)} steps."
+
+
+def upright(instruction: str, observation, info) -> float:
+    """Per step on CartPole: 1 minus the pole's angle (radians), a shaped reward the replay must hold."""
+    return 1.0 - abs(float(observation[2]))

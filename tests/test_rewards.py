@@ -323,3 +323,20 @@ def test_a_fit_on_llm_rewards_logs_the_counts_and_leaks_no_key(stub, tmp_path):
     leaks = [str(path) for path in files if key.encode() in path.read_bytes()]
     assert not leaks, f"the API key is in {leaks}"
     assert key not in proc.stdout + proc.stderr
+
+
+def test_a_fit_on_fn_rewards_trains_on_them_and_evaluates_on_the_env_reward(in_tmp):
+    """source=fn on CartPole: every replayed reward is the function's value for the observation it came with;
+    evaluation keeps the env's own return (CartPole's 1 per step, so the return is the episode length)."""
+    from lit_dreamer.replay import Replay
+    from lit_dreamer.train import fit
+    summary = fit(load_config(["debug"], [f"run.dir={in_tmp / 'run'}", "logger.backend=none", "run.steps=60",
+                                          "run.prefill=30", "run.eval_every=60", "run.eval_episodes=2",
+                                          "reward.source=fn", "reward.fn=tests.reward_helpers:upright"]))
+    replay = Replay.load(os.path.join(os.path.dirname(summary["checkpoint"]), "replay-rank0"))
+    data = {key: replay._data[key][:len(replay)][:, 0] for key in ("vector", "reward", "is_first")}
+    later = ~data["is_first"]
+    assert later.sum() > 40
+    np.testing.assert_allclose(data["reward"][later], 1.0 - np.abs(data["vector"][later, 2]), rtol=1e-6)
+    assert not np.allclose(data["reward"][later], 1.0)  # not CartPole's own reward
+    assert summary["eval"]["return"] == summary["eval"]["length"]  # CartPole's 1 per step, not the function's
