@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def rule(prompt: str) -> str:
-    instruction = re.search(r"Instruction: (.*)", prompt).group(1).strip()
-    description = re.search(r"observes: (.*)", prompt).group(1)
+    instruction = re.search(r"Instruction: (.*?)\. What", prompt).group(1).strip()
+    description = re.search(r"observes: (.*) Was the", prompt).group(1)
     target = " ".join(instruction.split()[-2:])
     return "yes" if target in description else "no"
 

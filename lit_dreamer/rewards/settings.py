@@ -17,11 +17,10 @@ REWARD_WHEN = ("step", "episode")
 PROMPT_FIELDS = ("instruction", "description")
 
 DEFAULT_PROMPT = (
-    "You judge whether an agent in a game achieved its instruction.\n"
-    "Instruction: {instruction}\n"
-    "What the agent observes: {description}\n"
-    "Was the instruction achieved? Answer with one word: yes or no."
+    "You judge whether an agent in a game achieved its instruction. Instruction: {instruction}. "
+    "What the agent observes: {description} Was the instruction achieved? Answer with one word: yes or no."
 )
+"""One line, so that it reads the same in YAML, in MLflow's params and in a table of docs/configs.md."""
 
 
 @dataclass
