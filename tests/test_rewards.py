@@ -272,6 +272,21 @@ def test_a_babyai_episode_end_is_described_for_the_judge(stub):
     assert instruction == obs["mission"] and description == describe_view(obs["image"])
 
 
+def test_babyai_with_pixel_observations_still_gets_its_mission_and_description():
+    from gymnasium.wrappers import AddRenderObservation
+    config = RewardConfig(source="llm", when="episode", llm=LLMConfig(url="http://127.0.0.1:9/v1", model="stub"))
+    env = LanguageReward(AddRenderObservation(gym.make("BabyAI-GoToObj-v0", render_mode="rgb_array"),
+                                              render_only=True), config)
+    env.reset(seed=1)
+    info, done = {}, False
+    while not done:
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        done = terminated or truncated
+    base = env.unwrapped
+    assert info["reward/query"] == (base.mission, describe_view(base.gen_obs()["image"]))
+    assert base.mission.startswith("go to")
+
+
 # --------------------------------------------------------------------------------------------------
 # Config
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import gymnasium as gym
 import numpy as np
 
-from lit_dreamer.rewards.describe import Episode, describe_babyai, describe_from_info
+from lit_dreamer.rewards.describe import Episode, describe_from_info, describe_view
 from lit_dreamer.rewards.llm import LLMJudge, shared_judge
 from lit_dreamer.rewards.settings import RewardConfig, load_callable
 
@@ -29,13 +29,15 @@ INSTRUCTION_KEYS = ("mission", "instruction")
 """Raw observation keys read as the instruction, first found wins (minigrid's `mission`, or `instruction`)."""
 
 
-def instruction_of(observation: Any) -> str:
-    """The instruction in a raw observation, '' when it has none (e.g. CartPole)."""
+def instruction_of(observation: Any, env: gym.Env) -> str:
+    """The instruction in a raw observation, else the env's own `mission` attribute (minigrid with pixel
+    observations), else '' (e.g. CartPole)."""
     if isinstance(observation, dict):
         for key in INSTRUCTION_KEYS:
             if key in observation:
                 return str(observation[key])
-    return ""
+    mission = getattr(env.unwrapped, "mission", None)
+    return mission if isinstance(mission, str) else ""
 
 
 def is_minigrid(env: gym.Env) -> bool:
@@ -47,8 +49,13 @@ def is_minigrid(env: gym.Env) -> bool:
 
 
 def default_describer(env: gym.Env) -> Callable[[str, Episode], str]:
-    """The built-in BabyAI describer for minigrid envs, else the env's own info['description']."""
-    return describe_babyai if is_minigrid(env) else describe_from_info
+    """The built-in BabyAI describer for minigrid envs, else the env's own info['description'].
+
+    For minigrid it describes the env's symbolic view at the scoring step (`gen_obs`), which exists whatever
+    the observation mode: with env.obs=pixels the raw observation is an image the describer cannot read."""
+    if not is_minigrid(env):
+        return describe_from_info
+    return lambda instruction, episode: describe_view(env.unwrapped.gen_obs()["image"])
 
 
 class LanguageReward(gym.Wrapper):
@@ -67,7 +74,7 @@ class LanguageReward(gym.Wrapper):
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict]:
         observation, info = self.env.reset(**kwargs)
-        self.episode = Episode(instruction_of(observation), [observation])
+        self.episode = Episode(instruction_of(observation, self.env), [observation])
         return observation, info
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
