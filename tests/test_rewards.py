@@ -90,7 +90,8 @@ def test_a_cached_pair_is_not_asked_again(stub):
     second = judge.score("go to the red ball", "You see a red ball.")
     assert first == [1.0, 1.0] and second == 1.0
     assert len(server.requests) == 1
-    assert judge.stats() == {"reward/llm_calls": 1.0, "reward/llm_failures": 0.0, "reward/llm_cache_hits": 1.0}
+    # a repeat within one batch and a later repeat: both answered without a request
+    assert judge.stats() == {"reward/llm_calls": 1.0, "reward/llm_failures": 0.0, "reward/llm_cache_hits": 2.0}
 
 
 def test_a_slow_answer_times_out_is_retried_and_falls_back(stub):
@@ -204,7 +205,7 @@ def test_llm_rewards_replace_or_add_on_the_last_step(stub, mix, seen, last):
     envs = llm_vector_env(server, 2, seen=seen, mix=mix, when="episode")
     before = 1.0 if mix == "add" else 0.0
     np.testing.assert_array_equal(vector_episode_rewards(envs), [[before] * 2, [before] * 2, [last] * 2])
-    assert len(server.requests) == 1  # both envs' identical episodes: one request, one cache hit
+    assert len(server.requests) == 1 and envs.judge.stats()["reward/llm_cache_hits"] == 1.0  # 2 alike episodes
 
 
 def test_a_second_identical_episode_sends_no_request(stub):
@@ -355,3 +356,29 @@ def test_a_fit_on_fn_rewards_trains_on_them_and_evaluates_on_the_env_reward(in_t
     np.testing.assert_allclose(data["reward"][later], 1.0 - np.abs(data["vector"][later, 2]), rtol=1e-6)
     assert not np.allclose(data["reward"][later], 1.0)  # not CartPole's own reward
     assert summary["eval"]["return"] == summary["eval"]["length"]  # CartPole's 1 per step, not the function's
+
+
+def test_an_env_without_a_description_names_reward_describe():
+    config = RewardConfig(source="llm", when="episode", llm=LLMConfig(url="http://127.0.0.1:9/v1", model="stub"))
+    env = LanguageReward(gym.make("CartPole-v1"), config)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="reward.describe=module:callable"):
+        for _ in range(500):
+            env.step(0)
+
+
+def test_reward_stats_go_on_from_the_checkpointed_totals(stub):
+    from lit_dreamer.callbacks.reward_stats import RewardStats
+    server = stub()
+    first = judge_for(server)
+    first.score("go to the red ball", "You see a red ball.")  # before the fit: not this run's
+    stats = RewardStats(first)
+    stats.setup(None, None, "fit")
+    first.score_many([("go to the red ball", "a"), ("go to the red ball", "a"), ("go to the red ball", "b")])
+    saved = stats.state_dict()
+    assert saved["totals"] == {"reward/llm_calls": 2.0, "reward/llm_failures": 0.0, "reward/llm_cache_hits": 1.0}
+    resumed = RewardStats(judge_for(server))  # a new process: a fresh judge
+    resumed.load_state_dict(saved)
+    resumed.setup(None, None, "fit")
+    resumed.judge.score("go to the red ball", "c")
+    assert resumed.totals()["reward/llm_calls"] == 3.0

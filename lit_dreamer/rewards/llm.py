@@ -73,7 +73,8 @@ class LLMJudge:
     """Cached, bounded, retrying yes/no judgements from a chat-completions endpoint.
 
     Counters (`stats()`): requests sent (retries included: each costs), judgements that fell back, and
-    judgements answered from the cache. Failures are not cached: a later episode asks again.
+    judgements that sent no request of their own (cached, or a repeat within one batch). Failures are not
+    cached: a later episode asks again.
     """
 
     def __init__(self, settings: LLMConfig, backoff_s: float = 0.5):
@@ -101,8 +102,9 @@ class LLMJudge:
         """One reward per query; the distinct uncached ones are asked concurrently (max_concurrency at most)."""
         with self.lock:
             known = {query: self.cache[query] for query in queries if query in self.cache}
-            self.cache_hits += sum(query in known for query in queries)
         missing = list(dict.fromkeys(query for query in queries if query not in known))
+        with self.lock:  # a hit: a judgement that sends no request of its own (cached, or a repeat in this batch)
+            self.cache_hits += len(queries) - len(missing)
         answers = dict(zip(missing, self.pool.map(self.judge, missing)))
         return [known[query] if query in known else answers[query] for query in queries]
 
