@@ -37,6 +37,7 @@ from typing_extensions import override
 from lit_dreamer.config import task_metric_name
 from lit_dreamer.envs import action_dim, action_kind, close_by_force, env_action, frames_per_step, make_task_vector_env
 from lit_dreamer.envs.faults import ERROR_KEY, NONFINITE_KEY, NonFiniteEnvError
+from lit_dreamer.envs.text import check_text_growth
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class EnvCollector(Callback):
         if stage != "fit" or self.envs is not None:
             return
         self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        check_text_growth(self.env_kwargs.get("vocabularies"), self.asynchronous, self.world_size)
         self.envs = self.make_envs(self.env_seed())
         self.discrete = action_kind(self.envs) == "discrete"
         self.action_size = action_dim(self.envs)

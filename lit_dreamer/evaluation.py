@@ -147,6 +147,7 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     training run. `episodes` run per task; an `env.id` override evaluates that one env instead."""
     from lit_dreamer.config import task_names
     module, cfg, training_run_id = load_checkpoint(ckpt_path)
+    vocabularies = checkpoint_vocabularies(ckpt_path, module)
     trained_on = task_names(cfg)
     for key, value in (env_overrides or {}).items():
         setattr(cfg.env, key, value)
@@ -154,7 +155,7 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
         cfg.env.tasks = []  # env.id=X asks for that one env, not the checkpoint's task list
     tasks = task_names(cfg)
     torch.manual_seed(options.seed)
-    per_task = {task: evaluate_task(module, task, k, cfg, options, policy_task(module, task, trained_on))
+    per_task = {task: evaluate_task(module, task, k, cfg, options, policy_task(module, task, trained_on), vocabularies)
                 for k, task in enumerate(tasks)}
     stats = EpisodeStats.pooled(per_task.values())
     result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
@@ -162,7 +163,7 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     if len(tasks) > 1:
         result["tasks"] = {task: task_stats.summary() for task, task_stats in per_task.items()}
     if options.video:
-        result.update(record_videos(module, tasks, trained_on, cfg, options))
+        result.update(record_videos(module, tasks, trained_on, cfg, options, vocabularies))
     if cfg.logger.backend == "mlflow" or options.tracking_uri:
         videos = list(result["videos"].values()) if "videos" in result else [result.get("video")]
         result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, [v for v in videos if v],
@@ -173,7 +174,15 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
 
 
 
-def record_videos(module, tasks: list[str], trained_on: list[str], cfg, options: EvalOptions) -> dict:
+def checkpoint_vocabularies(ckpt_path: str, module):
+    """The text vocabularies the checkpoint's envs grew or declared, so that eval envs give the same token ids."""
+    from lit_dreamer.envs.text import TextVocabularies
+    from lit_dreamer.resume import read_checkpoint
+    return TextVocabularies(module.cfg.model.text_vocab, read_checkpoint(ckpt_path).text_vocabulary)
+
+
+def record_videos(module, tasks: list[str], trained_on: list[str], cfg, options: EvalOptions,
+                  vocabularies=None) -> dict:
     """One episode's GIF at options.video ({"video", "video_return"}); with several tasks one per task at
     <stem>-<task><ext> ({"videos", "video_returns"}, keyed by task), <task> as in eval/<task>/return."""
     from lit_dreamer.config import task_metric_name
@@ -182,7 +191,8 @@ def record_videos(module, tasks: list[str], trained_on: list[str], cfg, options:
     paths, returns = {}, {}
     for task in tasks:
         frames, returns[task] = record_episode(module, task, mode=options.mode, seed=options.seed, max_steps=100_000,
-                                               task=policy_task(module, task, trained_on), **cfg.env.make_kwargs())
+                                               task=policy_task(module, task, trained_on), **cfg.env.make_kwargs(),
+                                               vocabularies=vocabularies)
         path = options.video if len(tasks) == 1 else f"{stem}-{task_metric_name(task)}{ext or '.gif'}"
         paths[task] = write_gif(frames, path)
     if len(tasks) == 1:
@@ -202,11 +212,13 @@ def policy_task(module, task: str, trained_on: list[str]) -> int:
     return 0
 
 
-def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions, policy: int = 0) -> EpisodeStats:
+def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions, policy: int = 0,
+                  vocabularies=None) -> EpisodeStats:
     """`options.episodes` episodes of one task; task number `index` seeds its envs apart (task 0: options.seed);
-    the policy acts for task number `policy` of the checkpoint's table."""
+    the policy acts for task number `policy` of the checkpoint's table; `vocabularies`: the checkpoint's text
+    vocabularies (lit_dreamer.envs.text)."""
     return task_episodes(module, task, options.episodes, seed=options.seed, index=index, mode=options.mode,
-                         policy=policy, **cfg.env.make_kwargs())
+                         policy=policy, **cfg.env.make_kwargs(), vocabularies=vocabularies)
 
 
 def task_episodes(module, env_id: str, episodes: int, *, seed: int, index: int, mode: str, policy: int,

@@ -7,7 +7,7 @@ starting at 0, or ``Box(-1, 1, (A,), float32)``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -70,11 +70,12 @@ class DictObservation(gym.ObservationWrapper):
 
     Dict observations keep their keys (nested dicts joined with "/"); scalars become shape (1,),
     numeric vectors float32, uint8 HxWx{1,3} boxes stay images. Anything else raises a ValueError at
-    construction that names the key, its shape and dtype. Observations and `render()` frames are
+    construction that names the key, its shape and dtype. Keys in `keep` (text token ids) are left as they
+    are. Observations and `render()` frames are
     C-contiguous arrays.
     """
 
-    def __init__(self, env: gym.Env):
+    def __init__(self, env: gym.Env, keep: Sequence[str] = ()):
         super().__init__(env)
         source = env.observation_space
         if isinstance(source, spaces.Dict):
@@ -86,7 +87,8 @@ class DictObservation(gym.ObservationWrapper):
         for key in flat:
             if is_reserved(key):
                 raise ValueError(f"observation key {key!r} clashes with a replay key; rename it")
-        converted = {key: _convert_box(key, space) for key, space in flat.items()}
+        # `keep`: top-level keys whose boxes pass unchanged, the int64 token ids of text observations.
+        converted = {key: space if key in keep else _convert_box(key, space) for key, space in flat.items()}
         self._top_level_key = None if isinstance(source, spaces.Dict) else next(iter(converted))
         self.observation_space = spaces.Dict(converted)
 

@@ -24,6 +24,7 @@ from gymnasium.wrappers import AddRenderObservation, AtariPreprocessing, RepeatA
 from lit_dreamer.envs.adapters import DictObservation, adapt_action_space
 from lit_dreamer.envs.faults import CutNonFinite, RestartOnError
 from lit_dreamer.envs.spaces import FRAMES_PER_STEP_KEY
+from lit_dreamer.envs.text import DEFAULT_TEXT_LENGTH, TextVocabularies, wrap_text
 
 OBS_MODES = ("proprio", "pixels")
 
@@ -212,6 +213,8 @@ def make_env(
     time_limit: int | None = None,
     seed: int | None = None,
     render: bool = False,
+    text_length: int = DEFAULT_TEXT_LENGTH,
+    vocabularies: TextVocabularies | None = None,
 ) -> gym.Env:
     """Build an env whose observations are a flat ``spaces.Dict`` and whose actions are
     ``Discrete(n)`` or ``Box(-1, 1, (A,), float32)``.
@@ -227,6 +230,8 @@ def make_env(
         time_limit: extra limit in agent steps; reaching it truncates (is_last, not is_terminal).
         seed: seeds the env and its action space with a first ``reset(seed=seed)``.
         render: also create the env with render_mode="rgb_array" so ``env.render()`` gives frames.
+        text_length: tokens L kept of each text observation (``lit_dreamer.envs.text``).
+        vocabularies: the run's text vocabularies, shared by all its envs (None: this env grows its own).
 
     ``frames_per_step(env)`` tells the frames one agent step spans (action repeat, or 4 on Atari).
     """
@@ -245,7 +250,9 @@ def make_env(
         env = RepeatAction(env, action_repeat)
     if time_limit is not None:
         env = TimeLimit(env, max_episode_steps=time_limit)
-    env = DictObservation(adapt_action_space(env))
+    # Text entries become int64 token ids first; DictObservation keeps those boxes as they are.
+    env, tokens = wrap_text(adapt_action_space(env), vocabularies, text_length)
+    env = DictObservation(env, keep=tokens)
     env.metadata = {**env.metadata, FRAMES_PER_STEP_KEY: _count_frames_per_step(env)}
     if seed is not None:
         env.reset(seed=seed)
@@ -276,7 +283,12 @@ def make_vector_env(
     episode as truncated, with ``infos["env_error"]`` naming the exception. With ``cut_nonfinite`` a
     NaN or infinite reward or observation ends the episode the same way (``CutNonFinite``), with
     ``infos["env_nonfinite"]`` naming the entries.
+
+    Text observations: all sub-envs share ``vocabularies`` (one made here when none is given).
     """
+    # One vocabulary object for all sub-envs, so that a growing text vocabulary gives every env the same ids
+    # (subprocess envs get copies: lit_dreamer.envs.text.check_text_growth refuses those when they grow).
+    make_env_kwargs = {**make_env_kwargs, "vocabularies": make_env_kwargs.get("vocabularies") or TextVocabularies()}
     env_fns = [functools.partial(_restarting_env, env_id, seed + index, cut_nonfinite, make_env_kwargs)
                for index in range(num_envs)]
     vector_class = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
