@@ -119,14 +119,13 @@ class EgocentricPixels(gym.ObservationWrapper):
 
 
 class ReportSuccess(gym.Wrapper):
-    """``info["success"]`` on the step that ends an episode: minigrid pays 1 - 0.9 * steps / max_steps > 0
-    when the mission is achieved and 0 otherwise, so success is a termination with a positive reward."""
+    """``info["success"]``: minigrid pays 1 - 0.9 * steps / max_steps > 0 when the mission is achieved and
+    0 otherwise, so success is a termination with a positive reward. Reported on every step (False until
+    then), so that an episode cut by a time limit wrapped around this one still ends with its report."""
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
         observation, reward, terminated, truncated, info = self.env.step(action)
-        if terminated or truncated:
-            info = {**info, "success": bool(terminated and reward > 0)}
-        return observation, reward, terminated, truncated, info
+        return observation, reward, terminated, truncated, {**info, "success": bool(terminated and reward > 0)}
 
 
 # --------------------------------------------------------------------------------------------------
