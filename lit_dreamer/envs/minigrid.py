@@ -13,6 +13,8 @@ The minigrid package is imported only when such an env is made: importing it reg
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import math
 import re
@@ -128,6 +130,15 @@ class ReportSuccess(gym.Wrapper):
         return observation, reward, terminated, truncated, {**info, "success": bool(terminated and reward > 0)}
 
 
+class SilentResets(gym.Wrapper):
+    """Swallows what BabyAI levels print at reset: every rejected layout ("Sampling rejected: ...") goes to
+    stdout, dozens per hundred resets, which would bury the training log."""
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict]:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return self.env.reset(**kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
 # Mission vocabulary
 
@@ -173,7 +184,7 @@ def make_minigrid(gym_id: str, *, obs: str, image_size: int, render: bool) -> gy
     load_minigrid()
     env = gym.make(gym_id, **({"render_mode": "rgb_array"} if render else {}))
     words = env_vocabulary(env)
-    env = ReportSuccess(env)
+    env = ReportSuccess(SilentResets(env))
     env = EgocentricPixels(env, image_size) if obs == "pixels" else OneHotGrid(env)
     env.metadata = {**env.metadata, TEXT_VOCABULARY_KEY: {"mission": words}}
     return env
