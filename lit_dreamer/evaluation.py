@@ -324,7 +324,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{t['return']:>10.2f} {t['return_std']:>10.2f} {t['return_min']:>10.2f} {t['return_max']:>10.2f} "
                      f"{t['length']:>10.1f}  {task}")
     if "success" in s:  # envs that report success in their final info (MiniGrid, BabyAI)
-        per_task = "".join(f", {task} {t['success']:.2f}" for task, t in result.get("tasks", {}).items() if "success" in t)
+        tasks = result.get("tasks", {})
+        per_task = "".join(f", {task} {t['success']:.2f}" for task, t in tasks.items() if "success" in t)
         lines.append(f"success rate {s['success']:.2f}{per_task}")
     return "\n".join(lines)
 

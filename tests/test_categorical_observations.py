@@ -92,13 +92,15 @@ def test_categorical_spaces_of_rank_two_are_refused_by_name(space, named):
 
 
 class CueEnv(gym.Env):
-    """Four steps; each pays 1 when the action names the cue (Discrete(3, start=1) -> action cue - 1).
+    """`length` steps; each pays 1 when the action names the cue (Discrete(3, start=1) -> action cue - 1).
     The last step's info says success: the episode paid something."""
 
-    observation_space = spaces.Dict({"cue": spaces.Discrete(3, start=1), "clock": spaces.MultiDiscrete([5]),
+    observation_space = spaces.Dict({"cue": spaces.Discrete(3, start=1), "clock": spaces.MultiDiscrete([8]),
                                      "flags": spaces.MultiBinary(2)})
     action_space = spaces.Discrete(3)
-    length = 4
+
+    def __init__(self, length: int = 4):
+        self.length = length
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -118,39 +120,49 @@ class CueEnv(gym.Env):
         return self.observe(), reward, done, False, info
 
 
-gym.register("LitDreamerTest/Cue-v0", entry_point=CueEnv)
+CUE, CUE_LONG = "LitDreamerTest/Cue-v0", "LitDreamerTest/CueLong-v0"
+gym.register(CUE, entry_point=CueEnv)
+gym.register(CUE_LONG, entry_point=CueEnv, kwargs={"length": 6})
 
 
 def test_make_env_one_hots_the_cue_env():
-    env = make_env("LitDreamerTest/Cue-v0", seed=0)
+    env = make_env(CUE, seed=0)
     observation, _ = env.reset(seed=0)
     assert observation["cue"].shape == (3,) and observation["cue"].sum() == 1
-    np.testing.assert_array_equal(observation["clock"], np.array([1, 0, 0, 0, 0], np.float32))
+    np.testing.assert_array_equal(observation["clock"], np.eye(8, dtype=np.float32)[0])
 
 
-def test_a_dict_with_discrete_keys_trains_and_logs_success(tmp_path, monkeypatch, capsys):
+def test_dict_with_discrete_keys_trains_and_logs_success_per_task(tmp_path, monkeypatch, capsys):
     from lit_dreamer.__main__ import main
+    from lit_dreamer.config import task_metric_name
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    summary = fit(load_config(["debug"], ["env.id=LitDreamerTest/Cue-v0", "run.eval_every=100", "run.eval_episodes=4",
-                                          f"run.dir={tmp_path}/run", f"logger.tracking_uri={uri}"]))
-    assert summary["env_steps"] == 120 and summary["train_steps"] > 0
+    overrides = [f"env.tasks=[{CUE},{CUE_LONG}]", "run.steps=240", "run.eval_every=200", "run.eval_episodes=4",
+                 f"run.dir={tmp_path}/run", f"logger.tracking_uri={uri}"]
+    summary = fit(load_config(["debug"], overrides))
+    assert summary["env_steps"] == 240 and summary["train_steps"] > 0
     client = mlflow.MlflowClient(uri)
-    train_success = client.get_metric_history(summary["mlflow_run_id"], "train/success")
-    eval_success = client.get_metric_history(summary["mlflow_run_id"], "eval/success")
-    assert train_success and all(0.0 <= m.value <= 1.0 for m in train_success)
-    assert [m.step for m in eval_success] == [100, 120]
-    assert summary["eval"]["success"] == eval_success[-1].value
+    run = client.get_run(summary["mlflow_run_id"])
+    names = [task_metric_name(task) for task in (CUE, CUE_LONG)]
+    for kind in ("train", "eval"):
+        per_task = [run.data.metrics[f"{kind}/{name}/success"] for name in names]
+        assert all(0.0 <= value <= 1.0 for value in per_task)
+        # Every task ran as many eval episodes: eval/success is the mean of the tasks' rates (train: of their means).
+        assert run.data.metrics[f"{kind}/success"] == pytest.approx(np.mean(per_task))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/success")] == [200, 240]
+    assert summary["eval"]["success"] == run.data.metrics["eval/success"]
     # The eval command: eval/success is the fraction of its episodes that paid something (CueEnv's success).
     capsys.readouterr()
-    assert main(["eval", "--ckpt", str(tmp_path / "run"), "episodes=5"]) == 0
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "episodes=3"]) == 0
     assert "success rate" in capsys.readouterr().out
-    [run] = client.search_runs([client.get_experiment_by_name("lit_dreamer").experiment_id],
-                               filter_string="tags.`lit_dreamer.kind` = 'eval'")
-    returns = [m.value for m in client.get_metric_history(run.info.run_id, "eval/episode_return")]
-    assert len(returns) == 5
-    assert run.data.metrics["eval/success"] == pytest.approx(np.mean([r > 0 for r in returns]))
+    [eval_run] = client.search_runs([client.get_experiment_by_name("lit_dreamer").experiment_id],
+                                    filter_string="tags.`lit_dreamer.kind` = 'eval'")
+    returns = [m.value for m in client.get_metric_history(eval_run.info.run_id, "eval/episode_return")]
+    assert len(returns) == 6  # 3 per task, CUE's first
+    assert eval_run.data.metrics["eval/success"] == pytest.approx(np.mean([r > 0 for r in returns]))
+    for name, task_returns in zip(names, (returns[:3], returns[3:])):
+        assert eval_run.data.metrics[f"eval/{name}/success"] == pytest.approx(np.mean([r > 0 for r in task_returns]))
 
 
 def test_success_rate_only_for_envs_that_report_success():

@@ -1,8 +1,8 @@
 """Wrappers that put any gymnasium env into lit_dreamer's observation and action convention.
 
 Observations become a flat ``spaces.Dict`` whose entries the encoders can take: ``uint8`` images of
-shape HxWx{1,3} and ``float32`` vectors of rank 1 (categorical entries become one-hot vectors). Actions become ``Discrete(n)`` with indices
-starting at 0, or ``Box(-1, 1, (A,), float32)``.
+shape HxWx{1,3} and ``float32`` vectors of rank 1 (categorical entries become one-hot vectors). Actions
+become ``Discrete(n)`` with indices starting at 0, or ``Box(-1, 1, (A,), float32)``.
 """
 
 from __future__ import annotations

@@ -51,10 +51,11 @@ def minigrid_gym_id(env_id: str) -> str:
     if short is None:
         return env_id
     base = f"{SHORT_PREFIXES[short]}-{env_id[len(short):]}"
-    if re.search(r"-v\d+$", base) or f"{base}-v0" in gym.registry:
-        return base if re.search(r"-v\d+$", base) else f"{base}-v0"
+    if re.search(r"-v\d+$", base):
+        return base
     versions = [int(m.group(1)) for gym_id in gym.registry if (m := re.fullmatch(rf"{re.escape(base)}-v(\d+)", gym_id))]
-    return f"{base}-v{max(versions)}" if versions else f"{base}-v0"
+    # v0 when registered (the level as published), else the newest; none: v0, for the unknown-id error.
+    return f"{base}-v{0 if 0 in versions or not versions else max(versions)}"
 
 
 def short_ids(registry_ids: list[str]) -> list[str]:
