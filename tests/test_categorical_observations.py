@@ -173,3 +173,23 @@ def test_success_rate_only_for_envs_that_report_success():
     # Pooled over tasks: the successes of the tasks that report them.
     pooled = EpisodeStats.pooled([reported, EpisodeStats([2.0], [1])])
     assert pooled.successes == [True, False, True] and len(pooled.returns) == 4
+
+
+def test_eval_csv_gets_a_success_column_and_an_older_file_keeps_its_header(tmp_path):
+    import csv
+
+    from lit_dreamer.evaluation import EpisodeStats, EvalOptions, write_eval_csv
+    result = {"checkpoint": "model.ckpt", "env": "babyai/GoToLocal",
+              "summary": EpisodeStats([0.9, 0.0], [12, 64], [True, False]).summary()}
+    new = tmp_path / "new.csv"
+    write_eval_csv(str(new), result, EvalOptions())
+    with open(new) as f:
+        [row] = list(csv.DictReader(f))
+    assert row["success"] == "0.5" and row["return"] == "0.45"
+    old_header = "time,checkpoint,env,mode,seed,episodes,return,return_std,return_min,return_max,length"
+    old = tmp_path / "old.csv"
+    old.write_text(old_header + "\n")
+    write_eval_csv(str(old), result, EvalOptions())
+    with open(old) as f:
+        header, row = list(csv.reader(f))
+    assert ",".join(header) == old_header and len(row) == len(header)  # the rows stay aligned with the header
