@@ -151,8 +151,8 @@ BABYAI_FIXED_WORDS = ("a", "the", "object", "in", "front", "of", "you", "behind"
 
 
 def mission_words(text: str) -> list[str]:
-    """The words of a mission: lower-case runs of letters (punctuation such as the comma of ", then" is no word)."""
-    return re.findall(r"[a-z]+", text.lower())
+    """The words of a mission: lower-case runs of letters or digits (the comma of ", then" is no word)."""
+    return re.findall(r"[^\W_]+", text.lower())
 
 
 def minigrid_vocabulary() -> list[str]:
