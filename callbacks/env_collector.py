@@ -37,6 +37,8 @@ from typing_extensions import override
 from lit_dreamer.config import task_metric_name
 from lit_dreamer.envs import action_dim, action_kind, close_by_force, env_action, frames_per_step, make_task_vector_env
 from lit_dreamer.envs.faults import ERROR_KEY, NONFINITE_KEY, NonFiniteEnvError
+from lit_dreamer.envs.text import check_text_growth
+from lit_dreamer.evaluation import final_successes
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class EnvCollector(Callback):
         self.last_return = math.nan
         self.episode_returns = [MeanMetric() for _ in self.tasks]  # per task, for train/<task>/return
         self.episode_lengths = [MeanMetric() for _ in self.tasks]
+        self.episode_successes = [MeanMetric() for _ in self.tasks]  # of episodes whose env reports `success`
         self.return_log: list[tuple[int, float]] = []  # (env steps, mean return) as logged, for CollapseWatch
         self.rank, self.world_size = 0, 1
         # Throughput of this process only (a resumed run restarts them).
@@ -105,12 +108,13 @@ class EnvCollector(Callback):
         if stage != "fit" or self.envs is not None:
             return
         self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        check_text_growth(self.env_kwargs.get("vocabularies"), self.asynchronous, self.world_size)
         self.envs = self.make_envs(self.env_seed())
         self.discrete = action_kind(self.envs) == "discrete"
         self.action_size = action_dim(self.envs)
         self.frames_per_step = frames_per_step(self.envs)
         self.rng = np.random.default_rng(self.env_seed())
-        for metric in (*self.episode_returns, *self.episode_lengths):
+        for metric in (*self.episode_returns, *self.episode_lengths, *self.episode_successes):
             metric.to(pl_module.device)
 
     def make_envs(self, seed: int) -> Any:
@@ -190,26 +194,31 @@ class EnvCollector(Callback):
         """Mean return and length of the episodes that ended since the last call, over all ranks.
 
         With several tasks, each task's as train/<task>/return and train/<task>/length, and train/return,
-        train/length as the mean over the tasks that ended episodes. Logged straight to the logger against
+        train/length as the mean over the tasks that ended episodes; train/success (and train/<task>/success)
+        likewise where the env reports `success` in its final info. Logged straight to the logger against
         env steps, so that no episode is lost to Lightning's logging interval. Every rank calls compute()
         (it synchronizes) on every task's metric, even with no episodes.
         """
-        means = {}
-        for task, ret_metric, length_metric in zip(self.tasks, self.episode_returns, self.episode_lengths):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # compute() before update() on a rank without episodes
-                ret, length = ret_metric.compute(), length_metric.compute()
-            ret_metric.reset(), length_metric.reset()
-            if torch.isfinite(ret):
-                means[task] = (float(ret), float(length))
+        means, successes = {}, {}
+        for task, ret_metric, length_metric, success_metric in zip(self.tasks, self.episode_returns,
+                                                                   self.episode_lengths, self.episode_successes):
+            ret, length, success = (take_mean(metric) for metric in (ret_metric, length_metric, success_metric))
+            if math.isfinite(ret):
+                means[task] = (ret, length)
+            if math.isfinite(success):
+                successes[task] = success
         if not means:
             return
         ret = float(np.mean([r for r, _ in means.values()]))
         metrics = {"train/return": ret, "train/length": float(np.mean([n for _, n in means.values()]))}
+        if successes:
+            metrics["train/success"] = float(np.mean(list(successes.values())))
         if len(self.tasks) > 1:
             for task, (task_return, task_length) in means.items():
                 metrics[f"train/{task_metric_name(task)}/return"] = task_return
                 metrics[f"train/{task_metric_name(task)}/length"] = task_length
+            for task, task_success in successes.items():
+                metrics[f"train/{task_metric_name(task)}/success"] = task_success
         self.return_log.append((env_steps, ret))
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=env_steps)
@@ -283,6 +292,7 @@ class EnvCollector(Callback):
         self.running_return = np.zeros(n, np.float64)
         self.running_length = np.zeros(n, np.int64)
         self.cut = np.zeros(n, bool)
+        self.success_reported, self.success = np.zeros(n, bool), np.zeros(n, bool)
         self.check_nonfinite(infos, np.zeros(n, bool))  # a first observation CutNonFinite had to reset again for
 
     def random_actions(self) -> np.ndarray:
@@ -343,6 +353,7 @@ class EnvCollector(Callback):
         self.is_terminal = np.asarray(terminated, bool) & ~self.is_first
         self.is_last = (np.asarray(terminated, bool) | np.asarray(truncated, bool)) & ~self.is_first
         self.prev_action = action.astype(np.float32)
+        self.success_reported, self.success = final_successes(infos, self.is_last)
         self.check_nonfinite(infos, self.is_last)
         crashed = np.asarray(infos.get(f"_{ERROR_KEY}", np.zeros(self.num_envs, bool)), bool)
         if crashed.any():
@@ -397,12 +408,23 @@ class EnvCollector(Callback):
             ret, length = float(self.running_return[i]), int(self.running_length[i])
             self.episode_returns[self.task_of_env[i]].update(ret)
             self.episode_lengths[self.task_of_env[i]].update(length)
+            if self.success_reported[i]:
+                self.episode_successes[self.task_of_env[i]].update(float(self.success[i]))
             self.episodes += 1
             self.last_return = ret
             self.best_return = max(self.best_return, ret)
         self.running_return[self.is_last] = 0.0
         self.running_length[self.is_last] = 0
         self.cut[self.is_last] = False
+
+
+def take_mean(metric: MeanMetric) -> float:
+    """The metric's mean over all ranks (NaN when no rank updated it), then reset."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # compute() before update() on a rank without episodes
+        value = float(metric.compute())
+    metric.reset()
+    return value
 
 
 def find_collector(trainer: L.Trainer) -> EnvCollector:

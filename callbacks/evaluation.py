@@ -18,10 +18,12 @@ class EvalCallback(Callback):
 
     Runs on global rank 0 only, between training steps; the other ranks wait at the next collective.
     Logs eval/return (mean), eval/return_std, eval/return_min, eval/return_max, eval/length against
-    env steps, and at the end of training once more. `env_id` may be the task table (a list of ids):
-    then `episodes` run for each task, eval/<task>/return and eval/<task>/length are logged per task,
-    and eval/* are over the episodes of all tasks (eval/return is the mean of the tasks' means,
-    since every task runs as many episodes).
+    env steps, and at the end of training once more; eval/success (the fraction of successful
+    episodes) too when the env reports `success` in the final info of its episodes. `env_id` may be
+    the task table (a list of ids): then `episodes` run for each task, eval/<task>/return and
+    eval/<task>/length (and eval/<task>/success) are logged per task, and eval/* are over the
+    episodes of all tasks (eval/return is the mean of the tasks' means, since every task runs as
+    many episodes).
     """
 
     def __init__(self, env_id: str | Sequence[str], *, every_env_steps: int = 5000, episodes: int = 10,
@@ -57,8 +59,9 @@ class EvalCallback(Callback):
         if len(self.tasks) > 1:
             for task, stats in zip(self.tasks, per_task):
                 task_summary = stats.summary()
-                summary[f"{task_metric_name(task)}/return"] = task_summary["return"]
-                summary[f"{task_metric_name(task)}/length"] = task_summary["length"]
+                for key in ("return", "length", "success"):
+                    if key in task_summary:  # success only where the env reports it
+                        summary[f"{task_metric_name(task)}/{key}"] = task_summary[key]
         self.history.append((env_steps, summary))
         if trainer.logger is not None:
             metrics = {f"eval/{k}": float(v) for k, v in summary.items() if k != "episodes"}

@@ -74,7 +74,14 @@ class ModelConfig:
     cnn_keys: str = ".*"
     """Regex: image observation keys (uint8 HxWxC) read by the CNN encoder and decoder."""
     mlp_keys: str = ".*"
-    """Regex: vector observation keys read by the MLP encoder and decoder."""
+    """Regex: vector observation keys read by the MLP encoder and decoder (and text keys, by the text encoder)."""
+    text_encoder: str = "tokens"
+    """Encoder of text observations (int64 token ids, lit_dreamer.envs.text): tokens, a learned word embedding
+    mean-pooled over the words, then an MLP; its decoder predicts each token back. The only option for now."""
+    text_vocab: int = 256
+    """Text vocabulary entries V, padding and out-of-vocabulary included: token ids are 0 .. V-1."""
+    text_embed: int = 32
+    """Width of the learned word embedding of model.text_encoder=tokens."""
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> "ModelConfig":
@@ -105,7 +112,13 @@ LEGACY_MODEL_DEFAULTS: dict[str, Any] = {
     "cnn_strided": False,
     "dense_bias": False,
     "decoder_projection_norm": False,
+    # No checkpoint before these had a text observation: any value rebuilds it; today's defaults keep the diff empty.
+    "text_encoder": "tokens",
+    "text_vocab": 256,
+    "text_embed": 32,
 }
+
+TEXT_ENCODERS = ("tokens",)
 
 
 @dataclass
@@ -146,7 +159,9 @@ class LossScales:
     """Weights of the loss terms; keys must match the loss dict exactly (except con_terminal, a weight inside one)."""
 
     rec: float = 1.0
-    """Reconstruction (every decoded observation key)."""
+    """Reconstruction (every decoded observation key but text ones)."""
+    text: float = 1.0
+    """Reconstruction of text observations (rec/<text key>: cross-entropy of the tokens, summed over positions)."""
     rew: float = 1.0
     """Reward prediction."""
     con: float = 1.0

@@ -62,11 +62,13 @@ class EnvConfig:
     """Step the envs in subprocesses (gymnasium AsyncVectorEnv)."""
     nonfinite: str = "cut"
     """NaN/inf reward or observation: cut (end the episode as truncated, warn once, go on) or error (stop the run)."""
+    text_length: int = 24
+    """Words kept of each text observation (longer texts are cut, with a warning), as token ids padded to this."""
 
     def make_kwargs(self) -> dict:
         """The keyword arguments of `lit_dreamer.envs.make_env` these settings give (not the id, seed or count)."""
         return dict(obs=self.obs, action_repeat=self.action_repeat, image_size=self.image_size,
-                    time_limit=self.time_limit)
+                    time_limit=self.time_limit, text_length=self.text_length)
 
 
 @dataclass
@@ -488,6 +490,7 @@ def validate(cfg: Config) -> None:
                           + (f" (did you mean {close[0]}?)" if close else ""))
     check_tasks(cfg)
     check_multitask(cfg)
+    check_text(cfg)
     try:
         check_reward(cfg.reward)
     except ValueError as err:
@@ -530,6 +533,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.collapse_window must be a positive number of env steps, got {cfg.run.collapse_window}")
     if cfg.run.batch_length < 2:
         raise ConfigError(f"run.batch_length must be at least 2, got {cfg.run.batch_length}")
+
+
+def check_text(cfg: Config) -> None:
+    """The text-observation settings (used only when an env has a text observation)."""
+    from lit_dreamer.agent_config import TEXT_ENCODERS
+    if cfg.model.text_encoder not in TEXT_ENCODERS:
+        raise ConfigError(f"unknown model.text_encoder {cfg.model.text_encoder!r}; choose one of "
+                          f"{', '.join(TEXT_ENCODERS)} (the only text encoder for now)")
+    if cfg.model.text_vocab < 3:
+        raise ConfigError(f"model.text_vocab must be at least 3 (padding, out-of-vocabulary and one word), "
+                          f"got {cfg.model.text_vocab}")
+    for key, value in (("model.text_embed", cfg.model.text_embed), ("env.text_length", cfg.env.text_length)):
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
 
 
 def to_yaml(cfg: Config) -> str:

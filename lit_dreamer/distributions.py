@@ -278,6 +278,35 @@ class Categorical(Output):
         return _sum_last(-(self.probs * self.log_probs).sum(-1), self.event_dims)
 
 
+class Tokens(Output):
+    """One categorical over V words per token position: logits (..., L, V), values token ids (..., L).
+
+    `loss` is the cross-entropy summed over the L positions, padding positions (id 0) included: predicting
+    where the text ends is part of predicting the text, so that `mode` decodes it whole.
+    """
+
+    def __init__(self, logits: Tensor):
+        self.logits = logits.float()
+        self.log_probs = torch.log_softmax(self.logits, dim=-1)
+
+    def mean(self) -> Tensor:
+        return self.log_probs.exp()
+
+    def mode(self) -> Tensor:
+        return self.logits.argmax(-1)
+
+    def sample(self) -> Tensor:
+        return torch.distributions.Categorical(logits=self.logits).sample()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """x: token ids (..., L); returns (...), summed over the positions."""
+        assert x.shape == self.logits.shape[:-1], f"tokens {tuple(x.shape)} != logits {tuple(self.logits.shape)}"
+        return self.log_probs.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    def entropy(self) -> Tensor:
+        return -(self.log_probs.exp() * self.log_probs).sum((-2, -1))
+
+
 def kl_divergence(p: Categorical, q: Categorical) -> Tensor:
     """KL[p || q], summed over the classes and the event dims."""
     assert p.event_dims == q.event_dims, f"event_dims differ: {p.event_dims} vs {q.event_dims}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -18,17 +18,31 @@ from lit_dreamer.options import at_least, checked
 class EpisodeStats:
     returns: list[float]
     lengths: list[int]
+    successes: list[bool] = field(default_factory=list)
+    """Per episode, when the env reports `success` in the final info of its episodes (else empty)."""
 
     @classmethod
     def pooled(cls, parts: Iterable[EpisodeStats]) -> EpisodeStats:
-        """The episodes of several runs (e.g. one per task) as one set."""
+        """The episodes of several runs (e.g. one per task) as one set; successes of the runs that report them."""
         parts = list(parts)
-        return cls([r for p in parts for r in p.returns], [n for p in parts for n in p.lengths])
+        return cls([r for p in parts for r in p.returns], [n for p in parts for n in p.lengths],
+                   [s for p in parts for s in p.successes])
 
     def summary(self) -> dict[str, float]:
+        """Return and length statistics, and the success rate where the env reports success."""
         r = np.asarray(self.returns, np.float64)
-        return {"return": float(r.mean()), "return_std": float(r.std()), "return_min": float(r.min()),
-                "return_max": float(r.max()), "length": float(np.mean(self.lengths)), "episodes": len(r)}
+        summary = {"return": float(r.mean()), "return_std": float(r.std()), "return_min": float(r.min()),
+                   "return_max": float(r.max()), "length": float(np.mean(self.lengths)), "episodes": len(r)}
+        if self.successes:
+            summary["success"] = float(np.mean(self.successes))
+        return summary
+
+
+def final_successes(infos: dict, ended: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(reported, success) per sub-env of a vector step's infos, for the sub-envs whose episode `ended` there."""
+    reported = np.asarray(infos.get("_success", np.zeros(len(ended), bool)), bool) & ended
+    success = np.asarray(infos.get("success", np.zeros(len(ended), bool)), bool) & reported
+    return reported, success
 
 
 @torch.no_grad()
@@ -45,21 +59,28 @@ def run_episodes(module, envs, *, mode: str = "mode", seed: int = 0, max_steps: 
     carry = module.initial_carry(n)
     is_first = torch.ones(n, dtype=torch.bool, device=module.device)
     tasks = torch.full((n,), task, dtype=torch.long, device=module.device)
-    done = np.zeros(n, bool)
+    done, reported, success = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     returns, lengths = np.zeros(n), np.zeros(n, np.int64)
     for _ in range(max_steps):
         tensors = {k: torch.as_tensor(v, device=module.device) for k, v in obs.items()}
         action, carry, _ = module.act(tensors, is_first, carry, mode=mode, task=tasks)
         action = action.float().cpu().numpy()
-        obs, reward, terminated, truncated, _ = envs.step(env_action(action, discrete))
+        obs, reward, terminated, truncated, infos = envs.step(env_action(action, discrete))
         live = ~done
         returns[live] += reward[live]
         lengths[live] += 1
-        done |= np.asarray(terminated) | np.asarray(truncated)
+        ended = live & (np.asarray(terminated) | np.asarray(truncated))
+        ended_reported, ended_success = final_successes(infos, ended)
+        reported |= ended_reported
+        success |= ended_success
+        done |= ended
         is_first = torch.zeros(n, dtype=torch.bool, device=module.device)
         if done.all():
             break
-    return EpisodeStats([float(r) for r in returns], [int(x) for x in lengths])
+    # An env that reports success somewhere counts an episode without the report (say, cut by a time
+    # limit outside it) as a failure; one that never reports it adds nothing.
+    successes = [bool(s) for s in success] if reported.any() else []
+    return EpisodeStats([float(r) for r in returns], [int(x) for x in lengths], successes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +168,7 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     training run. `episodes` run per task; an `env.id` override evaluates that one env instead."""
     from lit_dreamer.config import task_names
     module, cfg, training_run_id = load_checkpoint(ckpt_path)
+    vocabularies = checkpoint_vocabularies(ckpt_path, module)
     trained_on = task_names(cfg)
     for key, value in (env_overrides or {}).items():
         setattr(cfg.env, key, value)
@@ -154,7 +176,7 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
         cfg.env.tasks = []  # env.id=X asks for that one env, not the checkpoint's task list
     tasks = task_names(cfg)
     torch.manual_seed(options.seed)
-    per_task = {task: evaluate_task(module, task, k, cfg, options, policy_task(module, task, trained_on))
+    per_task = {task: evaluate_task(module, task, k, cfg, options, policy_task(module, task, trained_on), vocabularies)
                 for k, task in enumerate(tasks)}
     stats = EpisodeStats.pooled(per_task.values())
     result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
@@ -162,7 +184,7 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     if len(tasks) > 1:
         result["tasks"] = {task: task_stats.summary() for task, task_stats in per_task.items()}
     if options.video:
-        result.update(record_videos(module, tasks, trained_on, cfg, options))
+        result.update(record_videos(module, tasks, trained_on, cfg, options, vocabularies))
     if cfg.logger.backend == "mlflow" or options.tracking_uri:
         videos = list(result["videos"].values()) if "videos" in result else [result.get("video")]
         result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, [v for v in videos if v],
@@ -173,7 +195,15 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
 
 
 
-def record_videos(module, tasks: list[str], trained_on: list[str], cfg, options: EvalOptions) -> dict:
+def checkpoint_vocabularies(ckpt_path: str, module):
+    """The text vocabularies the checkpoint's envs grew or declared, so that eval envs give the same token ids."""
+    from lit_dreamer.envs.text import TextVocabularies
+    from lit_dreamer.resume import read_checkpoint
+    return TextVocabularies(module.cfg.model.text_vocab, read_checkpoint(ckpt_path).text_vocabulary)
+
+
+def record_videos(module, tasks: list[str], trained_on: list[str], cfg, options: EvalOptions,
+                  vocabularies=None) -> dict:
     """One episode's GIF at options.video ({"video", "video_return"}); with several tasks one per task at
     <stem>-<task><ext> ({"videos", "video_returns"}, keyed by task), <task> as in eval/<task>/return."""
     from lit_dreamer.config import task_metric_name
@@ -182,7 +212,8 @@ def record_videos(module, tasks: list[str], trained_on: list[str], cfg, options:
     paths, returns = {}, {}
     for task in tasks:
         frames, returns[task] = record_episode(module, task, mode=options.mode, seed=options.seed, max_steps=100_000,
-                                               task=policy_task(module, task, trained_on), **cfg.env.make_kwargs())
+                                               task=policy_task(module, task, trained_on), **cfg.env.make_kwargs(),
+                                               vocabularies=vocabularies)
         path = options.video if len(tasks) == 1 else f"{stem}-{task_metric_name(task)}{ext or '.gif'}"
         paths[task] = write_gif(frames, path)
     if len(tasks) == 1:
@@ -202,11 +233,13 @@ def policy_task(module, task: str, trained_on: list[str]) -> int:
     return 0
 
 
-def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions, policy: int = 0) -> EpisodeStats:
+def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions, policy: int = 0,
+                  vocabularies=None) -> EpisodeStats:
     """`options.episodes` episodes of one task; task number `index` seeds its envs apart (task 0: options.seed);
-    the policy acts for task number `policy` of the checkpoint's table."""
+    the policy acts for task number `policy` of the checkpoint's table; `vocabularies`: the checkpoint's text
+    vocabularies (lit_dreamer.envs.text)."""
     return task_episodes(module, task, options.episodes, seed=options.seed, index=index, mode=options.mode,
-                         policy=policy, **cfg.env.make_kwargs())
+                         policy=policy, **cfg.env.make_kwargs(), vocabularies=vocabularies)
 
 
 def task_episodes(module, env_id: str, episodes: int, *, seed: int, index: int, mode: str, policy: int,
@@ -230,28 +263,34 @@ def eval_csv_folder(ckpt_path: str) -> str:
 
 EVAL_CSV = "eval.csv"
 EVAL_CSV_COLUMNS = ("time", "checkpoint", "env", "mode", "seed", "episodes", "return", "return_std", "return_min",
-                    "return_max", "length")
+                    "return_max", "length", "success")
 
 
 def write_eval_csv(path: str, result: dict, options: EvalOptions) -> str:
-    """Append one row (the printed table's numbers) to the run's eval CSV; a header when the file is new."""
+    """Append one row (the printed table's numbers) to the run's eval CSV; a header when the file is new.
+    `success` is empty for envs that do not report it; a file written before that column keeps its header."""
     import csv
     import time
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": result["checkpoint"], "env": result["env"],
            "mode": options.mode, "seed": options.seed, **result["summary"]}
     new = not os.path.isfile(path)
+    columns = EVAL_CSV_COLUMNS
+    if not new:
+        with open(path, newline="") as f:
+            columns = tuple(next(csv.reader(f), None) or EVAL_CSV_COLUMNS)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=EVAL_CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({key: row[key] for key in EVAL_CSV_COLUMNS})
+        writer.writerow(row)
     return path
 
 
 def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats, videos: list[str] | None = None,
                  training_run_id: str | None = None, result_tasks: dict | None = None) -> str:
     """An MLflow run of this evaluation, under the training run when that run is in the same store;
-    `result_tasks` ({task: summary}, several tasks only) adds eval/<task>/return and eval/<task>/length."""
+    `result_tasks` ({task: summary}, several tasks only) adds eval/<task>/return and eval/<task>/length (and
+    eval/<task>/success where the env reports success)."""
     import mlflow
 
     from lit_dreamer.config import task_metric_name
@@ -271,11 +310,13 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats,
                        "mode": options.mode, "seed": options.seed}.items():
         client.log_param(run_id, key, value)
     summary = stats.summary()
-    for key in ("return", "return_std", "return_min", "return_max", "length"):
-        client.log_metric(run_id, f"eval/{key}", summary[key])
+    for key in ("return", "return_std", "return_min", "return_max", "length", "success"):
+        if key in summary:  # success only where the env reports it
+            client.log_metric(run_id, f"eval/{key}", summary[key])
     for task, task_summary in (result_tasks or {}).items():
-        for key in ("return", "length"):
-            client.log_metric(run_id, f"eval/{task_metric_name(task)}/{key}", task_summary[key])
+        for key in ("return", "length", "success"):
+            if key in task_summary:
+                client.log_metric(run_id, f"eval/{task_metric_name(task)}/{key}", task_summary[key])
     for index, (ret, length) in enumerate(zip(stats.returns, stats.lengths)):
         client.log_metric(run_id, "eval/episode_return", ret, step=index)
         client.log_metric(run_id, "eval/episode_length", length, step=index)
@@ -294,6 +335,10 @@ def format_table(result: dict) -> str:
     for task, t in result.get("tasks", {}).items():  # several tasks: one line each, after the mean over them
         lines.append(f"{t['return']:>10.2f} {t['return_std']:>10.2f} {t['return_min']:>10.2f} {t['return_max']:>10.2f} "
                      f"{t['length']:>10.1f}  {task}")
+    if "success" in s:  # envs that report success in their final info (MiniGrid, BabyAI)
+        tasks = result.get("tasks", {})
+        per_task = "".join(f", {task} {t['success']:.2f}" for task, t in tasks.items() if "success" in t)
+        lines.append(f"success rate {s['success']:.2f}{per_task}")
     return "\n".join(lines)
 
 

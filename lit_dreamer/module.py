@@ -80,8 +80,10 @@ class DreamerModule(L.LightningModule):
                                       cond=self.cond)
         self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior,
                                         cond=self.cond)
-        self.scales = {f"rec/{k}": cfg.loss_scales.rec for k in self.world_model.decoded_keys}
-        self.scales.update({k: v for k, v in asdict(cfg.loss_scales).items() if k not in ("rec", "con_terminal")})
+        # Every observation key's loss is rec/<key>; text keys take their own scale (loss_scales.text).
+        self.scales = {f"rec/{k}": cfg.loss_scales.text if k in self.world_model.text_keys else cfg.loss_scales.rec
+                       for k in self.world_model.decoded_keys}
+        self.scales.update({k: v for k, v in asdict(cfg.loss_scales).items() if k not in ("rec", "text", "con_terminal")})
         # Off unless a benchmark switches it on; shared with the actor-critic for its two phases.
         self.timer = PhaseTimer()
         self.actor_critic.timer = self.timer

@@ -342,3 +342,37 @@ class VectorEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(symlog(x))
+
+
+class TextEncoder(nn.Module):
+    """Token ids (..., L) -> (..., units): a learned word embedding, mean-pooled over the words, then an MLP.
+
+    Id 0 is padding: its embedding is never read (masked out of the mean), so a text's embedding does not
+    depend on how much padding follows it. A text of padding only embeds as zeros before the MLP.
+    Mean-pooling forgets word order; BabyAI's instructions ("go to the red ball") are bags of a few words
+    whose order rarely matters, and the decoder's per-position targets still make the latent keep the order.
+    """
+
+    def __init__(self, vocab: int, embed: int, units: int, layers: int, bias: bool = False):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embed, padding_idx=0)
+        self.mlp = MLP(embed, units, layers, bias)
+        self.out_dim = self.mlp.out_dim
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        mask = (tokens != 0).unsqueeze(-1).float()  # (..., L, 1)
+        summed = (self.embedding(tokens.long()) * mask).sum(-2)
+        return self.mlp(summed / mask.sum(-2).clamp(min=1.0))
+
+
+class TextDecoder(nn.Module):
+    """Features (..., F) -> token logits (..., L, V): one classification over the V words per position."""
+
+    def __init__(self, feat_dim: int, length: int, vocab: int, units: int, layers: int, bias: bool = False):
+        super().__init__()
+        self.length, self.vocab = length, vocab
+        self.mlp = MLP(feat_dim, units, layers, bias)
+        self.out = linear(self.mlp.out_dim, length * vocab)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        return self.out(self.mlp(feat)).unflatten(-1, (self.length, self.vocab))

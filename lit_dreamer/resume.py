@@ -13,7 +13,7 @@ model.ckpt is enough to branch from or to evaluate.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -24,26 +24,34 @@ from typing_extensions import override
 from lit_dreamer.callbacks import resolve_last
 from lit_dreamer.checkpoint_files import is_complete, open_checkpoint
 from lit_dreamer.config import Config, ConfigError, EnvConfig, flatten, load_config, task_names, to_flat_dict
+from lit_dreamer.envs.text import TextVocabularies
 
 RECORD_KEY = "lit_dreamer"  # the checkpoint's top-level entry written by RunRecord
+VOCABULARY_RECORD_KEY = "text_vocabulary"  # in the RunRecord entry: {text key: [words in id order]}
 CONFIG_FILE = "config.yaml"  # the config a run started with, in its run folder
 # Keys that name where a run lives, not how it trains: not listed as config changes.
 PLACE_KEYS = ("ckpt_path", "run.dir", "logger.run_name")
 
 
 class RunRecord(Callback):
-    """Writes the run's config, its task table (env ids; a task's index is its position) and MLflow run id
-    into every checkpoint."""
+    """Writes the run's config, its task table (env ids; a task's index is its position), its text vocabulary
+    (when its envs have text observations) and MLflow run id into every checkpoint."""
 
-    def __init__(self, config: dict[str, Any], tasks: list[str] | None = None):
+    def __init__(self, config: dict[str, Any], tasks: list[str] | None = None,
+                 vocabularies: TextVocabularies | None = None):
         super().__init__()
         self.config = config
         self.tasks = tasks if tasks is not None else tasks_of_saved_config(config)
+        self.vocabularies = vocabularies
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RECORD_KEY] = {"config": self.config, "tasks": list(self.tasks),
                                   "mlflow_run_id": logger_run_id(trainer)}
+        # As grown so far: every token id in the replay saved beside it is in it.
+        vocabulary = self.vocabularies.state() if self.vocabularies is not None else {}
+        if vocabulary:
+            checkpoint[RECORD_KEY][VOCABULARY_RECORD_KEY] = vocabulary
 
 
 def logger_run_id(trainer: L.Trainer) -> str | None:
@@ -54,8 +62,8 @@ def logger_run_id(trainer: L.Trainer) -> str | None:
         return None
 
 
-def run_record(cfg: Config) -> RunRecord:
-    return RunRecord(OmegaConf.to_container(OmegaConf.structured(cfg)), task_names(cfg))
+def run_record(cfg: Config, vocabularies: TextVocabularies | None = None) -> RunRecord:
+    return RunRecord(OmegaConf.to_container(OmegaConf.structured(cfg)), task_names(cfg), vocabularies)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,6 +83,8 @@ class CheckpointInfo:
     state_dict: dict
     tasks: list[str] | None = None
     """The task table it was trained on (env ids in index order); None when it carries no config at all."""
+    text_vocabulary: dict[str, list[str]] = field(default_factory=dict)
+    """{text observation key: words in id order} of its envs (empty: no text observations)."""
 
 
 def read_checkpoint(path: str, mmap: bool = True) -> CheckpointInfo:
@@ -85,7 +95,8 @@ def read_checkpoint(path: str, mmap: bool = True) -> CheckpointInfo:
     return CheckpointInfo(path=path, hparams=ckpt["hyper_parameters"], run_config=record.get("config"),
                           mlflow_run_id=record.get("mlflow_run_id"), env_steps=int(saver.get("last_saved_at", 0)),
                           train_steps=int(train_steps) if train_steps is not None else 0,
-                          state_dict=ckpt.get("state_dict", {}), tasks=saved_task_table(record))
+                          state_dict=ckpt.get("state_dict", {}), tasks=saved_task_table(record),
+                          text_vocabulary=dict(record.get(VOCABULARY_RECORD_KEY) or {}))
 
 
 def saved_task_table(record: dict) -> list[str] | None:

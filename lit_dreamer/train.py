@@ -22,6 +22,7 @@ from lit_dreamer.checkpoint_files import check_checkpoint_folder
 from lit_dreamer.config import Config, ConfigError, task_names, validate
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, check_same_spaces, make_env, space_spec
+from lit_dreamer.envs.text import TextVocabularies, check_text_growth
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.rewards import shared_judge
 from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, check_task_table,
@@ -47,14 +48,15 @@ def env_info(env) -> EnvInfo:
     return EnvInfo(spec, obs_spec, action_dim(env), action_kind(env) == "discrete")
 
 
-def probe_env(cfg: Config) -> EnvInfo:
+def probe_env(cfg: Config, vocabularies: TextVocabularies | None = None) -> EnvInfo:
     """Make one env of each task to read its spaces (fails fast on an unknown id, an unusable space, or
-    tasks whose spaces differ)."""
+    tasks whose spaces differ). With the run's `vocabularies` it also learns which text keys grow one."""
     envs = []
     try:
         for task in task_names(cfg):
             try:
-                envs.append((task, make_env(task, reward=cfg.reward, **cfg.env.make_kwargs())))
+                envs.append((task, make_env(task, **cfg.env.make_kwargs(), vocabularies=vocabularies,
+                                            reward=cfg.reward)))
             except (ValueError, ImportError) as err:  # ImportError: an env family whose package is not installed
                 raise ConfigError(f"{task_key(cfg, task)}: {err}") from None
         try:
@@ -202,9 +204,22 @@ def _override_value(value) -> str:
     return str(value)
 
 
+def run_vocabularies(cfg: Config) -> TextVocabularies:
+    """The text vocabularies every env of the run shares: those of the checkpoint it continues or branches from
+    (else of init.ckpt), so that token ids keep their meaning; empty for a new run."""
+    path = resolve_ckpt_path(cfg)
+    if path is None and cfg.init.ckpt is not None:
+        path = find_checkpoint(cfg.init.ckpt)
+    saved = read_checkpoint(path).text_vocabulary if path is not None else {}
+    return TextVocabularies(cfg.model.text_vocab, saved)
+
+
 def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback], EnvInfo]:
     """Module, datamodule and callbacks for a Config: the pieces a script would assemble by hand."""
-    info, tasks = probe_env(cfg), task_names(cfg)
+    vocabularies = run_vocabularies(cfg)
+    info, tasks = probe_env(cfg, vocabularies), task_names(cfg)
+    check_text_growth(vocabularies, cfg.env.asynchronous, world_size=1)  # several devices: the collector checks
+    env_kwargs = {**cfg.env.make_kwargs(), "vocabularies": vocabularies}
     try:
         module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile,
                                num_tasks=len(tasks), task_names=tasks)
@@ -217,10 +232,10 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     collector = EnvCollector(tasks, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
                              train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
                              asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, reward=cfg.reward,
-                             **cfg.env.make_kwargs())  # evaluation and videos keep the env's own reward
+                             **env_kwargs)  # evaluation and videos keep the env's own reward
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
-    callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg)]
+    callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg, vocabularies)]
     if cfg.reward.source == "llm":
         callbacks.append(RewardStats(shared_judge(cfg.reward.llm), every=cfg.run.log_every))
     if cfg.run.collapse_entropy > 0:
@@ -229,10 +244,10 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
         callbacks.append(EnvStepProgressBar())
     if cfg.run.eval_every > 0:
         callbacks.append(EvalCallback(tasks, every_env_steps=cfg.run.eval_every, episodes=cfg.run.eval_episodes,
-                                      mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **cfg.env.make_kwargs()))
+                                      mode=cfg.run.eval_mode, seed=cfg.run.seed + 1_000_000, **env_kwargs))
     if cfg.run.video_every > 0:
         callbacks.append(VideoCallback(tasks, os.path.join(run_dir(cfg), "videos"),
-                                       every_env_steps=cfg.run.video_every, **cfg.env.make_kwargs()))
+                                       every_env_steps=cfg.run.video_every, **env_kwargs))
     return module, datamodule, callbacks, info
 
 

@@ -81,7 +81,8 @@ def open_loop(module, batch: dict[str, Tensor], context: int) -> dict[str, Any]:
         state = wm.rssm.imagine_step(state, batch["action"][:, t])
         deters.append(state.deter), stochs.append(state.stoch)
     feat = torch.cat([post.feat(), State(torch.stack(deters, 1), torch.stack(stochs, 1)).feat()], 1)
-    predictions = {k: dist.mean() for k, dist in wm.decode(feat).items()}
+    # Text keys: the predicted token ids, comparable with the true ones (their mean would be (..., L, V) probabilities).
+    predictions = {k: dist.mode() if k in wm.text_keys else dist.mean() for k, dist in wm.decode(feat).items()}
     task = batch["task"].long() if "task" in batch and module.cond.active else None  # the reward head's, not the model's
     result = {"context": context, "keys": {}, "reward": (batch["reward"], wm.reward(feat, task).mean())}
     for key, pred in predictions.items():

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.conditioning import Conditioning, ConditionedHead
-from lit_dreamer.distributions import MSE, Bernoulli, SymlogMSE, TwoHot, kl_divergence
+from lit_dreamer.distributions import MSE, Bernoulli, SymlogMSE, Tokens, TwoHot, kl_divergence
 from lit_dreamer.losses import kl_losses
-from lit_dreamer.nets import MLP, ImageDecoder, ImageEncoder, VectorEncoder, linear
+from lit_dreamer.nets import MLP, ImageDecoder, ImageEncoder, TextDecoder, TextEncoder, VectorEncoder, linear
 from lit_dreamer.rssm import RSSM, State
 from lit_dreamer.steps import NON_OBS_KEYS, SpecLike, is_model_input
 
@@ -20,13 +20,14 @@ __all__ = ["NON_OBS_KEYS", "WorldModel", "split_obs_keys"]  # NON_OBS_KEYS: its 
 
 
 def split_obs_keys(obs_spec: SpecLike, cnn_keys: str = ".*",
-                   mlp_keys: str = ".*") -> tuple[list[str], list[str]]:
-    """Pick image keys (uint8 rank 3) for the CNN and vector keys (rank 1) for the MLP.
+                   mlp_keys: str = ".*") -> tuple[list[str], list[str], list[str]]:
+    """Pick image keys (uint8 rank 3) for the CNN, vector keys (rank-1 float) for the MLP and text keys (rank-1
+    integer: token ids, lit_dreamer.envs.text) for the text encoder.
 
-    Keys are chosen by rank and dtype, then filtered by the two regexes. Anything else is an
-    error that names the key, because silently ignoring an observation hides bugs.
+    Keys are chosen by rank and dtype, then filtered by the two regexes (text keys by mlp_keys). Anything else is
+    an error that names the key, because silently ignoring an observation hides bugs.
     """
-    images, vectors = [], []
+    images, vectors, texts = [], [], []
     for key, (shape, dtype) in obs_spec.items():
         if not is_model_input(key):
             continue
@@ -36,22 +37,26 @@ def split_obs_keys(obs_spec: SpecLike, cnn_keys: str = ".*",
         elif len(shape) == 1 and np.issubdtype(np.dtype(dtype), np.floating):
             if re.fullmatch(mlp_keys, key):
                 vectors.append(key)
+        elif len(shape) == 1 and np.issubdtype(np.dtype(dtype), np.integer):
+            if re.fullmatch(mlp_keys, key):
+                texts.append(key)
         else:
             raise ValueError(
                 f"observation {key!r} with shape {tuple(shape)} and dtype {np.dtype(dtype)} cannot be encoded: "
-                "the encoders take uint8 images HxWxC (C in 1, 3, 4) and rank-1 float vectors; "
+                "the encoders take uint8 images HxWxC (C in 1, 3, 4), rank-1 float vectors and rank-1 integer "
+                "token ids (text); "
                 "reshape or wrap the environment's observation")
-    if not images and not vectors:
+    if not images and not vectors and not texts:
         raise ValueError(f"no observation key matches model.cnn_keys={cnn_keys!r} or model.mlp_keys={mlp_keys!r} "
                          f"among {sorted(k for k in obs_spec if k not in NON_OBS_KEYS)}")
-    return images, vectors
+    return images, vectors, texts
 
 
 class WorldModel(nn.Module):
     """Encoder, RSSM, decoder, reward and continue heads: what the agent learns of its environment.
 
-    Holds an image encoder/decoder for the uint8 HxWxC keys and an MLP encoder/decoder for the vector keys
-    (`split_obs_keys`), the `rssm`, and two heads. `encode` maps observations (B, T, ...) to an embedding
+    Holds an image encoder/decoder for the uint8 HxWxC keys, an MLP encoder/decoder for the vector keys and a
+    token encoder/decoder per text key (`split_obs_keys`), the `rssm`, and two heads. `encode` maps observations (B, T, ...) to an embedding
     (B, T, E); `decode` maps features (B, T, F) to one distribution per decoded key; `reward` and `cont` map
     features (..., F) to a two-hot reward and a Bernoulli continue; `loss(batch)` returns (losses (B, T) by
     name, posterior State (B, T), scalar metrics). Shapes: B batch, T time, E embedding, F = rssm.feat_dim.
@@ -64,7 +69,7 @@ class WorldModel(nn.Module):
                  free_nats: float = 1.0, cond: Conditioning = Conditioning()):
         super().__init__()
         cfg = cfg.resolved()
-        self.image_keys, self.vector_keys = split_obs_keys(obs_spec, cfg.cnn_keys, cfg.mlp_keys)
+        self.image_keys, self.vector_keys, self.text_keys = split_obs_keys(obs_spec, cfg.cnn_keys, cfg.mlp_keys)
         self.image_channels = [obs_spec[k][0][-1] for k in self.image_keys]
         self.vector_dims = [obs_spec[k][0][0] for k in self.vector_keys]
         embed_dim = 0
@@ -79,6 +84,11 @@ class WorldModel(nn.Module):
         if self.vector_keys:
             self.vector_encoder = VectorEncoder(sum(self.vector_dims), cfg.units, cfg.encoder_layers, cfg.dense_bias)
             embed_dim += self.vector_encoder.out_dim
+        # One encoder and decoder per text key, in text_keys order (keys may hold '/', which ModuleDict refuses).
+        self.text_encoders = nn.ModuleList(
+            TextEncoder(cfg.text_vocab, cfg.text_embed, cfg.units, cfg.encoder_layers, cfg.dense_bias)
+            for _ in self.text_keys)
+        embed_dim += sum(encoder.out_dim for encoder in self.text_encoders)
         self.rssm = RSSM(embed_dim, action_dim, deter=cfg.deter, hidden=cfg.hidden, stoch=cfg.stoch,
                          classes=cfg.classes, blocks=cfg.blocks, prior_layers=cfg.prior_layers,
                          post_layers=cfg.post_layers, unimix=cfg.unimix, bias=cfg.dense_bias)
@@ -89,6 +99,9 @@ class WorldModel(nn.Module):
         if self.vector_keys:
             self.vector_decoder = nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers, cfg.dense_bias),
                                                 linear(cfg.units, sum(self.vector_dims)))
+        self.text_decoders = nn.ModuleList(
+            TextDecoder(feat, obs_spec[key][0][0], cfg.text_vocab, cfg.units, cfg.encoder_layers, cfg.dense_bias)
+            for key in self.text_keys)
         self.reward_head = ConditionedHead(feat, cfg.bins, cfg.units, cfg.reward_layers, out_scale=0.0,
                                            bias=cfg.dense_bias, cond=cond)
         self.cont_head = ConditionedHead(feat, 1, cfg.units, cfg.cont_layers, bias=cfg.dense_bias, cond=cond)
@@ -103,7 +116,7 @@ class WorldModel(nn.Module):
 
     @property
     def decoded_keys(self) -> list[str]:
-        return self.image_keys + self.vector_keys
+        return self.image_keys + self.vector_keys + self.text_keys
 
     def encode(self, obs: dict[str, Tensor]) -> Tensor:
         """obs values (B, T, ...) -> embed (B, T, E)."""
@@ -113,9 +126,11 @@ class WorldModel(nn.Module):
             parts.append(self.image_encoder(image.flatten(0, 1)).unflatten(0, image.shape[:2]))
         if self.vector_keys:
             parts.append(self.vector_encoder(torch.cat([obs[k].float() for k in self.vector_keys], -1)))
+        for key, encoder in zip(self.text_keys, self.text_encoders):
+            parts.append(encoder(obs[key]))
         return torch.cat(parts, -1)
 
-    def decode(self, feat: Tensor) -> dict[str, MSE | SymlogMSE]:
+    def decode(self, feat: Tensor) -> dict[str, MSE | SymlogMSE | Tokens]:
         """feat (B, T, F) -> one output distribution per decoded key."""
         outs = {}
         if self.image_keys:
@@ -126,6 +141,8 @@ class WorldModel(nn.Module):
             vector = self.vector_decoder(feat)
             for key, part in zip(self.vector_keys, vector.split(self.vector_dims, -1)):
                 outs[key] = SymlogMSE(part, event_dims=1)
+        for key, decoder in zip(self.text_keys, self.text_decoders):
+            outs[key] = Tokens(decoder(feat))  # (B, T, L, V) logits of the token ids (B, T, L)
         return outs
 
     def reward(self, feat: Tensor, task: Tensor | None = None) -> TwoHot:

@@ -339,8 +339,8 @@ def test_cnn_options_keep_the_shapes_and_strided_stages_do_not_pool(strided, ker
 
 def test_observation_key_selection_and_errors():
     spec = {"cam": ((8, 8, 3), np.uint8), "joints": ((5,), np.float32), "reward": ((), np.float32)}
-    assert split_obs_keys(spec) == (["cam"], ["joints"])
-    assert split_obs_keys(spec, cnn_keys="nothing") == ([], ["joints"])
+    assert split_obs_keys(spec) == (["cam"], ["joints"], [])
+    assert split_obs_keys(spec, cnn_keys="nothing") == ([], ["joints"], [])
     with pytest.raises(ValueError, match="'grid'.*cannot be encoded"):
         split_obs_keys({"grid": ((4, 4), np.float32)})
     with pytest.raises(ValueError, match="no observation key matches"):

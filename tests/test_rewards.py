@@ -317,7 +317,11 @@ def test_an_unimportable_fn_fails_before_training():
 # A CLI fit judged by the stub: the counters reach MLflow, the key reaches only the server
 
 
-def test_a_fit_on_llm_rewards_logs_the_counts_and_leaks_no_key(stub, tmp_path):
+@pytest.mark.parametrize("env_overrides, prompt_has", [
+    (["env.id=CartPole-v1", "reward.describe=tests.reward_helpers:cartpole_length"], "The pole stayed up for"),
+    (["env.id=babyai/GoToObj", "env.time_limit=10"], "Instruction: go to the"),  # the built-in describer
+], ids=["cartpole", "babyai"])
+def test_a_fit_on_llm_rewards_logs_the_counts_and_leaks_no_key(stub, tmp_path, env_overrides, prompt_has):
     server = stub()
     key = "sk-lit-dreamer-test-5f3a9c1e"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", LIT_DREAMER_LLM_API_KEY=key,
@@ -325,10 +329,11 @@ def test_a_fit_on_llm_rewards_logs_the_counts_and_leaks_no_key(stub, tmp_path):
     command = [sys.executable, "-m", "lit_dreamer", "fit", "-c", "debug", f"run.dir={tmp_path / 'run'}",
                f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "run.steps=80", "run.prefill=40",
                "reward.source=llm", "reward.when=episode", f"reward.llm.url={server.url}", "reward.llm.model=stub",
-               "reward.describe=tests.reward_helpers:cartpole_length"]
+               *env_overrides]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert server.requests and all(r["authorization"] == f"Bearer {key}" for r in server.requests)
+    assert all(prompt_has in r["body"]["messages"][0]["content"] for r in server.requests)
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         metrics = dict(db.execute("select key, max(value) from metrics where key like 'reward/%' group by key"))
     # Every request of the run, prefill included, is counted (no retries: the stub always answers).

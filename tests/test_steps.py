@@ -58,7 +58,7 @@ def test_the_replay_refuses_step_keys_that_a_batch_adds(key):
 def test_the_world_model_encodes_observations_only():
     spec = {"image": ((8, 8, 3), np.uint8), "vector": ((4,), np.float32), "log_energy": ((), np.float64),
             "context/deter": ((5, 5), np.int64), **{key: ((), np.float32) for key in steps.NON_OBS_KEYS}}
-    assert split_obs_keys(spec) == (["image"], ["vector"])
+    assert split_obs_keys(spec) == (["image"], ["vector"], [])
 
 
 def test_the_vocabulary_module_imports_neither_torch_nor_lightning():

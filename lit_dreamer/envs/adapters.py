@@ -1,13 +1,13 @@
 """Wrappers that put any gymnasium env into lit_dreamer's observation and action convention.
 
 Observations become a flat ``spaces.Dict`` whose entries the encoders can take: ``uint8`` images of
-shape HxWx{1,3} and ``float32`` vectors of rank 1. Actions become ``Discrete(n)`` with indices
-starting at 0, or ``Box(-1, 1, (A,), float32)``.
+shape HxWx{1,3} and ``float32`` vectors of rank 1 (categorical entries become one-hot vectors). Actions
+become ``Discrete(n)`` with indices starting at 0, or ``Box(-1, 1, (A,), float32)``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -17,17 +17,49 @@ from gymnasium.wrappers import RescaleAction, TransformAction
 from lit_dreamer.steps import is_reserved
 
 ACCEPTED_OBSERVATIONS = (
-    "accepted observations: rank-1 (or scalar) numeric vectors, which become float32, "
-    "and uint8 images of shape HxWx1 or HxWx3, in a Box or a (nested) Dict of Boxes"
+    "accepted observations: rank-1 (or scalar) numeric vectors, which become float32; uint8 images of "
+    "shape HxWx1 or HxWx3; Discrete and rank-1 MultiDiscrete entries, which become one-hot float32 "
+    "vectors; rank-1 MultiBinary entries, which become 0/1 float32 vectors; alone or in a (nested) Dict"
 )
+CATEGORICAL = (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 
 
 def _is_image(space: spaces.Box) -> bool:
     return space.dtype == np.uint8 and len(space.shape) == 3 and space.shape[-1] in (1, 3)
 
 
+def _convert_categorical(key: str, space: spaces.Space) -> spaces.Box:
+    """The float32 vector space of a Discrete (one-hot), MultiDiscrete (one one-hot per entry, joined)
+    or MultiBinary (0/1) entry, or a ValueError naming the key."""
+    if isinstance(space, spaces.Discrete):
+        return spaces.Box(0.0, 1.0, (int(space.n),), np.float32)
+    if len(space.shape) != 1:
+        raise ValueError(
+            f"observation {key!r} is a {type(space).__name__} space of shape {space.shape}; only rank-1 "
+            f"{type(space).__name__} spaces are taken, flatten it in a wrapper; {ACCEPTED_OBSERVATIONS}"
+        )
+    width = int(space.nvec.sum()) if isinstance(space, spaces.MultiDiscrete) else int(space.shape[0])
+    return spaces.Box(0.0, 1.0, (width,), np.float32)
+
+
+def one_hot_observation(space: spaces.Space, value: Any) -> np.ndarray:
+    """A Discrete value v as a one-hot of width n at index v - start; a MultiDiscrete value as its
+    entries' one-hots concatenated (width sum(nvec)); a MultiBinary value as a 0/1 float32 vector."""
+    if isinstance(space, spaces.MultiBinary):
+        return np.asarray(value, dtype=np.float32).reshape(space.shape)
+    sizes = np.atleast_1d(np.asarray(space.n if isinstance(space, spaces.Discrete) else space.nvec, np.int64))
+    index = np.atleast_1d(np.asarray(value, np.int64) - np.asarray(space.start, np.int64))
+    if index.shape != sizes.shape or np.any(index < 0) or np.any(index >= sizes):
+        raise ValueError(f"observation value {value!r} is not in its space {space}")
+    vector = np.zeros(int(sizes.sum()), np.float32)
+    vector[np.cumsum(sizes) - sizes + index] = 1.0  # each entry's offset plus its index
+    return vector
+
+
 def _convert_box(key: str, space: spaces.Space) -> spaces.Box:
     """The space that one observation entry has in our convention, or a ValueError naming the key."""
+    if isinstance(space, CATEGORICAL):
+        return _convert_categorical(key, space)
     if not isinstance(space, spaces.Box):
         raise ValueError(
             f"observation {key!r} is a {type(space).__name__} space ({space}); {ACCEPTED_OBSERVATIONS}"
@@ -69,12 +101,14 @@ class DictObservation(gym.ObservationWrapper):
     """Observations as a flat dict: a top-level Box becomes ``image`` (rank 3) or ``vector``.
 
     Dict observations keep their keys (nested dicts joined with "/"); scalars become shape (1,),
-    numeric vectors float32, uint8 HxWx{1,3} boxes stay images. Anything else raises a ValueError at
-    construction that names the key, its shape and dtype. Observations and `render()` frames are
+    numeric vectors float32, uint8 HxWx{1,3} boxes stay images; Discrete and MultiDiscrete entries
+    become one-hot float32 vectors, MultiBinary ones 0/1 float32 vectors. Anything else raises a ValueError at
+    construction that names the key, its shape and dtype. Keys in `keep` (text token ids) are left as they
+    are. Observations and `render()` frames are
     C-contiguous arrays.
     """
 
-    def __init__(self, env: gym.Env):
+    def __init__(self, env: gym.Env, keep: Sequence[str] = ()):
         super().__init__(env)
         source = env.observation_space
         if isinstance(source, spaces.Dict):
@@ -86,7 +120,9 @@ class DictObservation(gym.ObservationWrapper):
         for key in flat:
             if is_reserved(key):
                 raise ValueError(f"observation key {key!r} clashes with a replay key; rename it")
-        converted = {key: _convert_box(key, space) for key, space in flat.items()}
+        # `keep`: top-level keys whose boxes pass unchanged, the int64 token ids of text observations.
+        converted = {key: space if key in keep else _convert_box(key, space) for key, space in flat.items()}
+        self._categorical = {key: space for key, space in flat.items() if isinstance(space, CATEGORICAL)}
         self._top_level_key = None if isinstance(source, spaces.Dict) else next(iter(converted))
         self.observation_space = spaces.Dict(converted)
 
@@ -97,10 +133,12 @@ class DictObservation(gym.ObservationWrapper):
             observation = _flatten_values(observation)
         # Contiguous copies: dm_control renders upside down and returns a flipped view (negative strides),
         # which torch.as_tensor refuses; every consumer (collector, eval, videos) then gets a plain array.
-        return {
-            key: np.ascontiguousarray(np.asarray(observation[key], dtype=space.dtype).reshape(space.shape))
-            for key, space in self.observation_space.spaces.items()
-        }
+        return {key: self._entry(key, observation[key], space) for key, space in self.observation_space.spaces.items()}
+
+    def _entry(self, key: str, value: Any, space: spaces.Box) -> np.ndarray:
+        if key in self._categorical:
+            return one_hot_observation(self._categorical[key], value)
+        return np.ascontiguousarray(np.asarray(value, dtype=space.dtype).reshape(space.shape))
 
     def render(self) -> Any:
         """The env's frame as a contiguous array (dm_control's is a flipped view with negative strides)."""

@@ -1,10 +1,11 @@
 """``make_env``: one entry point from a clear id to an env in lit_dreamer's convention.
 
-Ids come in three families:
+Ids come in four families:
 
 - gymnasium ids such as ``CartPole-v1`` or ``Pendulum-v1`` (``module:Env-v0`` imports ``module`` first);
 - ``dmc/<domain>-<task>`` (or the native ``dm_control/<domain>-<task>-v0``) through shimmy;
-- ``atari/<game>`` (or the native ``ALE/<Game>-v5``) through ale-py, with the Atari-100k protocol.
+- ``atari/<game>`` (or the native ``ALE/<Game>-v5``) through ale-py, with the Atari-100k protocol;
+- ``babyai/<Level>`` and ``minigrid/<Env>`` (or the native ``BabyAI-...-vN``, ``MiniGrid-...-vN``) through minigrid.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from gymnasium.wrappers import AddRenderObservation, AtariPreprocessing, RepeatA
 
 from lit_dreamer.envs.adapters import DictObservation, adapt_action_space
 from lit_dreamer.envs.faults import CutNonFinite, RestartOnError
+from lit_dreamer.envs.minigrid import is_minigrid_id, load_minigrid, make_minigrid, minigrid_gym_id, short_ids
 from lit_dreamer.envs.spaces import FRAMES_PER_STEP_KEY
+from lit_dreamer.envs.text import DEFAULT_TEXT_LENGTH, TextVocabularies, wrap_text
 from lit_dreamer.rewards import RewardConfig, wrap_env, wrap_vector_env
 
 OBS_MODES = ("proprio", "pixels")
@@ -39,7 +42,7 @@ ATARI_NOOP_MAX = 30
 class ResolvedEnvId:
     """Which adapter builds an env id, and the gymnasium registry id it builds."""
 
-    family: Literal["gym", "dmc", "atari"]
+    family: Literal["gym", "dmc", "atari", "minigrid"]
     gym_id: str
 
 
@@ -77,7 +80,7 @@ def _atari_game_id(game: str) -> str:
 
 def _known_ids() -> list[str]:
     """Registry ids plus our short forms, for suggestions when an id is unknown."""
-    for load in (_load_dm_control, _load_atari):
+    for load in (_load_dm_control, _load_atari, load_minigrid):
         try:
             load()
         except ImportError:
@@ -88,7 +91,7 @@ def _known_ids() -> list[str]:
             known.append(f"dmc/{match.group(1)}")
         elif match := re.fullmatch(r"ALE/(\w+)-v5", gym_id):
             known.append(f"atari/{_snake_case(match.group(1))}")
-    return known
+    return known + short_ids(list(gym.registry))
 
 
 def _unknown_id_error(env_id: str, gym_id: str) -> ValueError:
@@ -97,7 +100,7 @@ def _unknown_id_error(env_id: str, gym_id: str) -> ValueError:
     hint = (
         f"closest registered ids: {', '.join(close)}"
         if close
-        else "ids look like 'CartPole-v1', 'dmc/walker-walk' or 'atari/pong'"
+        else "ids look like 'CartPole-v1', 'dmc/walker-walk', 'atari/pong' or 'babyai/GoToLocal'"
     )
     return ValueError(f"unknown environment id {env_id!r}{looked_up}; {hint}")
 
@@ -124,11 +127,14 @@ def resolve_env_id(env_id: str) -> ResolvedEnvId:
         _load_atari()
         name = env_id.split("/", 1)[1]
         resolved = ResolvedEnvId("atari", env_id if env_id.startswith("ALE/") else _atari_game_id(name))
+    elif is_minigrid_id(env_id):
+        load_minigrid()
+        resolved = ResolvedEnvId("minigrid", minigrid_gym_id(env_id))
     else:
         if ":" in env_id:
             module, env_id = env_id.split(":", 1)
             _import_env_module(module, f"{module}:{env_id}")
-        resolved = ResolvedEnvId("gym", env_id)
+        resolved = ResolvedEnvId("minigrid" if is_minigrid_id(env_id) else "gym", env_id)
     if resolved.gym_id not in gym.registry:
         raise _unknown_id_error(env_id, resolved.gym_id)
     return resolved
@@ -187,7 +193,7 @@ def _make_atari(gym_id: str, *, obs: str, image_size: int, render: bool) -> gym.
     )
 
 
-_BUILDERS = {"gym": _make_gym, "dmc": _make_dmc, "atari": _make_atari}
+_BUILDERS = {"gym": _make_gym, "dmc": _make_dmc, "atari": _make_atari, "minigrid": make_minigrid}
 
 
 def _count_frames_per_step(env: gym.Env) -> int:
@@ -213,22 +219,29 @@ def make_env(
     time_limit: int | None = None,
     seed: int | None = None,
     render: bool = False,
+    text_length: int = DEFAULT_TEXT_LENGTH,
+    vocabularies: TextVocabularies | None = None,
     reward: RewardConfig | None = None,
 ) -> gym.Env:
     """Build an env whose observations are a flat ``spaces.Dict`` and whose actions are
     ``Discrete(n)`` or ``Box(-1, 1, (A,), float32)``.
 
     Args:
-        env_id: a gymnasium id, ``dmc/<domain>-<task>``, ``atari/<game>`` or the native
-            ``dm_control/...-v0`` / ``ALE/...-v5`` (native ids get the same adapters).
+        env_id: a gymnasium id, ``dmc/<domain>-<task>``, ``atari/<game>``, ``babyai/<Level>``,
+            ``minigrid/<Env>`` or the native ``dm_control/...-v0`` / ``ALE/...-v5`` / ``BabyAI-...-vN`` /
+            ``MiniGrid-...-vN`` (native ids get the same adapters).
         obs: ``"proprio"`` for the env's own observation, ``"pixels"`` for ``{"image": uint8 SxSx3}``
-            rendered from the env (dm_control camera 0). Atari always observes the screen.
+            rendered from the env (dm_control camera 0). Atari always observes the screen. MiniGrid
+            gives ``grid`` (its 7x7 symbolic view, one-hot cells) or, with pixels, ``image`` (the
+            egocentric RGB view), each beside ``direction`` and ``mission``.
         action_repeat: repeat each action this many times, summing rewards and stopping at an episode
             end. Atari already repeats 4 frames (its protocol), so it takes only 1 or 4 here.
         image_size: side S of square images.
         time_limit: extra limit in agent steps; reaching it truncates (is_last, not is_terminal).
         seed: seeds the env and its action space with a first ``reset(seed=seed)``.
         render: also create the env with render_mode="rgb_array" so ``env.render()`` gives frames.
+        text_length: tokens L kept of each text observation (``lit_dreamer.envs.text``).
+        vocabularies: the run's text vocabularies, shared by all its envs (None: this env grows its own).
         reward: the ``reward`` config section: a function's or a language model's reward instead of (or added to)
             the env's (``lit_dreamer.rewards``; a language model answers only through ``make_vector_env``).
 
@@ -249,9 +262,11 @@ def make_env(
         env = RepeatAction(env, action_repeat)
     if time_limit is not None:
         env = TimeLimit(env, max_episode_steps=time_limit)
-    # Here it sees raw observations (the mission string) and every episode end, time limits included.
+    # Here it sees raw observations (the mission string, before tokens) and every episode end, time limits included.
     env = wrap_env(env, reward)
-    env = DictObservation(adapt_action_space(env))
+    # Text entries become int64 token ids first; DictObservation keeps those boxes as they are.
+    env, tokens = wrap_text(adapt_action_space(env), vocabularies, text_length)
+    env = DictObservation(env, keep=tokens)
     env.metadata = {**env.metadata, FRAMES_PER_STEP_KEY: _count_frames_per_step(env)}
     if seed is not None:
         env.reset(seed=seed)
@@ -282,7 +297,12 @@ def make_vector_env(
     episode as truncated, with ``infos["env_error"]`` naming the exception. With ``cut_nonfinite`` a
     NaN or infinite reward or observation ends the episode the same way (``CutNonFinite``), with
     ``infos["env_nonfinite"]`` naming the entries.
+
+    Text observations: all sub-envs share ``vocabularies`` (one made here when none is given).
     """
+    # One vocabulary object for all sub-envs, so that a growing text vocabulary gives every env the same ids
+    # (subprocess envs get copies: lit_dreamer.envs.text.check_text_growth refuses those when they grow).
+    make_env_kwargs = {**make_env_kwargs, "vocabularies": make_env_kwargs.get("vocabularies") or TextVocabularies()}
     env_fns = [functools.partial(_restarting_env, env_id, seed + index, cut_nonfinite, make_env_kwargs)
                for index in range(num_envs)]
     vector_class = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
