@@ -1,7 +1,8 @@
 """Episodes as text for a language model: the Episode record and the built-in BabyAI / MiniGrid describer.
 
-The describer reads the last raw observation's egocentric 7x7 symbolic view (minigrid's `image`: per
-cell object, colour, state) and phrases it the way BabyAI-Text does: "You carry a red key. You see a
+The describer reads an egocentric 7x7 symbolic view (minigrid's `image`: per cell object, colour, state;
+the reward wrapper takes it from the env's `gen_obs()` at the scoring step, whatever the observation mode)
+and phrases it the way BabyAI-Text does: "You carry a red key. You see a
 blue ball 2 steps forward and 1 step left." Walls, floor and empty or unseen cells are left out:
 what a BabyAI instruction names is an object, a door or a goal.
 """
@@ -79,16 +80,6 @@ def describe_view(image: np.ndarray) -> str:
     for _, forward, lateral, kind, color, state in sorted(seen, key=lambda s: s[:3]):
         sentences.append(f"You see {object_name(kind, int(color), int(state))} {where(forward, lateral)}.")
     return " ".join(sentences) or "You see no objects."
-
-
-def describe_babyai(instruction: str, episode: Episode) -> str:
-    """What the agent sees and carries at the episode's end (the last observation's `image`)."""
-    del instruction  # the description says what is, not whether it matches: that is the judge's question
-    last = episode.observations[-1]
-    if not isinstance(last, dict) or "image" not in last:
-        raise ValueError("the BabyAI describer needs minigrid observations with an 'image' key; "
-                         "set reward.describe=module:callable for this env")
-    return describe_view(last["image"])
 
 
 def describe_from_info(instruction: str, episode: Episode) -> str:
