@@ -147,7 +147,7 @@ def test_failures_are_warned_about_once_and_never_cached(stub, caplog):
 
 @pytest.mark.parametrize("limit", [1, 3])
 def test_no_more_than_max_concurrency_requests_are_in_flight(stub, limit):
-    server = stub(hold=0.3)
+    server = stub(hold=0.5)  # long enough for every allowed request to start while the first is held
     judge = judge_for(server, max_concurrency=limit)
     queries = [("go to the red ball", f"You see a red ball {k} steps forward.") for k in range(6)]
     assert judge.score_many(queries) == [1.0] * 6
@@ -219,7 +219,7 @@ def test_a_second_identical_episode_sends_no_request(stub):
 
 
 def test_the_episode_ends_of_several_envs_overlap_within_the_limit(stub):
-    server = stub(hold=0.3)
+    server = stub(hold=0.5)  # long enough for every allowed request to start while the first is held
     envs = llm_vector_env(server, 4, when="episode", llm={"max_concurrency": 2})
     for k, env in enumerate(envs.env.envs):
         env.unwrapped.seen = f"a red ball number {k}"  # four distinct descriptions, four requests
