@@ -42,8 +42,10 @@ class BenchConfig:
     """Extra training steps after the timed ones, run under torch.profiler: per-op table (self CPU time)."""
 
 
-def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim: int, discrete: bool) -> dict:
-    """One vector step of random data with the shapes and dtypes of a replay step."""
+def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim: int, discrete: bool,
+                text_vocab: int = 2) -> dict:
+    """One vector step of random data with the shapes and dtypes of a replay step (integer observation keys are
+    text token ids, drawn below `text_vocab`)."""
     step = {}
     for key, (shape, dtype) in spec.items():
         dtype = np.dtype(dtype)
@@ -54,6 +56,8 @@ def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim:
             step[key] = np.arange(num_envs, dtype=dtype)  # stream k holds task k, as the collector lays them out
         elif dtype == np.uint8:
             step[key] = rng.integers(0, 256, (num_envs, *shape), dtype=np.uint8)
+        elif np.issubdtype(dtype, np.integer):
+            step[key] = rng.integers(0, text_vocab, (num_envs, *shape), dtype=dtype)
         elif dtype == np.bool_:
             # Episodes of about 100 steps, so resets inside sequences are exercised.
             step[key] = rng.random((num_envs, *shape)) < (0.01 if key in ("is_first", "is_last") else 0.0)
@@ -122,7 +126,8 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     rng = np.random.default_rng(cfg.run.seed)
     for _ in range(datamodule.replay.capacity // num_tasks):
-        datamodule.replay.add(random_step(info.spec, num_tasks, rng, info.action_dim, info.discrete))
+        datamodule.replay.add(random_step(info.spec, num_tasks, rng, info.action_dim, info.discrete,
+                                          cfg.model.text_vocab))
 
     timer = StepTimer(options.warmup, options.steps, options.profile_steps)
     trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k in ("accelerator", "devices", "precision", "strategy")}

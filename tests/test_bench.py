@@ -75,3 +75,24 @@ def test_bench_with_several_tasks_times_the_conditioned_agent_on_task_balanced_b
     assert two["params"]["actor"] > one["params"]["actor"]
     assert two["params"]["world_model"] > one["params"]["world_model"]  # the reward and continue heads' layers
     assert two["env_steps_per_s"] > 0
+
+
+def test_random_token_ids_stay_inside_the_vocabulary():
+    """bench fills its replay with random steps: a text key's token ids must index the model's word embedding."""
+    import numpy as np
+
+    from lit_dreamer.bench import random_step
+    spec = {"mission": ((6,), np.int64), "vector": ((3,), np.float32), "task": ((), np.int64)}
+    step = random_step(spec, 500, np.random.default_rng(0), 2, True, text_vocab=7)
+    assert step["mission"].dtype == np.int64 and step["mission"].shape == (500, 6)
+    assert step["mission"].min() == 0 and step["mission"].max() == 6  # every id of the vocabulary, none beyond
+    assert step["task"].tolist() == list(range(500))
+
+
+@pytest.mark.timeout(300)
+def test_bench_runs_on_an_env_with_a_text_observation():
+    from lit_dreamer.bench import BenchConfig, bench
+    from lit_dreamer.config import load_config
+    result = bench(load_config(["debug"], ["env.id=tests.text_envs:lit_dreamer_tests/TextChoice-v0",
+                                           "model.text_vocab=16"]), BenchConfig(steps=1, warmup=1, collector_steps=4))
+    assert result["seconds_per_train_step"] > 0 and result["params"]["world_model"] > 0

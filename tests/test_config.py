@@ -323,7 +323,7 @@ def test_an_include_cycle_and_a_bad_include_are_refused_naming_the_file(tmp_path
         load_config([str(tmp_path / "d.yaml")])
 
 
-@pytest.mark.parametrize("task", ["cartpole", "dmc_cartpole_balance", "dmc_walker_walk", "point_goal"])
+@pytest.mark.parametrize("task", ["cartpole", "dmc_cartpole_balance", "dmc_walker_walk", "point_goal", "babyai"])
 def test_task_files_take_their_hyperparameters_from_the_one_budget_recipe(task):
     """The recipe lives in configs/budget.yaml only: a task file that set a learning rate or ratio of its own fails."""
     import yaml
