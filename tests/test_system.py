@@ -40,7 +40,9 @@ EXPERIMENT = "lit_dreamer"
 def subprocess_env() -> dict[str, str]:
     # One intra-op thread: with torch's default of one thread per core on a busy 2-core machine the
     # threads spin against each other and a step can take 10x longer.
-    return dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # The repository root on the path: test envs and reward functions are named as `tests.<module>:...`.
+    path = os.pathsep.join(p for p in (str(TESTS.parent), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=path)
 
 
 def run_overrides(root: Path, *overrides: str) -> list[str]:

@@ -111,3 +111,18 @@ def test_after_a_short_fit_the_instruction_alone_changes_the_latent_the_actor_re
     # ... and the actor reads the difference. After ~140 training steps (lr warmup of 1000) the policy is still
     # nearly uniform (0.4998 vs 0.5002), so this checks the path, not that the task is learned.
     assert not torch.allclose(left, right)
+
+
+@pytest.mark.timeout(300)
+def test_the_blanked_instruction_ablation_trains_without_reading_or_predicting_the_text(tmp_path):
+    """`model.mlp_keys='(?!mission).*'` (docs/language.md): the replay still stores the mission, but the world
+    model has no text encoder or decoder, so the latent, and the actor reading it, cannot depend on it."""
+    proc = fit_cli(tmp_path, f"env.id={TEXT_ENV}", f"run.steps={PREFILL + 40}", f"run.prefill={PREFILL}",
+                   "env.text_length=6", "model.mlp_keys=(?!mission).*")
+    assert proc.returncode == 0, explain(proc)
+    run = only_run(tmp_path)
+    assert history(tmp_path, run.info.run_id, "loss/rec/vector")
+    assert not history(tmp_path, run.info.run_id, "loss/rec/mission")
+    ckpt = load_ckpt(last_checkpoint(tmp_path))
+    assert ckpt["hyper_parameters"]["obs_spec"]["mission"] == [[6], "int64"]  # stored, not read
+    assert not [name for name in ckpt["state_dict"] if "text_" in name]
