@@ -64,11 +64,14 @@ class EnvConfig:
     """NaN/inf reward or observation: cut (end the episode as truncated, warn once, go on) or error (stop the run)."""
     text_length: int = 24
     """Words kept of each text observation (longer texts are cut, with a warning), as token ids padded to this."""
+    held_out: list[str] = field(default_factory=list)
+    """Instruction phrases (e.g. 'red ball') no episode of the run gets: an episode whose instruction (`mission` or
+    `instruction`) holds one as consecutive words is redrawn at reset; `eval instructions=held_out` tests on them."""
 
     def make_kwargs(self) -> dict:
         """The keyword arguments of `lit_dreamer.envs.make_env` these settings give (not the id, seed or count)."""
         return dict(obs=self.obs, action_repeat=self.action_repeat, image_size=self.image_size,
-                    time_limit=self.time_limit, text_length=self.text_length)
+                    time_limit=self.time_limit, text_length=self.text_length, held_out=tuple(self.held_out))
 
 
 @dataclass
@@ -547,6 +550,11 @@ def check_text(cfg: Config) -> None:
     for key, value in (("model.text_embed", cfg.model.text_embed), ("env.text_length", cfg.env.text_length)):
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    from lit_dreamer.envs.text import tokenize
+    for phrase in cfg.env.held_out:
+        if not tokenize(str(phrase)):
+            raise ConfigError(f"env.held_out holds {phrase!r}, which has no word; give phrases of an instruction, "
+                              "e.g. env.held_out=[red ball,green key]")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -105,6 +105,18 @@ def eval_mode(value: str, key: str = "mode") -> str:
     return value
 
 
+INSTRUCTION_SETS = ("train", "held_out")
+
+
+def instruction_set(value: str, key: str = "instructions") -> str:
+    """`value` as one of INSTRUCTION_SETS, else a ConfigError."""
+    if value not in INSTRUCTION_SETS:
+        from lit_dreamer.config import ConfigError
+        raise ConfigError(f"{key} must be one of {', '.join(INSTRUCTION_SETS)} (the run's instructions, or only those "
+                          f"holding a phrase of its env.held_out), got {value!r}")
+    return value
+
+
 @dataclass
 class EvalOptions:
     """The `key=value` options of `python -m lit_dreamer eval` (parsed by lit_dreamer.options)."""
@@ -119,6 +131,9 @@ class EvalOptions:
     tracking_uri: str | None = None
     """MLflow store of the eval run (None: the training run's logger.tracking_uri); given, the eval run goes
     to MLflow even when the run used another logger.backend."""
+    instructions: str = checked("train", instruction_set, shown="|".join(INSTRUCTION_SETS))
+    """Episodes whose instruction the run trained on (train, the default), or only those holding a phrase of the
+    run's env.held_out (held_out: generalization to instructions it never saw)."""
     video: str | None = None
     """Also write a GIF of one episode here, e.g. video=episode.gif (None: no video); with several tasks one per
     task, episode-<task>.gif."""
@@ -175,6 +190,10 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     if "id" in (env_overrides or {}) and "tasks" not in env_overrides:
         cfg.env.tasks = []  # env.id=X asks for that one env, not the checkpoint's task list
     tasks = task_names(cfg)
+    if options.instructions == "held_out" and not cfg.env.held_out:
+        from lit_dreamer.config import ConfigError
+        raise ConfigError("instructions=held_out evaluates on the phrases the run held out, and this run held none "
+                          "out; train with env.held_out=[red ball,...] or pass env.held_out=[...] to eval")
     torch.manual_seed(options.seed)
     per_task = {task: evaluate_task(module, task, k, cfg, options, policy_task(module, task, trained_on), vocabularies)
                 for k, task in enumerate(tasks)}
@@ -213,7 +232,8 @@ def record_videos(module, tasks: list[str], trained_on: list[str], cfg, options:
     for task in tasks:
         frames, returns[task] = record_episode(module, task, mode=options.mode, seed=options.seed, max_steps=100_000,
                                                task=policy_task(module, task, trained_on), **cfg.env.make_kwargs(),
-                                               vocabularies=vocabularies)
+                                               vocabularies=vocabularies,
+                                               held_out_only=options.instructions == "held_out")
         path = options.video if len(tasks) == 1 else f"{stem}-{task_metric_name(task)}{ext or '.gif'}"
         paths[task] = write_gif(frames, path)
     if len(tasks) == 1:
@@ -239,7 +259,8 @@ def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions, poli
     the policy acts for task number `policy` of the checkpoint's table; `vocabularies`: the checkpoint's text
     vocabularies (lit_dreamer.envs.text)."""
     return task_episodes(module, task, options.episodes, seed=options.seed, index=index, mode=options.mode,
-                         policy=policy, **cfg.env.make_kwargs(), vocabularies=vocabularies)
+                         policy=policy, **cfg.env.make_kwargs(), vocabularies=vocabularies,
+                         held_out_only=options.instructions == "held_out")
 
 
 def task_episodes(module, env_id: str, episodes: int, *, seed: int, index: int, mode: str, policy: int,
@@ -309,6 +330,9 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats,
     for key, value in {"checkpoint": os.path.abspath(ckpt_path), **env, "episodes": options.episodes,
                        "mode": options.mode, "seed": options.seed}.items():
         client.log_param(run_id, key, value)
+    if cfg.env.held_out:  # which instructions the episodes had: the trained ones, or only the held-out phrases
+        client.log_param(run_id, "instructions", options.instructions)
+        client.log_param(run_id, "env.held_out", str(list(cfg.env.held_out)))
     summary = stats.summary()
     for key in ("return", "return_std", "return_min", "return_max", "length", "success"):
         if key in summary:  # success only where the env reports it

@@ -43,5 +43,6 @@ def test_importing_evaluation_or_callbacks_leaves_train_unloaded(module):
 
 
 def test_env_config_gives_make_env_its_settings():
-    env = EnvConfig(obs="pixels", action_repeat=2, image_size=32, time_limit=50, text_length=12)
-    assert env.make_kwargs() == dict(obs="pixels", action_repeat=2, image_size=32, time_limit=50, text_length=12)
+    env = EnvConfig(obs="pixels", action_repeat=2, image_size=32, time_limit=50, text_length=12, held_out=["red ball"])
+    assert env.make_kwargs() == dict(obs="pixels", action_repeat=2, image_size=32, time_limit=50, text_length=12,
+                                     held_out=("red ball",))

@@ -16,6 +16,7 @@ import importlib
 import os
 import re
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal
 
 import gymnasium as gym
@@ -24,6 +25,7 @@ from gymnasium.wrappers import AddRenderObservation, AtariPreprocessing, RepeatA
 
 from lit_dreamer.envs.adapters import DictObservation, adapt_action_space
 from lit_dreamer.envs.faults import CutNonFinite, RestartOnError
+from lit_dreamer.envs.instructions import HeldOutInstructions
 from lit_dreamer.envs.minigrid import is_minigrid_id, load_minigrid, make_minigrid, minigrid_gym_id, short_ids
 from lit_dreamer.envs.spaces import FRAMES_PER_STEP_KEY
 from lit_dreamer.envs.text import DEFAULT_TEXT_LENGTH, TextVocabularies, wrap_text
@@ -222,6 +224,8 @@ def make_env(
     text_length: int = DEFAULT_TEXT_LENGTH,
     vocabularies: TextVocabularies | None = None,
     reward: RewardConfig | None = None,
+    held_out: Sequence[str] = (),
+    held_out_only: bool = False,
 ) -> gym.Env:
     """Build an env whose observations are a flat ``spaces.Dict`` and whose actions are
     ``Discrete(n)`` or ``Box(-1, 1, (A,), float32)``.
@@ -244,6 +248,8 @@ def make_env(
         vocabularies: the run's text vocabularies, shared by all its envs (None: this env grows its own).
         reward: the ``reward`` config section: a function's or a language model's reward instead of (or added to)
             the env's (``lit_dreamer.rewards``; a language model answers only through ``make_vector_env``).
+        held_out: instruction phrases whose episodes are redrawn at reset (``lit_dreamer.envs.instructions``);
+            with ``held_out_only`` the other episodes are redrawn instead (evaluation on the held-out ones).
 
     ``frames_per_step(env)`` tells the frames one agent step spans (action repeat, or 4 on Atari).
     """
@@ -262,6 +268,8 @@ def make_env(
         env = RepeatAction(env, action_repeat)
     if time_limit is not None:
         env = TimeLimit(env, max_episode_steps=time_limit)
+    if held_out:
+        env = HeldOutInstructions(env, held_out, only=held_out_only)
     # Here it sees raw observations (the mission string, before tokens) and every episode end, time limits included.
     env = wrap_env(env, reward)
     # Text entries become int64 token ids first; DictObservation keeps those boxes as they are.
