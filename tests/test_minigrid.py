@@ -6,13 +6,8 @@ import pytest
 from gymnasium.wrappers import FilterObservation
 
 from lit_dreamer.envs import DictObservation, make_env, resolve_env_id
-from lit_dreamer.envs.minigrid import (
-    TEXT_VOCABULARY_KEY,
-    make_minigrid,
-    minigrid_vocabulary,
-    mission_words,
-    one_hot_cells,
-)
+from lit_dreamer.envs.minigrid import make_minigrid, minigrid_vocabulary, one_hot_cells
+from lit_dreamer.envs.text import VOCABULARY_METADATA_KEY, tokenize
 
 
 @pytest.mark.parametrize("env_id, gym_id", [
@@ -103,22 +98,22 @@ def test_babyai_missions_use_only_the_declared_vocabulary():
     seen = set()
     for level in ("GoToLocal", "GoToObj", "PickupLoc", "PutNextLocal", "GoToSeq", "Open"):
         env = make_minigrid(f"BabyAI-{level}-v0", obs="proprio", image_size=64, render=False)
-        assert env.metadata[TEXT_VOCABULARY_KEY]["mission"] == sorted(vocabulary)
+        assert env.metadata[VOCABULARY_METADATA_KEY]["mission"] == sorted(vocabulary)
         for seed in range(400):
             observation, _ = env.reset(seed=seed)
-            words = mission_words(observation["mission"])
+            words = tokenize(observation["mission"])
             assert set(words) <= vocabulary, observation["mission"]
             seen.update(words)
         env.close()
     assert len(seen) >= 0.9 * len(vocabulary)  # the levels exercise most of the grammar, not a corner of it
 
 
-def test_plain_minigrid_envs_declare_their_own_mission_words():
+def test_plain_minigrid_envs_declare_their_own_tokenize():
     env = make_minigrid("MiniGrid-Fetch-5x5-N2-v0", obs="proprio", image_size=64, render=False)
-    vocabulary = env.metadata[TEXT_VOCABULARY_KEY]["mission"]
+    vocabulary = env.metadata[VOCABULARY_METADATA_KEY]["mission"]
     for seed in range(20):
         observation, _ = env.reset(seed=seed)
-        assert set(mission_words(observation["mission"])) <= set(vocabulary), observation["mission"]
+        assert set(tokenize(observation["mission"])) <= set(vocabulary), observation["mission"]
     assert {"fetch", "get", "red"} <= set(vocabulary)
 
 
@@ -128,7 +123,7 @@ def test_make_env_builds_babyai_with_its_vocabulary_in_the_metadata():
     assert observation["grid"].shape == (980,) and observation["direction"].shape == (4,)
     assert observation["mission"].dtype == np.int64 and observation["mission"].shape == (24,)
     assert 1 not in observation["mission"]  # id 1 is out-of-vocabulary: every mission word is declared
-    assert env.metadata[TEXT_VOCABULARY_KEY]["mission"] == minigrid_vocabulary()
+    assert env.metadata[VOCABULARY_METADATA_KEY]["mission"] == minigrid_vocabulary()
 
 
 def test_a_tiny_fit_on_minigrid_through_the_cli(tmp_path, monkeypatch):

@@ -24,8 +24,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-# Key in env.metadata where an env declares the words its text observations can hold, per key.
-TEXT_VOCABULARY_KEY = "lit_dreamer_text_vocabulary"
+# The key under which envs declare their words, and the tokenizer that splits texts into them (the comma of
+# ", then" is no word): the text module's own, so declared words and token ids always agree.
+from lit_dreamer.envs.text import VOCABULARY_METADATA_KEY, tokenize
+
 
 SHORT_PREFIXES = {"babyai/": "BabyAI", "minigrid/": "MiniGrid"}
 NATIVE_PREFIXES = ("BabyAI-", "MiniGrid-")
@@ -150,11 +152,6 @@ BABYAI_FIXED_WORDS = ("a", "the", "object", "in", "front", "of", "you", "behind"
                       "up", "open", "put", "next", "then", "after", "and")
 
 
-def mission_words(text: str) -> list[str]:
-    """The words of a mission: lower-case runs of letters or digits (the comma of ", then" is no word)."""
-    return re.findall(r"[^\W_]+", text.lower())
-
-
 def minigrid_vocabulary() -> list[str]:
     """Every word a BabyAI mission can contain, sorted: minigrid's colour names, object types and location
     names, and the grammar's fixed words."""
@@ -167,7 +164,7 @@ def mission_space_words(space: spaces.Space) -> list[str]:
     """The words of every mission a MiniGrid MissionSpace can generate (all placeholder combinations)."""
     placeholders = getattr(space, "ordered_placeholders", None) or []
     missions = (space.mission_func(*choice) for choice in itertools.product(*placeholders))
-    return sorted({word for mission in missions for word in mission_words(mission)})
+    return sorted({word for mission in missions for word in tokenize(mission)})
 
 
 def env_vocabulary(env: gym.Env) -> list[str]:
@@ -181,11 +178,11 @@ def env_vocabulary(env: gym.Env) -> list[str]:
 
 def make_minigrid(gym_id: str, *, obs: str, image_size: int, render: bool) -> gym.Env:
     """A registered BabyAI-* or MiniGrid-* env with the observation of `obs`, success in the final info,
-    and its mission vocabulary in ``env.metadata[TEXT_VOCABULARY_KEY]``."""
+    and its mission vocabulary in ``env.metadata[VOCABULARY_METADATA_KEY]``."""
     load_minigrid()
     env = gym.make(gym_id, **({"render_mode": "rgb_array"} if render else {}))
     words = env_vocabulary(env)
     env = ReportSuccess(SilentResets(env))
     env = EgocentricPixels(env, image_size) if obs == "pixels" else OneHotGrid(env)
-    env.metadata = {**env.metadata, TEXT_VOCABULARY_KEY: {"mission": words}}
+    env.metadata = {**env.metadata, VOCABULARY_METADATA_KEY: {"mission": words}}
     return env
