@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_dreamer.agent_config import BehaviorConfig, ModelConfig
-from lit_dreamer.conditioning import Conditioning, ConditionedHead
+from lit_dreamer.conditioning import Conditioning, ConditionedHead, with_vector
 from lit_dreamer.distributions import BoundedNormal, Categorical, TwoHot
 from lit_dreamer.losses import actor_loss, center_advantage, critic_loss, lambda_returns
 from lit_dreamer.normalizer import ReturnNormalizer
@@ -113,17 +113,18 @@ class ActorCritic(nn.Module):
             slow.lerp_(fast, self.cfg.slow_rate)
         self.normalizer.commit(imagination.spread)
 
-    def imagine_loss(self, wm: WorldModel, start: State, start_cont: Tensor, start_task: Tensor | None = None
-                     ) -> Imagination:
+    def imagine_loss(self, wm: WorldModel, start: State, start_cont: Tensor, start_task: Tensor | None = None,
+                     start_vector: Tensor | None = None) -> Imagination:
         """Actor and critic losses on rollouts from N start states (gradient already stopped).
 
         start_cont (N,) = 1 - is_terminal of the replayed start step; start_task (N,) int64 its task (needed
-        with several tasks): every imagined step of a start has the start's task. Computed time-major inside,
-        see `behavior_losses`.
+        with several tasks): every imagined step of a start has the start's task. start_vector (N, D): the
+        start's conditioning vector (`cond.vector_dim` > 0), likewise carried through the horizon, without
+        gradient. Computed time-major inside, see `behavior_losses`.
         """
         task = self.task_steps(start_task, self.cfg.horizon + 1)  # (H+1, N) or None
         with self.timer("imagination"):
-            feat, samples = self.rollout(wm, start, start_task)  # (H+1, N, F), (H, N, A); no gradient anywhere
+            feat, samples = self.rollout(wm, start, start_task, start_vector)  # (H+1, N, F + D), (H, N, A); no gradient
             # The actor's forward with gradient, over all H rolled-out states at once, instead of a graph kept
             # per step inside the rollout: the rollout stays one function without autograd (run.compile).
             # It costs a second actor forward; interleaved A/B runs showed no difference per step.
@@ -145,17 +146,20 @@ class ActorCritic(nn.Module):
         return start_task[None].expand(length, *start_task.shape)
 
     @torch.no_grad()
-    def rollout(self, wm: WorldModel, start: State, start_task: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Imagine H steps from the starts under the policy: features (H+1, N, F) and raw action samples (H, N, A).
+    def rollout(self, wm: WorldModel, start: State, start_task: Tensor | None = None,
+                start_vector: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Imagine H steps from the starts under the policy: features (H+1, N, F + D) and raw action samples
+        (H, N, A).
 
-        start_task (N,): the policy acts for each start's task at every step. One function over the whole
-        loop, so that `torch.compile` (run.compile) can fuse all of it.
+        start_task (N,): the policy acts for each start's task at every step; start_vector (N, D) (or None):
+        the conditioning vector appended to every step's features. One function over the whole loop, so that
+        `torch.compile` (run.compile) can fuse all of it.
         """
         samples = []
         task = start_task if self.cond.active else None
 
         def policy(feat: Tensor) -> Tensor:
-            action = self.actor.dist(self.actor(feat, task)).sample()
+            action = self.actor.dist(self.actor(with_vector(feat, start_vector), task)).sample()
             samples.append(action)
             # The env clips a continuous action to [-1, 1] and the replay stores it clipped, so the
             # dynamics see the clipped action here too: an unclipped sample would ask the world model
@@ -164,7 +168,7 @@ class ActorCritic(nn.Module):
             return action if self.actor.discrete else action.clamp(-1.0, 1.0)
 
         feat = wm.rssm.imagine(start, policy, self.cfg.horizon)
-        return feat, torch.stack(samples)
+        return with_vector(feat, start_vector), torch.stack(samples)
 
     def behavior_losses(self, feat: Tensor, actions: Tensor, policy_params: Tensor, reward: Tensor, cont: Tensor,
                         task: Tensor | None = None) -> Imagination:
@@ -213,14 +217,16 @@ class ActorCritic(nn.Module):
             return self.normalizer.peek(self.gather(returns))
         return self.normalizer.peek(self.gather(returns), self.gather(task.contiguous()))
 
-    def replay_value_loss(self, post_feat: Tensor, batch: dict[str, Tensor], imagined_returns: Tensor) -> Tensor:
+    def replay_value_loss(self, post_feat: Tensor, batch: dict[str, Tensor], imagined_returns: Tensor,
+                          vector: Tensor | None = None) -> Tensor:
         """Critic loss on the replayed sequence itself (its gradient reaches the world model).
 
         post_feat (B, T, F) with gradient; imagined_returns (B, T): the lambda return of the
         imagined rollout from each replayed step, used as its bootstrap. Lambda returns over real
         rewards and terminals; the recursion is cut at is_last. With several tasks the critics read the
-        batch's `task` (B, T). Returns (B, T-1).
+        batch's `task` (B, T); with a conditioning vector (B, T, D), the features with it appended. Returns (B, T-1).
         """
+        post_feat = with_vector(post_feat, vector)
         task = batch["task"] if self.cond.active else None
         reward, last = batch["reward"].float(), batch["is_last"].float()
         discount = self.cfg.gamma * (1.0 - batch["is_terminal"].float())

@@ -82,6 +82,10 @@ class ModelConfig:
     """Text vocabulary entries V, padding and out-of-vocabulary included: token ids are 0 .. V-1."""
     text_embed: int = 32
     """Width of the learned word embedding of model.text_encoder=tokens."""
+    text_condition: bool = False
+    """Also append the text encoder's output (the instruction's embedding, stopped gradient for the actor and
+    critics) to the latent features that the reward and continue heads, actor and critics read: the
+    conditioning vector of lit_dreamer.conditioning, fed from text. Needs a text observation key."""
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> "ModelConfig":
@@ -116,6 +120,7 @@ LEGACY_MODEL_DEFAULTS: dict[str, Any] = {
     "text_encoder": "tokens",
     "text_vocab": 256,
     "text_embed": 32,
+    "text_condition": False,
 }
 
 TEXT_ENCODERS = ("tokens",)

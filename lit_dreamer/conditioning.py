@@ -7,6 +7,10 @@ depends on the task reads it in one of two ways (`multitask.conditioning`):
   concatenated to the latent features before the head's trunk;
 - `heads`: the trunk is shared and the head's last linear layer is one per task.
 
+Besides the task, the heads can read a vector that comes with each input (`vector_dim` > 0): the
+instruction's text embedding with `model.text_condition`. Whoever calls a head appends it to the latent
+features (`with_vector`); imagination carries each start's vector through the horizon.
+
 With one task there is nothing to condition on: the heads are built exactly as in the one-task agent
 (same parameters, same initialization, same random draws), and a task index given to them is ignored.
 Plain `nn.Module`s; nothing here knows about Lightning.
@@ -27,17 +31,20 @@ CONDITIONING_MODES = ("embedding", "heads")
 
 @dataclass(frozen=True)
 class Conditioning:
-    """How the task-dependent heads read the task: the number of tasks, the mode, the embedding size."""
+    """How the task-dependent heads read the task: the number of tasks, the mode, the embedding size, and the
+    width of a conditioning vector appended to their input features (0: none)."""
 
     num_tasks: int = 1
     mode: str = "embedding"
     embed_dim: int = 16
+    vector_dim: int = 0
 
     def __post_init__(self):
         if self.mode not in CONDITIONING_MODES:
             raise ValueError(f"multitask.conditioning must be one of {', '.join(CONDITIONING_MODES)}, got {self.mode!r}")
-        if self.num_tasks < 1 or self.embed_dim < 1:
-            raise ValueError(f"need num_tasks >= 1 and multitask.embed_dim >= 1, got {self.num_tasks}, {self.embed_dim}")
+        if self.num_tasks < 1 or self.embed_dim < 1 or self.vector_dim < 0:
+            raise ValueError(f"need num_tasks >= 1, multitask.embed_dim >= 1 and vector_dim >= 0, got "
+                             f"{self.num_tasks}, {self.embed_dim}, {self.vector_dim}")
 
     @property
     def active(self) -> bool:
@@ -46,8 +53,18 @@ class Conditioning:
 
     @property
     def extra_inputs(self) -> int:
-        """Width the task vector adds to a head's input."""
+        """Width the task vector adds to a head's trunk input (the conditioning vector is part of the features)."""
         return self.embed_dim if self.active and self.mode == "embedding" else 0
+
+
+def with_vector(feat: Tensor, vector: Tensor | None) -> Tensor:
+    """feat (..., F) with the conditioning vector appended: vector (..., D), or fewer leading dims that
+    broadcast over feat's first ones (a start's vector over the imagined steps). No vector: feat itself."""
+    if vector is None:
+        return feat
+    vector = vector.to(feat.dtype)
+    vector = vector.reshape((1,) * (feat.dim() - vector.dim()) + vector.shape).expand(*feat.shape[:-1], -1)
+    return torch.cat([feat, vector], -1)
 
 
 class TaskEmbedding(nn.Module):
@@ -146,6 +163,7 @@ class ConditionedHead(nn.Module):
 
     One task: exactly nets.Head (the same parameter names `trunk.*`, `out.*`, and the same init).
     `embedding`: the trunk reads [x, task vector] (`embedding.rows` holds the vectors).
+    With `cond.vector_dim` > 0, x is the features with the conditioning vector appended (in_dim + vector_dim).
     `heads`: `out` is a TaskLinear with one layer per task.
     """
 
@@ -153,7 +171,8 @@ class ConditionedHead(nn.Module):
                  bias: bool = False, cond: Conditioning = Conditioning()):
         super().__init__()
         self.cond = cond
-        self.trunk = MLP(in_dim + cond.extra_inputs, units, layers, bias)
+        # The caller appends the conditioning vector to x (`with_vector`); the task vector is appended here.
+        self.trunk = MLP(in_dim + cond.vector_dim + cond.extra_inputs, units, layers, bias)
         if cond.active and cond.mode == "heads":
             self.out = TaskLinear(self.trunk.out_dim, out_dim, cond.num_tasks, scale=out_scale)
         else:

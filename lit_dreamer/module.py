@@ -15,7 +15,7 @@ from typing_extensions import override
 from lit_dreamer.actor_critic import ActorCritic, Imagination
 from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, MultitaskConfig,
                                      OptimConfig, WorldModelConfig, migrate_moved_keys)
-from lit_dreamer.conditioning import Conditioning
+from lit_dreamer.conditioning import Conditioning, with_vector
 from lit_dreamer.config import task_metric_name
 from lit_dreamer.losses import weight_terminal_steps
 from lit_dreamer.optim import LaProp
@@ -73,11 +73,12 @@ class DreamerModule(L.LightningModule):
         self.automatic_optimization = False
         self.cfg = cfg
         self.obs_spec, self.action_dim, self.discrete = obs_spec, action_dim, discrete
-        self.cond = Conditioning(num_tasks, cfg.multitask.conditioning, cfg.multitask.embed_dim)
+        cond = Conditioning(num_tasks, cfg.multitask.conditioning, cfg.multitask.embed_dim)
         # Not a hyperparameter: the checkpoint keeps the task table beside it (lit_dreamer.resume).
         self.task_labels = task_labels(num_tasks, task_names)
         self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats,
-                                      cond=self.cond)
+                                      cond=cond)
+        self.cond = self.world_model.cond  # with the width of the text conditioning vector (model.text_condition)
         self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior,
                                         cond=self.cond)
         # Every observation key's loss is rec/<key>; text keys take their own scale (loss_scales.text).
@@ -133,13 +134,18 @@ class DreamerModule(L.LightningModule):
         start = post.detach().flatten()
         start_cont = 1.0 - batch["is_terminal"].flatten(0, 1).float()
         start_task = None if task is None else task.flatten(0, 1)
-        imagination = self.actor_critic.imagine_loss(self.world_model, start, start_cont, start_task)
+        # The instruction's embedding (model.text_condition) for the actor and critics: read, never trained, by them.
+        with torch.no_grad():
+            vector = self.world_model.condition_vector(batch)  # (B, T, D) or None
+        start_vector = None if vector is None else vector.flatten(0, 1)
+        imagination = self.actor_critic.imagine_loss(self.world_model, start, start_cont, start_task, start_vector)
         metrics.update(imagination.metrics)
         metrics.update(self.task_scale_metrics(imagination))
 
         # 3. Critic on the replayed sequence, bootstrapped from the imagined returns of each step.
         with self.timer("actor_critic"):
-            repval = self.actor_critic.replay_value_loss(post.feat(), batch, imagination.returns[:, 0].view(B, T))
+            repval = self.actor_critic.replay_value_loss(post.feat(), batch, imagination.returns[:, 0].view(B, T),
+                                                         vector)
 
         losses = {**wm_losses, **imagination.losses, "repval": repval}
         assert losses.keys() == self.scales.keys(), (sorted(losses), sorted(self.scales))
@@ -281,13 +287,14 @@ class DreamerModule(L.LightningModule):
         """
         state, prev_action = carry
         keep = (~is_first.bool()).float()[:, None]
-        embed = self.world_model.encode({k: v[:, None] for k, v in obs.items()})[:, 0]
-        post = self.world_model.rssm.observe_step(state, prev_action, embed, keep)
+        embed, vector = self.world_model.encode_with_vector({k: v[:, None] for k, v in obs.items()})
+        post = self.world_model.rssm.observe_step(state, prev_action, embed[:, 0], keep)
         if self.cond.active:
             if task is None:
                 raise ValueError(f"a {self.cond.num_tasks}-task agent acts for a task: pass the task of each env")
             task = torch.as_tensor(task, device=self.device, dtype=torch.long).expand(is_first.shape[0])
-        dist = self.actor_critic.actor.dist(self.actor_critic.actor(post.feat(), task if self.cond.active else None))
+        feat = with_vector(post.feat(), None if vector is None else vector[:, 0])
+        dist = self.actor_critic.actor.dist(self.actor_critic.actor(feat, task if self.cond.active else None))
         action = dist.mode() if mode == "mode" else dist.sample()
         if not self.discrete:
             action = action.clamp(-1.0, 1.0)

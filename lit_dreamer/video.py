@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from lit_dreamer.conditioning import with_vector
 from lit_dreamer.envs import action_kind, env_action, make_env
 from lit_dreamer.rssm import State
 
@@ -84,7 +85,9 @@ def open_loop(module, batch: dict[str, Tensor], context: int) -> dict[str, Any]:
     # Text keys: the predicted token ids, comparable with the true ones (their mean would be (..., L, V) probabilities).
     predictions = {k: dist.mode() if k in wm.text_keys else dist.mean() for k, dist in wm.decode(feat).items()}
     task = batch["task"].long() if "task" in batch and module.cond.active else None  # the reward head's, not the model's
-    result = {"context": context, "keys": {}, "reward": (batch["reward"], wm.reward(feat, task).mean())}
+    # The instruction's embedding (model.text_condition) of every step, as the reward head reads it in training.
+    reward = wm.reward(with_vector(feat, wm.condition_vector(batch)), task).mean()
+    result = {"context": context, "keys": {}, "reward": (batch["reward"], reward)}
     for key, pred in predictions.items():
         truth = batch[key].float() / 255.0 if key in wm.image_keys else batch[key].float()
         result["keys"][key] = (truth, pred)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lit_dreamer.agent_config import ModelConfig
-from lit_dreamer.conditioning import Conditioning, ConditionedHead
+from lit_dreamer.conditioning import Conditioning, ConditionedHead, with_vector
 from lit_dreamer.distributions import MSE, Bernoulli, SymlogMSE, Tokens, TwoHot, kl_divergence
 from lit_dreamer.losses import kl_losses
 from lit_dreamer.nets import MLP, ImageDecoder, ImageEncoder, TextDecoder, TextEncoder, VectorEncoder, linear
@@ -63,6 +64,8 @@ class WorldModel(nn.Module):
 
     Only the reward and continue heads depend on the task (`cond`, lit_dreamer.conditioning): they take the
     task of each input beside its features. Encoder, RSSM and decoder are shared by all tasks and see none.
+    With `model.text_condition` the text encoders' output is also the conditioning vector (`condition_vector`):
+    `self.cond` is `cond` with its `vector_dim`, and the heads read the features with it appended.
     """
 
     def __init__(self, obs_spec: SpecLike, action_dim: int, cfg: ModelConfig,
@@ -89,6 +92,11 @@ class WorldModel(nn.Module):
             TextEncoder(cfg.text_vocab, cfg.text_embed, cfg.units, cfg.encoder_layers, cfg.dense_bias)
             for _ in self.text_keys)
         embed_dim += sum(encoder.out_dim for encoder in self.text_encoders)
+        if cfg.text_condition and not self.text_keys:
+            raise ValueError("model.text_condition needs a text observation key (token ids), and this env has none "
+                             f"among {self.image_keys + self.vector_keys}; set model.text_condition=false")
+        self.text_condition = cfg.text_condition
+        self.cond = replace(cond, vector_dim=sum(e.out_dim for e in self.text_encoders) if cfg.text_condition else 0)
         self.rssm = RSSM(embed_dim, action_dim, deter=cfg.deter, hidden=cfg.hidden, stoch=cfg.stoch,
                          classes=cfg.classes, blocks=cfg.blocks, prior_layers=cfg.prior_layers,
                          post_layers=cfg.post_layers, unimix=cfg.unimix, bias=cfg.dense_bias)
@@ -103,8 +111,8 @@ class WorldModel(nn.Module):
             TextDecoder(feat, obs_spec[key][0][0], cfg.text_vocab, cfg.units, cfg.encoder_layers, cfg.dense_bias)
             for key in self.text_keys)
         self.reward_head = ConditionedHead(feat, cfg.bins, cfg.units, cfg.reward_layers, out_scale=0.0,
-                                           bias=cfg.dense_bias, cond=cond)
-        self.cont_head = ConditionedHead(feat, 1, cfg.units, cfg.cont_layers, bias=cfg.dense_bias, cond=cond)
+                                           bias=cfg.dense_bias, cond=self.cond)
+        self.cont_head = ConditionedHead(feat, 1, cfg.units, cfg.cont_layers, bias=cfg.dense_bias, cond=self.cond)
         self.free_nats = free_nats
 
     def freeze_shared(self) -> None:
@@ -120,15 +128,29 @@ class WorldModel(nn.Module):
 
     def encode(self, obs: dict[str, Tensor]) -> Tensor:
         """obs values (B, T, ...) -> embed (B, T, E)."""
+        return self.encode_with_vector(obs)[0]
+
+    def encode_with_vector(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """obs values (B, T, ...) -> embed (B, T, E) and the conditioning vector (B, T, D), or None without
+        model.text_condition: the text encoders' part of the embedding, computed once for both."""
         parts = []
         if self.image_keys:
             image = torch.cat([obs[k] for k in self.image_keys], -1)
             parts.append(self.image_encoder(image.flatten(0, 1)).unflatten(0, image.shape[:2]))
         if self.vector_keys:
             parts.append(self.vector_encoder(torch.cat([obs[k].float() for k in self.vector_keys], -1)))
-        for key, encoder in zip(self.text_keys, self.text_encoders):
-            parts.append(encoder(obs[key]))
-        return torch.cat(parts, -1)
+        texts = self.encode_texts(obs)
+        embed = torch.cat(parts + texts, -1)
+        return embed, torch.cat(texts, -1) if self.text_condition else None
+
+    def condition_vector(self, obs: dict[str, Tensor]) -> Tensor | None:
+        """The conditioning vector (B, T, D) of observations (B, T, ...): the text encoders' output with
+        model.text_condition, else None."""
+        return torch.cat(self.encode_texts(obs), -1) if self.text_condition else None
+
+    def encode_texts(self, obs: dict[str, Tensor]) -> list[Tensor]:
+        """Each text key's encoding (B, T, units), in text_keys order."""
+        return [encoder(obs[key]) for key, encoder in zip(self.text_keys, self.text_encoders)]
 
     def decode(self, feat: Tensor) -> dict[str, MSE | SymlogMSE | Tokens]:
         """feat (B, T, F) -> one output distribution per decoded key."""
@@ -146,11 +168,13 @@ class WorldModel(nn.Module):
         return outs
 
     def reward(self, feat: Tensor, task: Tensor | None = None) -> TwoHot:
-        """feat (..., F), task (...) int64 (needed with several tasks) -> the predicted reward."""
+        """feat (..., F + D), task (...) int64 (needed with several tasks) -> the predicted reward.
+
+        feat holds the conditioning vector, appended (`with_vector`), when there is one (D = cond.vector_dim)."""
         return TwoHot(self.reward_head(feat, task))
 
     def cont(self, feat: Tensor, task: Tensor | None = None) -> Bernoulli:
-        """feat (..., F), task (...) int64 (needed with several tasks) -> the predicted continue."""
+        """feat (..., F + D), task (...) int64 (needed with several tasks) -> the predicted continue."""
         return Bernoulli(self.cont_head(feat, task).squeeze(-1))
 
     def loss(self, batch: dict[str, Tensor], start: State | None = None, task: Tensor | None = None
@@ -161,15 +185,16 @@ class WorldModel(nn.Module):
         Returns losses as (B, T) tensors keyed `rec/<obs key>`, `rew`, `con`, `dyn`, `rep`; the
         posterior states (B, T) with gradients attached; and scalar metrics.
         """
-        embed = self.encode(batch)
+        embed, vector = self.encode_with_vector(batch)
         post, prior_logits = self.rssm.observe(embed, batch["action"], batch["is_first"], start)
         feat = post.feat()
         losses = {}
-        for key, dist in self.decode(feat).items():
+        for key, dist in self.decode(feat).items():  # the decoder reads the latent alone, never the vector
             target = batch[key].float() / 255.0 if key in self.image_keys else batch[key]
             losses[f"rec/{key}"] = dist.loss(target)
-        losses["rew"] = self.reward(feat, task).loss(batch["reward"])
-        losses["con"] = self.cont(feat, task).loss(1.0 - batch["is_terminal"].float())
+        head_feat = with_vector(feat, vector)
+        losses["rew"] = self.reward(head_feat, task).loss(batch["reward"])
+        losses["con"] = self.cont(head_feat, task).loss(1.0 - batch["is_terminal"].float())
         losses["dyn"], losses["rep"] = kl_losses(post.logits, prior_logits, free_nats=self.free_nats,
                                                  unimix=self.rssm.unimix)
         with torch.no_grad():
