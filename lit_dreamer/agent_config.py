@@ -77,7 +77,9 @@ class ModelConfig:
     """Regex: vector observation keys read by the MLP encoder and decoder (and text keys, by the text encoder)."""
     text_encoder: str = "tokens"
     """Encoder of text observations (int64 token ids, lit_dreamer.envs.text): tokens, a learned word embedding
-    mean-pooled over the words, then an MLP; its decoder predicts each token back. The only option for now."""
+    mean-pooled over the words, then an MLP, whose decoder predicts each token back; or minilm, the frozen
+    all-MiniLM-L6-v2 sentence embedding of the words (lit_dreamer.minilm, cached per distinct text), then an MLP,
+    whose decoder predicts that fixed embedding (MSE)."""
     text_vocab: int = 256
     """Text vocabulary entries V, padding and out-of-vocabulary included: token ids are 0 .. V-1."""
     text_embed: int = 32
@@ -123,7 +125,7 @@ LEGACY_MODEL_DEFAULTS: dict[str, Any] = {
     "text_condition": False,
 }
 
-TEXT_ENCODERS = ("tokens",)
+TEXT_ENCODERS = ("tokens", "minilm")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lit_dreamer.callbacks import EnvCollector
 from lit_dreamer.config import Config, task_names
 from lit_dreamer.data import ReplayDataModule
+from lit_dreamer.envs.text import TextVocabularies
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.options import at_least, checked
 from lit_dreamer.sampling import ReplayConfig
@@ -42,10 +43,14 @@ class BenchConfig:
     """Extra training steps after the timed ones, run under torch.profiler: per-op table (self CPU time)."""
 
 
+TEXTS = 32
+
+
 def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim: int, discrete: bool,
                 text_vocab: int = 2) -> dict:
     """One vector step of random data with the shapes and dtypes of a replay step (integer observation keys are
-    text token ids, drawn below `text_vocab`)."""
+    text token ids below `text_vocab`: one of TEXTS fixed random texts, as instructions repeat in a run, which
+    model.text_encoder=minilm then embeds once each)."""
     step = {}
     for key, (shape, dtype) in spec.items():
         dtype = np.dtype(dtype)
@@ -57,7 +62,8 @@ def random_step(spec: dict, num_envs: int, rng: np.random.Generator, action_dim:
         elif dtype == np.uint8:
             step[key] = rng.integers(0, 256, (num_envs, *shape), dtype=np.uint8)
         elif np.issubdtype(dtype, np.integer):
-            step[key] = rng.integers(0, text_vocab, (num_envs, *shape), dtype=dtype)
+            texts = np.random.default_rng(0).integers(0, text_vocab, (TEXTS, *shape), dtype=dtype)
+            step[key] = texts[rng.integers(0, TEXTS, num_envs)]
         elif dtype == np.bool_:
             # Episodes of about 100 steps, so resets inside sequences are exercised.
             step[key] = rng.random((num_envs, *shape)) < (0.01 if key in ("is_first", "is_last") else 0.0)
@@ -113,9 +119,10 @@ def count(module: torch.nn.Module) -> int:
 
 def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     L.seed_everything(cfg.run.seed, verbose=False)
-    info, num_tasks = probe_env(cfg), len(task_names(cfg))
+    vocabularies = TextVocabularies(cfg.model.text_vocab)
+    info, num_tasks = probe_env(cfg, vocabularies), len(task_names(cfg))
     module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile,
-                           num_tasks=num_tasks)
+                           num_tasks=num_tasks, text_words=vocabularies.words())
     module.timer.enabled = True
     B, T = cfg.run.batch_size, cfg.run.batch_length
     # One stream per task (the collector's layout with one env each), batches balanced as in training.

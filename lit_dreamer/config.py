@@ -543,7 +543,13 @@ def check_text(cfg: Config) -> None:
     from lit_dreamer.agent_config import TEXT_ENCODERS
     if cfg.model.text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"unknown model.text_encoder {cfg.model.text_encoder!r}; choose one of "
-                          f"{', '.join(TEXT_ENCODERS)} (the only text encoder for now)")
+                          f"{', '.join(TEXT_ENCODERS)}")
+    if cfg.model.text_encoder == "minilm":
+        from lit_dreamer.minilm import require_minilm
+        try:
+            require_minilm()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if cfg.model.text_vocab < 3:
         raise ConfigError(f"model.text_vocab must be at least 3 (padding, out-of-vocabulary and one word), "
                           f"got {cfg.model.text_vocab}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -59,10 +59,13 @@ class DreamerModule(L.LightningModule):
     run's task table: with more than one, the reward and continue heads, actor and critics are conditioned on
     the task (`multitask` config, lit_dreamer.conditioning); with one the agent is the one-task agent.
     task_names (the env ids of the table, optional) name the per-task metrics; without them, task indices do.
+    text_words ({text key: words in id order}, the run's vocabulary) is read by model.text_encoder=minilm, which
+    embeds the words of the ids; it is not a hyperparameter (checkpoints keep the vocabulary beside it).
     """
 
     def __init__(self, obs_spec: SpecLike, action_dim: int, discrete: bool, config: AgentConfig | dict | None = None,
-                 compile: bool = False, num_tasks: int = 1, task_names: Sequence[str] | None = None):
+                 compile: bool = False, num_tasks: int = 1, task_names: Sequence[str] | None = None,
+                 text_words: Mapping[str, Sequence[str]] | None = None):
         super().__init__()
         cfg = agent_config_from(config)
         obs_spec = {k: (tuple(int(d) for d in shape), str(np.dtype(dtype))) for k, (shape, dtype) in obs_spec.items()}
@@ -77,7 +80,7 @@ class DreamerModule(L.LightningModule):
         # Not a hyperparameter: the checkpoint keeps the task table beside it (lit_dreamer.resume).
         self.task_labels = task_labels(num_tasks, task_names)
         self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats,
-                                      cond=cond)
+                                      cond=cond, text_words=text_words)
         self.cond = self.world_model.cond  # with the width of the text conditioning vector (model.text_condition)
         self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior,
                                         cond=self.cond)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_dreamer.distributions import symlog
+from lit_dreamer.minilm import MINILM_DIM, SentenceTable
 
 NORM_EPS = 1e-4
 
@@ -376,3 +377,18 @@ class TextDecoder(nn.Module):
 
     def forward(self, feat: Tensor) -> Tensor:
         return self.out(self.mlp(feat)).unflatten(-1, (self.length, self.vocab))
+
+
+class SentenceEncoder(nn.Module):
+    """model.text_encoder=minilm: token ids (..., L) -> (..., units), the frozen sentence embedding of the text's
+    words (lit_dreamer.minilm.SentenceTable, cached, no gradient), then an MLP. Only the MLP has parameters."""
+
+    def __init__(self, table: SentenceTable, units: int, layers: int, bias: bool = False):
+        super().__init__()
+        self.table = table  # a plain object: not in the state dict, never trained
+        self.mlp = MLP(MINILM_DIM, units, layers, bias)
+        self.out_dim = self.mlp.out_dim
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.mlp(self.table(tokens))
+

@@ -222,7 +222,7 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     env_kwargs = {**cfg.env.make_kwargs(), "vocabularies": vocabularies}
     try:
         module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile,
-                               num_tasks=len(tasks), task_names=tasks)
+                               num_tasks=len(tasks), task_names=tasks, text_words=vocabularies.words())
     except ValueError as err:  # e.g. an observation the encoders cannot take
         raise ConfigError(f"{task_key(cfg, tasks[0])}: {err}") from None
     # Every replay row holds the envs of all tasks side by side (num_envs per task).

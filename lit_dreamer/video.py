@@ -89,7 +89,7 @@ def open_loop(module, batch: dict[str, Tensor], context: int) -> dict[str, Any]:
     reward = wm.reward(with_vector(feat, wm.condition_vector(batch)), task).mean()
     result = {"context": context, "keys": {}, "reward": (batch["reward"], reward)}
     for key, pred in predictions.items():
-        truth = batch[key].float() / 255.0 if key in wm.image_keys else batch[key].float()
+        truth = wm.target(key, batch).float()
         result["keys"][key] = (truth, pred)
     return result
 

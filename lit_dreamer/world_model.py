@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +14,9 @@ from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.conditioning import Conditioning, ConditionedHead, with_vector
 from lit_dreamer.distributions import MSE, Bernoulli, SymlogMSE, Tokens, TwoHot, kl_divergence
 from lit_dreamer.losses import kl_losses
-from lit_dreamer.nets import MLP, ImageDecoder, ImageEncoder, TextDecoder, TextEncoder, VectorEncoder, linear
+from lit_dreamer.minilm import MINILM_DIM, SentenceTable, require_minilm
+from lit_dreamer.nets import (MLP, ImageDecoder, ImageEncoder, SentenceEncoder, TextDecoder, TextEncoder, VectorEncoder,
+                              linear)
 from lit_dreamer.rssm import RSSM, State
 from lit_dreamer.steps import NON_OBS_KEYS, SpecLike, is_model_input
 
@@ -69,7 +72,8 @@ class WorldModel(nn.Module):
     """
 
     def __init__(self, obs_spec: SpecLike, action_dim: int, cfg: ModelConfig,
-                 free_nats: float = 1.0, cond: Conditioning = Conditioning()):
+                 free_nats: float = 1.0, cond: Conditioning = Conditioning(),
+                 text_words: Mapping[str, Sequence[str]] | None = None):
         super().__init__()
         cfg = cfg.resolved()
         self.image_keys, self.vector_keys, self.text_keys = split_obs_keys(obs_spec, cfg.cnn_keys, cfg.mlp_keys)
@@ -88,9 +92,8 @@ class WorldModel(nn.Module):
             self.vector_encoder = VectorEncoder(sum(self.vector_dims), cfg.units, cfg.encoder_layers, cfg.dense_bias)
             embed_dim += self.vector_encoder.out_dim
         # One encoder and decoder per text key, in text_keys order (keys may hold '/', which ModuleDict refuses).
-        self.text_encoders = nn.ModuleList(
-            TextEncoder(cfg.text_vocab, cfg.text_embed, cfg.units, cfg.encoder_layers, cfg.dense_bias)
-            for _ in self.text_keys)
+        self.text_encoder = cfg.text_encoder
+        self.text_encoders = nn.ModuleList(self.make_text_encoder(key, cfg, text_words) for key in self.text_keys)
         embed_dim += sum(encoder.out_dim for encoder in self.text_encoders)
         if cfg.text_condition and not self.text_keys:
             raise ValueError("model.text_condition needs a text observation key (token ids), and this env has none "
@@ -107,13 +110,30 @@ class WorldModel(nn.Module):
         if self.vector_keys:
             self.vector_decoder = nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers, cfg.dense_bias),
                                                 linear(cfg.units, sum(self.vector_dims)))
-        self.text_decoders = nn.ModuleList(
-            TextDecoder(feat, obs_spec[key][0][0], cfg.text_vocab, cfg.units, cfg.encoder_layers, cfg.dense_bias)
-            for key in self.text_keys)
+        if cfg.text_encoder == "minilm":  # predicts the text's fixed sentence embedding
+            self.text_decoders = nn.ModuleList(
+                nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers, cfg.dense_bias), linear(cfg.units, MINILM_DIM))
+                for _ in self.text_keys)
+        else:  # predicts the tokens themselves
+            self.text_decoders = nn.ModuleList(
+                TextDecoder(feat, obs_spec[key][0][0], cfg.text_vocab, cfg.units, cfg.encoder_layers, cfg.dense_bias)
+                for key in self.text_keys)
         self.reward_head = ConditionedHead(feat, cfg.bins, cfg.units, cfg.reward_layers, out_scale=0.0,
                                            bias=cfg.dense_bias, cond=self.cond)
         self.cont_head = ConditionedHead(feat, 1, cfg.units, cfg.cont_layers, bias=cfg.dense_bias, cond=self.cond)
         self.free_nats = free_nats
+
+    @staticmethod
+    def make_text_encoder(key: str, cfg: ModelConfig, text_words: Mapping[str, Sequence[str]] | None) -> nn.Module:
+        """The encoder of text key `key`: learned word embeddings (tokens) or the frozen sentence encoder (minilm),
+        which reads the words of the ids from `text_words` (the run's vocabulary, {key: words in id order})."""
+        if cfg.text_encoder != "minilm":
+            return TextEncoder(cfg.text_vocab, cfg.text_embed, cfg.units, cfg.encoder_layers, cfg.dense_bias)
+        require_minilm()
+        if text_words is None or key not in text_words:
+            raise ValueError(f"model.text_encoder=minilm reads the words of the text observation {key!r}, but no "
+                             "vocabulary was given for it (text_words); build the model with the run's vocabulary")
+        return SentenceEncoder(SentenceTable(text_words[key]), cfg.units, cfg.encoder_layers, cfg.dense_bias)
 
     def freeze_shared(self) -> None:
         """Stop training the parts all tasks share (encoders, RSSM, decoders); the reward and continue heads,
@@ -164,8 +184,20 @@ class WorldModel(nn.Module):
             for key, part in zip(self.vector_keys, vector.split(self.vector_dims, -1)):
                 outs[key] = SymlogMSE(part, event_dims=1)
         for key, decoder in zip(self.text_keys, self.text_decoders):
-            outs[key] = Tokens(decoder(feat))  # (B, T, L, V) logits of the token ids (B, T, L)
+            if self.text_encoder == "minilm":
+                outs[key] = MSE(decoder(feat), event_dims=1)  # (B, T, 384): the text's sentence embedding
+            else:
+                outs[key] = Tokens(decoder(feat))  # (B, T, L, V) logits of the token ids (B, T, L)
         return outs
+
+    def target(self, key: str, batch: dict[str, Tensor]) -> Tensor:
+        """What the decoder of `key` predicts for a batch: images in [0, 1], vectors and token ids as stored, and
+        with model.text_encoder=minilm a text's fixed sentence embedding (B, T, 384)."""
+        if key in self.image_keys:
+            return batch[key].float() / 255.0
+        if key in self.text_keys and self.text_encoder == "minilm":
+            return self.text_encoders[self.text_keys.index(key)].table(batch[key])
+        return batch[key]
 
     def reward(self, feat: Tensor, task: Tensor | None = None) -> TwoHot:
         """feat (..., F + D), task (...) int64 (needed with several tasks) -> the predicted reward.
@@ -190,8 +222,7 @@ class WorldModel(nn.Module):
         feat = post.feat()
         losses = {}
         for key, dist in self.decode(feat).items():  # the decoder reads the latent alone, never the vector
-            target = batch[key].float() / 255.0 if key in self.image_keys else batch[key]
-            losses[f"rec/{key}"] = dist.loss(target)
+            losses[f"rec/{key}"] = dist.loss(self.target(key, batch))
         head_feat = with_vector(feat, vector)
         losses["rew"] = self.reward(head_feat, task).loss(batch["reward"])
         losses["con"] = self.cont(head_feat, task).loss(1.0 - batch["is_terminal"].float())

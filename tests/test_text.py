@@ -235,8 +235,8 @@ def test_models_without_text_keep_their_parameters_and_old_configs_load():
 
 
 def test_the_text_settings_are_validated():
-    with pytest.raises(ConfigError, match="unknown model.text_encoder 'minilm'; choose one of tokens"):
-        load_config([], ["model.text_encoder=minilm"])
+    with pytest.raises(ConfigError, match="unknown model.text_encoder 'bert'; choose one of tokens, minilm"):
+        load_config([], ["model.text_encoder=bert"])
     with pytest.raises(ConfigError, match="model.text_vocab must be at least 3"):
         load_config([], ["model.text_vocab=2"])
     with pytest.raises(ConfigError, match="env.text_length must be positive"):

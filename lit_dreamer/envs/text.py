@@ -141,6 +141,11 @@ class TextVocabularies:
         """Keys whose vocabulary grows (no declaration)."""
         return [key for key, vocabulary in self.vocabularies.items() if vocabulary.grow]
 
+    def words(self) -> dict[str, list[str]]:
+        """{key: words in id order} of every key, live: a growing vocabulary's list is the one that grows (what
+        model.text_encoder=minilm reads the ids with); saved keys no env has asked for yet, as saved."""
+        return {**self.saved, **{key: vocabulary.words for key, vocabulary in self.vocabularies.items()}}
+
     def state(self) -> dict[str, list[str]]:
         """{key: words in id order} of every key: what a checkpoint saves (and saved keys not seen since)."""
         return {**self.saved, **{key: list(vocabulary.words) for key, vocabulary in self.vocabularies.items()}}
