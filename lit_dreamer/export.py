@@ -265,9 +265,20 @@ def env_action_space(cfg) -> Any:
         env.close()
 
 
+def check_exporter(format: str) -> None:
+    """Refuse before any work when the ONNX exporter's packages are missing (torch.export is part of torch)."""
+    import importlib.util
+    missing = [name for name in ("onnx", "onnxscript") if format == "onnx" and importlib.util.find_spec(name) is None]
+    if missing:
+        from lit_dreamer.config import ConfigError
+        raise ConfigError(f"format=onnx needs {' and '.join(missing)} (torch's ONNX exporter): pip install "
+                          f"{' '.join(missing)} (pinned in requirements.txt), or export format=torch")
+
+
 def export_checkpoint(ckpt_path: str, options: ExportOptions) -> dict[str, str]:
     """Export a checkpoint's policy; returns {"graph": path, "json": path}."""
     from lit_dreamer.evaluation import load_checkpoint
+    check_exporter(options.format)
     module, cfg, _ = load_checkpoint(ckpt_path)
     module = module.to("cpu")
     policy = acting_policy(module)

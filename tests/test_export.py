@@ -110,20 +110,23 @@ def train_and_export(root: Path, *overrides: str) -> Exported:
     return Exported(root, module, acting_policy(module), cfg.env.id, cfg.env.make_kwargs())
 
 
+# 40 gradient steps each: enough to move the weights away from their initialization, which is all parity needs.
+SHORT = ("run.steps=80", "run.prefill=40")
+
+
 @pytest.fixture(scope="module")
 def cartpole(tmp_path_factory) -> Exported:
-    return train_and_export(tmp_path_factory.mktemp("cartpole"))
+    return train_and_export(tmp_path_factory.mktemp("cartpole"), *SHORT)
 
 
 @pytest.fixture(scope="module")
 def pendulum(tmp_path_factory) -> Exported:
-    return train_and_export(tmp_path_factory.mktemp("pendulum"), "env.id=Pendulum-v1")
+    return train_and_export(tmp_path_factory.mktemp("pendulum"), "env.id=Pendulum-v1", *SHORT)
 
 
 @pytest.fixture(scope="module")
 def cartpole_pixels(tmp_path_factory) -> Exported:
-    return train_and_export(tmp_path_factory.mktemp("pixels"), "env.obs=pixels", "env.image_size=32",
-                            "run.steps=80", "run.prefill=40")
+    return train_and_export(tmp_path_factory.mktemp("pixels"), "env.obs=pixels", "env.image_size=32", *SHORT)
 
 
 KINDS = ["cartpole", "pendulum", "cartpole_pixels"]
@@ -201,6 +204,7 @@ def run_parity(agent: Exported, steps: int) -> dict[str, dict[str, float]]:
     return diffs
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("kind", KINDS)
 def test_exported_policies_match_the_eager_policy_over_1000_env_steps(kind, request):
@@ -310,6 +314,17 @@ def test_export_refuses_an_unknown_format(cartpole, capsys):
     assert "format must be one of onnx, torch" in capsys.readouterr().err
 
 
+def test_onnx_export_without_its_exporter_packages_says_what_to_install(cartpole, capsys, monkeypatch):
+    import importlib.util
+
+    from lit_dreamer.__main__ import main
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxscript" else find_spec(name, *args))
+    assert main(["export", "--ckpt", str(cartpole.folder / "run"), f"out={cartpole.folder / 'x.onnx'}"]) == 2
+    assert "format=onnx needs onnxscript" in capsys.readouterr().err and not (cartpole.folder / "x.onnx").exists()
+
+
 def test_onnx_example_runs_the_policy_in_its_env_with_numpy_only(cartpole):
     """examples/onnx_policy.py, run as a script in a process that never imports torch or Lightning."""
     code = ("import runpy, sys; sys.argv = sys.argv[1:]; "
@@ -325,3 +340,23 @@ def test_onnx_example_runs_the_policy_in_its_env_with_numpy_only(cartpole):
         for line in lines:
             ret, steps = float(line.split("return ")[1].split()[0]), int(line.split(" in ")[1].split()[0])
             assert ret == steps and 1 <= steps <= 50
+
+
+def test_a_policy_of_several_tasks_takes_the_task_as_an_input(tmp_path):
+    from lit_dreamer.config import load_config
+    from lit_dreamer.export import export_torch
+    from lit_dreamer.module import DreamerModule
+    torch.manual_seed(0)
+    config = load_config(["debug"], [])
+    module = DreamerModule({"vector": ((3,), "float32")}, 2, True, config.agent(), num_tasks=2)
+    policy = acting_policy(module)
+    assert [s.name for s in policy.input_specs if s.role == "task"] == ["task"]
+    export_torch(policy, str(tmp_path / "policy.pt2"))
+    program = torch.export.load(str(tmp_path / "policy.pt2")).module()
+    inputs = list(policy.initial_inputs(2, {"vector": torch.randn(2, 3)}))
+    for task in ([0, 1], [1, 0]):
+        inputs[[s.name for s in policy.input_specs].index("task")] = torch.tensor(task)
+        with torch.no_grad():
+            eager, exported = policy(*inputs), program(*inputs)
+        for mine, reference in zip(exported, eager):
+            assert torch.allclose(mine, reference, atol=TOLERANCE, rtol=0)
