@@ -84,15 +84,18 @@ def env_action(action: np.ndarray, space: dict):
 
 
 def run_episode(env: gym.Env, policy: OnnxPolicy, seed: int, max_steps: int) -> tuple[float, int]:
+    """One episode of at most max_steps policy steps; each action is repeated as in training (env.action_repeat)."""
     obs, _ = env.reset(seed=seed)
     state, is_first, total = policy.initial_state(), True, 0.0
+    repeat = policy.meta["source"].get("action_repeat", 1)
     for step in range(1, max_steps + 1):
         action, state = policy.act(obs, is_first, state)
-        obs, reward, terminated, truncated, _ = env.step(env_action(action, policy.meta["action_space"]))
-        total, is_first = total + float(reward), False
-        if terminated or truncated:
-            break
-    return total, step
+        for _ in range(repeat):
+            obs, reward, terminated, truncated, _ = env.step(env_action(action, policy.meta["action_space"]))
+            total, is_first = total + float(reward), False
+            if terminated or truncated:
+                return total, step
+    return total, max_steps
 
 
 def main() -> None:

@@ -325,21 +325,28 @@ def test_onnx_export_without_its_exporter_packages_says_what_to_install(cartpole
     assert "format=onnx needs onnxscript" in capsys.readouterr().err and not (cartpole.folder / "x.onnx").exists()
 
 
-def test_onnx_example_runs_the_policy_in_its_env_with_numpy_only(cartpole):
-    """examples/onnx_policy.py, run as a script in a process that never imports torch or Lightning."""
+def run_example(agent: Exported, *args: str) -> list[tuple[float, int]]:
+    """examples/onnx_policy.py on the agent's ONNX file, as a script in a process that never imports torch or
+    Lightning; the (return, steps) of each episode it prints."""
     code = ("import runpy, sys; sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__'); "
             "assert not {'torch', 'lightning', 'lit_dreamer'} & set(sys.modules), 'imported the training stack'")
+    proc = run_python(code, str(REPO / "examples" / "onnx_policy.py"), str(agent.graph("onnx")), *args,
+                      cwd=agent.folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"episode {k + 1}" for k in range(len(lines))], proc.stdout
+    return [(float(line.split("return ")[1].split()[0]), int(line.split(" in ")[1].split()[0])) for line in lines]
+
+
+def test_onnx_example_runs_the_policy_in_its_env_with_numpy_only(cartpole, pendulum):
     for extra in ([], ["--sample"]):
-        proc = run_python(code, str(REPO / "examples" / "onnx_policy.py"), str(cartpole.graph("onnx")),
-                          "--episodes", "2", "--max-steps", "50", *extra, cwd=cartpole.folder)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        lines = proc.stdout.strip().splitlines()
-        assert [line.split(":")[0] for line in lines] == ["episode 1", "episode 2"], proc.stdout
+        episodes = run_example(cartpole, "--episodes", "2", "--max-steps", "50", *extra)
         # CartPole pays 1 per step: each episode's return is its length.
-        for line in lines:
-            ret, steps = float(line.split("return ")[1].split()[0]), int(line.split(" in ")[1].split()[0])
-            assert ret == steps and 1 <= steps <= 50
+        assert len(episodes) == 2 and all(ret == steps and 1 <= steps <= 50 for ret, steps in episodes)
+    # A box action in [-1, 1] rescaled to Pendulum's torque bounds; its episodes end by the time limit only.
+    [(ret, steps)] = run_example(pendulum, "--max-steps", "20", "--sample")
+    assert steps == 20 and -20 * 16.3 <= ret <= 0  # Pendulum's reward per step is in [-16.27, 0]
 
 
 def test_a_policy_of_several_tasks_takes_the_task_as_an_input(tmp_path):
@@ -360,3 +367,14 @@ def test_a_policy_of_several_tasks_takes_the_task_as_an_input(tmp_path):
             eager, exported = policy(*inputs), program(*inputs)
         for mine, reference in zip(exported, eager):
             assert torch.allclose(mine, reference, atol=TOLERANCE, rtol=0)
+
+
+def test_onnx_example_maps_actions_to_the_envs_own_units():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("onnx_policy", REPO / "examples" / "onnx_policy.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    box = {"type": "continuous", "dim": 2, "low": -1.0, "high": 1.0, "env_low": [-2.0, 0.0], "env_high": [2.0, 10.0]}
+    assert example.env_action(np.array([1.0, -1.0], np.float32), box).tolist() == [2.0, 0.0]
+    assert example.env_action(np.array([0.0, 0.5], np.float32), box).tolist() == [0.0, 7.5]
+    assert example.env_action(np.int64(2), {"type": "discrete", "n": 3, "env_start": -1}) == 1
