@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lit_dreamer.conditioning import with_vector
 from lit_dreamer.options import checked
 from lit_dreamer.rssm import State
 
@@ -97,10 +98,12 @@ class ActingPolicy(nn.Module):
         named = dict(zip(self.input_names, inputs, strict=True))
         deter, stoch, last_action = (named[name] for name in STATE_INPUTS)
         keep = (~named["is_first"]).to(deter.dtype)[:, None]
-        embed = self.world_model.encode({k: named[OBS_PREFIX + k][:, None] for k in self.obs_keys})[:, 0]
-        post = self.world_model.rssm.observe_step(State(deter, stoch), last_action, embed, keep,
+        embed, vector = self.world_model.encode_with_vector({k: named[OBS_PREFIX + k][:, None] for k in self.obs_keys})
+        post = self.world_model.rssm.observe_step(State(deter, stoch), last_action, embed[:, 0], keep,
                                                   noise=named[NOISE_INPUTS[0]])
-        params = self.actor(post.feat(), named["task"] if self.task_input else None)
+        # As DreamerModule.act: with model.text_condition the actor reads the instruction's embedding as well.
+        feat = with_vector(post.feat(), None if vector is None else vector[:, 0])
+        params = self.actor(feat, named["task"] if self.task_input else None)
         drawn = self.actor.dist(params).sample_from(named[NOISE_INPUTS[1]])
         if self.discrete:
             return drawn.argmax(-1), post.deter, post.stoch, drawn

@@ -349,24 +349,43 @@ def test_onnx_example_runs_the_policy_in_its_env_with_numpy_only(cartpole, pendu
     assert steps == 20 and -20 * 16.3 <= ret <= 0  # Pendulum's reward per step is in [-16.27, 0]
 
 
-def test_a_policy_of_several_tasks_takes_the_task_as_an_input(tmp_path):
-    from lit_dreamer.config import load_config
-    from lit_dreamer.export import export_torch
+def untrained(kind: str):
+    """An untrained agent of a kind the trained fixtures do not cover: several tasks, or a text-conditioned one."""
+    from lit_dreamer.agent_config import AgentConfig, ModelConfig
     from lit_dreamer.module import DreamerModule
+    from tests.test_text import SPEC, TINY
     torch.manual_seed(0)
-    config = load_config(["debug"], [])
-    module = DreamerModule({"vector": ((3,), "float32")}, 2, True, config.agent(), num_tasks=2)
+    if kind == "several_tasks":
+        return DreamerModule({"vector": ((3,), "float32")}, 2, True, AgentConfig(model=TINY), num_tasks=2)
+    return DreamerModule(SPEC, 2, True, AgentConfig(model=ModelConfig(**{**TINY.__dict__, "text_condition": True})))
+
+
+def random_obs(module, n: int) -> dict[str, torch.Tensor]:
+    return {key: torch.randint(0, 5, (n, *shape)) if np.dtype(dtype) == np.int64 else torch.randn(n, *shape)
+            for key, (shape, dtype) in module.obs_spec.items()}
+
+
+@pytest.mark.parametrize("kind", ["several_tasks", "text_condition"])
+def test_policies_with_a_task_or_a_text_condition_export_and_act_as_the_module(kind, tmp_path, monkeypatch):
+    from lit_dreamer.export import export_torch
+    module = untrained(kind).eval()
     policy = acting_policy(module)
-    assert [s.name for s in policy.input_specs if s.role == "task"] == ["task"]
+    names = [s.name for s in policy.input_specs]
+    assert ("task" in names) == (kind == "several_tasks")
     export_torch(policy, str(tmp_path / "policy.pt2"))
     program = torch.export.load(str(tmp_path / "policy.pt2")).module()
-    inputs = list(policy.initial_inputs(2, {"vector": torch.randn(2, 3)}))
-    for task in ([0, 1], [1, 0]):
-        inputs[[s.name for s in policy.input_specs].index("task")] = torch.tensor(task)
-        with torch.no_grad():
-            eager, exported = policy(*inputs), program(*inputs)
-        for mine, reference in zip(exported, eager):
-            assert torch.allclose(mine, reference, atol=TOLERANCE, rtol=0)
+    monkeypatch.setattr(Categorical, "sample", Categorical.mode)  # act's latent draw: its mode, as zero noise
+    obs, task = random_obs(module, 2), torch.tensor([1, 0])
+    inputs = list(policy.initial_inputs(2, obs))
+    if "task" in names:
+        inputs[names.index("task")] = task
+    with torch.no_grad():
+        eager, exported = policy(*inputs), program(*inputs)
+        action, _, post = module.act(obs, torch.ones(2, dtype=torch.bool), module.initial_carry(2), mode="mode",
+                                     task=task)
+    assert torch.equal(eager[1], post.deter) and torch.equal(eager[2], post.stoch) and torch.equal(eager[3], action)
+    for mine, reference in zip(exported, eager):
+        assert torch.allclose(mine, reference, atol=TOLERANCE, rtol=0)
 
 
 def test_onnx_example_maps_actions_to_the_envs_own_units():
