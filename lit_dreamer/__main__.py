@@ -1,4 +1,4 @@
-"""Command line: `python -m lit_dreamer fit|eval|bench|config|compare ...` (see --help of each)."""
+"""Command line: `python -m lit_dreamer fit|eval|export|bench|config|compare ...` (see --help of each)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from lit_dreamer.compare import CompareOptions, options_help  # noqa: E402
 from lit_dreamer.config import ConfigError, EnvConfig, help_text, load_config, to_annotated_yaml  # noqa: E402
 from lit_dreamer.envs.faults import NonFiniteEnvError  # noqa: E402
 from lit_dreamer.evaluation import EvalOptions  # noqa: E402
+from lit_dreamer.export import ExportOptions  # noqa: E402
 from lit_dreamer.module import NonFiniteTrainingError  # noqa: E402
 from lit_dreamer.options import dataclass_help, option_values, parse_options  # noqa: E402
 
@@ -43,6 +44,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                    epilog=eval_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
+    export = commands.add_parser("export", help="export a checkpoint's policy to ONNX or torch.export",
+                                 description="Write the acting policy (encoder, one RSSM step, actor) as one graph "
+                                 "with its recurrent state and sampling noise as inputs, and a JSON beside it that "
+                                 "names them; running it needs no Lightning.",
+                                 epilog=dataclass_help(ExportOptions),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
+    export.add_argument("overrides", nargs="*", metavar="key=value")
     config = commands.add_parser("config", help="print the resolved config as YAML",
                                  description="Print the config that fit would run with; comments give the "
                                  "model dimensions that model.size fills in.")
@@ -61,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return run_eval(args)
+        if args.command == "export":
+            return run_export(args)
         if args.command == "compare":
             from lit_dreamer.compare import main as compare_main
             compare_main(parse_options(CompareOptions, args.options, command="compare"))
@@ -122,6 +133,15 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"MLflow eval run {result['mlflow_run_id']}")
     else:
         print(f"table appended to {result['csv']} (the run's logger.backend is not mlflow)")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from lit_dreamer.export import export_checkpoint
+    from lit_dreamer.resume import find_checkpoint
+    options = parse_options(ExportOptions, args.overrides, command="export")
+    written = export_checkpoint(find_checkpoint(args.ckpt), options)
+    print(f"policy written to {written['graph']}, its inputs and outputs to {written['json']}")
     return 0
 
 

@@ -14,6 +14,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                 device: torch.device | None = None) -> Tensor:
+    """Standard Gumbel noise -log(-log(U)), U uniform in (0, 1): the noise `Categorical.sample_from` takes."""
+    # -log(E) with E ~ Exponential(1) is the same law, and E > 0 keeps every value finite.
+    exponential = torch.empty(shape, device=device).exponential_(generator=generator)
+    return -exponential.log()
+
+
+def one_hot_of(index: Tensor, classes: int) -> Tensor:
+    """float32 one-hot (..., classes) of integer indices (...), by comparison: exports to any graph format."""
+    return (torch.arange(classes, device=index.device) == index.unsqueeze(-1)).float()
+
+
+def gumbel_max(log_probs: Tensor, gumbel: Tensor) -> Tensor:
+    """One-hot (..., C) of argmax(log_probs + gumbel): a draw from softmax(log_probs) for standard Gumbel
+    noise (the Gumbel-max trick), its mode for gumbel = 0 (ties go to the first class, as in argmax)."""
+    assert gumbel.shape == log_probs.shape, f"gumbel {tuple(gumbel.shape)} != log_probs {tuple(log_probs.shape)}"
+    return one_hot_of((log_probs + gumbel).argmax(-1), log_probs.shape[-1])
+
+
+def normal_from_eps(loc: Tensor, std: Tensor, eps: Tensor) -> Tensor:
+    """loc + std * eps: a draw of Normal(loc, std) for standard-normal eps, its mode (loc) for eps = 0."""
+    assert eps.shape == loc.shape, f"eps {tuple(eps.shape)} != loc {tuple(loc.shape)}"
+    return loc + std * eps
+
+
 def symlog(x: Tensor) -> Tensor:
     """sign(x) * log(1 + |x|): compresses large magnitudes, identity-like near zero."""
     return torch.sign(x) * torch.log1p(torch.abs(x))
@@ -269,6 +295,11 @@ class Categorical(Output):
         index = (cdf <= u).sum(-1).clamp_(max=self.classes - 1)
         return self._straight_through(F.one_hot(index, self.classes).float())
 
+    def sample_from(self, gumbel: Tensor) -> Tensor:
+        """A one-hot draw driven by explicit standard Gumbel noise (..., C), without gradient; gumbel = 0 gives
+        the mode. For exported policies, whose noise is an input: training keeps `sample`."""
+        return gumbel_max(self.log_probs.detach(), gumbel)
+
     def log_prob(self, x: Tensor) -> Tensor:
         """x: one-hot (..., C); returns (...) without C and the event dims."""
         assert x.shape == self.probs.shape, f"one-hot {tuple(x.shape)} != probs {tuple(self.probs.shape)}"
@@ -355,6 +386,11 @@ class BoundedNormal(Output):
 
     def sample(self) -> Tensor:
         return self.normal.rsample()
+
+    def sample_from(self, eps: Tensor) -> Tensor:
+        """A draw driven by explicit standard-normal noise eps (..., A); eps = 0 gives the mode (for exported
+        policies, whose noise is an input: training keeps `sample`)."""
+        return normal_from_eps(self.loc, self.std, eps)
 
     def log_prob(self, x: Tensor) -> Tensor:
         return self.normal.log_prob(x.float()).sum(-1)

@@ -107,12 +107,18 @@ class RSSM(nn.Module):
         # The prior only depends on h_t, so it runs once over the whole sequence.
         return post, self.prior_logits(post.deter)
 
-    def observe_step(self, state: State, action: Tensor, embed: Tensor, keep: Tensor) -> State:
-        """One posterior step. keep (N, 1) is 0 where the step is_first: carried state and action reset."""
+    def observe_step(self, state: State, action: Tensor, embed: Tensor, keep: Tensor,
+                     noise: Tensor | None = None) -> State:
+        """One posterior step. keep (N, 1) is 0 where the step is_first: carried state and action reset.
+
+        noise (N, K, C): standard Gumbel noise that draws the latent (`Categorical.sample_from`; zeros give its
+        mode), for policies whose noise is an input (lit_dreamer.export); None samples it as in training.
+        """
         state = State(state.deter * keep, state.stoch * keep[..., None])
         deter = self.sequence_step(state, action * keep)
         logits = self.post_logits(deter, embed)
-        return State(deter, self.dist(logits).sample(), logits)
+        dist = self.dist(logits)
+        return State(deter, dist.sample() if noise is None else dist.sample_from(noise), logits)
 
     def imagine_step(self, state: State, action: Tensor) -> State:
         deter = self.sequence_step(state, action)

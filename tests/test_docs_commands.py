@@ -105,6 +105,7 @@ def check_command(args: str) -> None:
     from lit_dreamer.bench import BenchConfig
     from lit_dreamer.compare import CompareOptions
     from lit_dreamer.evaluation import EvalOptions
+    from lit_dreamer.export import ExportOptions
     try:
         if parsed.command in ("fit", "config"):
             load_config(parsed.config, parsed.overrides)
@@ -116,6 +117,8 @@ def check_command(args: str) -> None:
             check_options(EvalOptions, [o for o in parsed.overrides if not o.startswith("env.")], "eval")
         elif parsed.command == "compare":
             check_options(CompareOptions, parsed.options, "compare")
+        elif parsed.command == "export":
+            check_options(ExportOptions, parsed.overrides, "export")
         else:
             raise AssertionError(f"no check written for the subcommand {parsed.command!r}: add one here")
     except ConfigError as err:
@@ -152,6 +155,7 @@ def test_command_example_parses_against_the_cli(where, args, monkeypatch):
     ("eval --ckpt runs/<RUN> env.time_limt=5", "env.time_limit"),
     ("compare metrc=train/return", "unknown option 'metrc=train/return'"),
     ("bench -c cartpole bench.stepz=3", "unknown option 'stepz=3'"),
+    ("export --ckpt runs/<RUN> fromat=onnx", "unknown option 'fromat=onnx'"),
     ("eval --ckpt runs/<run name>", "write placeholders as <NAME>"),
     ("fit run.seed=<seed>", "write placeholders as <NAME>"),
 ])
@@ -163,6 +167,7 @@ def test_a_wrong_command_example_is_caught(args, problem):
 def test_placeholders_are_filled_and_help_lines_accepted():
     check_command("eval --ckpt runs/<RUN>/checkpoints/<STEP>/model.ckpt episodes=<N> env.time_limit=<STEPS>")
     check_command("fit --help")
+    check_command("export --ckpt runs/<RUN> format=torch out=<PATH>")
     check_command("compare --help")
 
 
