@@ -126,6 +126,11 @@ class ActingPolicy(nn.Module):
 
 def acting_policy(module: nn.Module) -> ActingPolicy:
     """The ActingPolicy of a DreamerModule (its world model and actor, shared, not copied), in eval mode."""
+    if getattr(module.world_model, "text_encoder", "tokens") == "minilm":
+        from lit_dreamer.config import ConfigError
+        raise ConfigError("this agent reads text with model.text_encoder=minilm, whose sentence encoder (words looked up "
+                          "and embedded in Python, cached) cannot be part of an exported graph; export an agent "
+                          "trained with model.text_encoder=tokens, or act with lit_dreamer.Agent")
     policy = ActingPolicy(module.world_model, module.actor_critic.actor, module.obs_spec,
                           task_input=module.cond.active)
     return policy.eval()

@@ -149,3 +149,13 @@ def test_a_cli_fit_with_minilm_trains_evaluates_and_keeps_minilm_out_of_the_chec
     text_params = {n: v for n, v in ckpt["state_dict"].items() if "text_" in n}
     assert text_params and sum(v.numel() for v in text_params.values()) < 1_000_000  # an MLP, not 22M weights
     assert ckpt["hyper_parameters"]["config"]["model"]["text_encoder"] == "minilm"
+
+
+def test_export_refuses_a_minilm_agent_with_the_reason(fake_minilm):
+    from lit_dreamer.agent_config import AgentConfig
+    from lit_dreamer.export import acting_policy
+    from lit_dreamer.module import DreamerModule
+    module = DreamerModule(SPEC, 2, True, AgentConfig(model=MINILM), text_words={"mission": ["go", "left"]})
+    with pytest.raises(ConfigError, match="model.text_encoder=minilm.*cannot be part of an exported graph"):
+        acting_policy(module)
+
