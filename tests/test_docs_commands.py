@@ -116,6 +116,9 @@ def check_command(args: str) -> None:
             check_options(EvalOptions, [o for o in parsed.overrides if not o.startswith("env.")], "eval")
         elif parsed.command == "compare":
             check_options(CompareOptions, parsed.options, "compare")
+        elif parsed.command == "convert-episodes":
+            from lit_dreamer.episodes import ConvertOptions
+            check_options(ConvertOptions, parsed.options, "convert-episodes")
         else:
             raise AssertionError(f"no check written for the subcommand {parsed.command!r}: add one here")
     except ConfigError as err:
