@@ -16,6 +16,7 @@ model over the whole replay, whose latents would be stale after a few hundred st
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ def read_source(path: str) -> ReplaySource:
 def snapshot_folder(path: str) -> str:
     """The replay snapshot folder of a snapshot, a step-* folder, a model.ckpt or a run folder."""
     if not os.path.exists(path):
+        if glob.glob(f"{glob.escape(path)}.old-*"):
+            return path  # check_snapshot takes the complete snapshot that a save cut by a crash left there
         raise ConfigError(f"offline.replay={path} does not exist; give a checkpoint's replay-rank0 folder, a run "
                           "folder, or the output folder of `python -m lit_dreamer convert-episodes`")
     if os.path.isfile(path):  # a model.ckpt: the replay saved beside it
@@ -92,7 +95,7 @@ def snapshot_folder(path: str) -> str:
         return _step_folder_replay(os.path.dirname(ckpt), path)
     if any(name.startswith("replay-rank") for name in os.listdir(path)):
         return _step_folder_replay(path, path)
-    return path  # check_snapshot names what is missing (e.g. a crash left only replay.old-*)
+    return path  # check_snapshot names what is missing (its meta.json)
 
 
 def _step_folder_replay(folder: str, asked: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -124,6 +125,18 @@ def test_an_offline_run_resumes_with_ckpt_path_last(offline_run):
     assert run.info.run_id == first.info.run_id
     steps = [m.step for m in history(root, run.info.run_id, "train/train_steps")]
     assert steps[-10:] == list(range(OFFLINE_STEPS + 1, OFFLINE_STEPS + 11))
+
+
+@pytest.mark.timeout(300)
+def test_an_offline_checkpoint_is_evaluated_in_the_env_it_is_given(offline_run, capsys):
+    # After the resume test: this adds an eval run to the offline run's MLflow store.
+    from lit_dreamer.__main__ import main
+    root, proc, _ = offline_run
+    assert proc.returncode == 0, explain(proc)
+    assert main(["eval", "--ckpt", str(root / "run"), "episodes=1"]) == 2
+    assert "was trained offline without an env; name the env to evaluate it in with env.id=ID" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(root / "run"), "episodes=1", "env.id=CartPole-v1"]) == 0
+    assert "per episode:" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(300)
@@ -307,3 +320,10 @@ def test_a_resume_trains_at_the_train_ratio_it_is_given(in_tmp):
     for m in after:
         assert abs(m.value - (first["train_steps"] + 2 * (m.step - first_steps))) <= 2, (m.step, m.value)
     assert client_for(in_tmp).get_run(run.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.timeout(300)
+def test_the_progress_bar_counts_gradient_steps(source_run, in_tmp, capsys):
+    fit_in_process(in_tmp, f"offline.replay={source_run}", "offline.steps=5", "trainer.enable_progress_bar=true")
+    lines = [line.strip() for line in re.split(r"[\r\n]", capsys.readouterr().out) if line.startswith("gradient steps")]
+    assert lines and "| 5/5 [" in lines[-1] and "train_steps=5" in lines[-1], lines
