@@ -42,10 +42,6 @@ class OfflineReplay(StepSource):
             datamodule.load_replay(os.path.join(folder, f"replay-rank{trainer.global_rank}"))
         else:
             datamodule.load_replay(self.source, context=False, seed=self.seed + 7919 * trainer.global_rank)
-        if len(datamodule.replay) // datamodule.replay.num_envs < datamodule.batch_length:
-            from lit_dreamer.config import ConfigError
-            raise ConfigError(f"offline.replay={self.source} holds {len(datamodule.replay)} steps, fewer than one "
-                              f"sequence of run.batch_length={datamodule.batch_length}; lower run.batch_length")
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -46,6 +46,8 @@ class ReplaySource:
     discrete: bool
     steps: int
     """Steps it holds (all env streams)."""
+    num_envs: int
+    """Env streams side by side (each holds steps / num_envs of them)."""
     num_tasks: int
 
     @property
@@ -71,7 +73,7 @@ def read_source(path: str) -> ReplaySource:
                           "it is not a replay of env steps")
     filled = min(int(meta["state"]["rows_added"]), meta["capacity"] // meta["num_envs"])
     return ReplaySource(snapshot, spec, action_kind(snapshot, meta) == "discrete", filled * meta["num_envs"],
-                        int(meta.get("num_tasks", 1)))
+                        int(meta["num_envs"]), int(meta.get("num_tasks", 1)))
 
 
 def snapshot_folder(path: str) -> str:
@@ -200,6 +202,10 @@ def build_offline(cfg: Config, run_dir: str) -> tuple[L.LightningModule, L.Light
     if source.num_tasks > 1:
         raise ConfigError(f"offline.replay={cfg.offline.replay} holds {source.num_tasks} tasks; offline training "
                           "takes a replay of one task for now")
+    if source.steps // source.num_envs < cfg.run.batch_length:
+        raise ConfigError(f"offline.replay={cfg.offline.replay} holds {source.steps // source.num_envs} steps per env "
+                          f"stream, fewer than one sequence of run.batch_length={cfg.run.batch_length}; lower "
+                          "run.batch_length")
     tasks = task_names(cfg)
     vocabularies = run_vocabularies(cfg)
     info = probe_env(cfg, vocabularies) if tasks else None
@@ -210,7 +216,7 @@ def build_offline(cfg: Config, run_dir: str) -> tuple[L.LightningModule, L.Light
                                compile=cfg.run.compile, num_tasks=1, task_names=tasks or None)
     except ValueError as err:
         raise ConfigError(f"offline.replay={cfg.offline.replay}: {err}") from None
-    datamodule = ReplayDataModule(source.spec, offline_replay_settings(cfg, source), num_envs=1,
+    datamodule = ReplayDataModule(source.spec, offline_replay_settings(cfg, source), num_envs=source.num_envs,
                                   batch_size=cfg.run.batch_size, batch_length=cfg.run.batch_length,
                                   seed=cfg.run.seed)
     callbacks = [OfflineReplay(source.path, total_steps=cfg.offline.steps, seed=cfg.run.seed),

@@ -170,6 +170,14 @@ def test_a_source_the_run_would_write_is_refused(source_run, in_tmp, where):
         fit(cfg)
 
 
+def test_a_replay_shorter_than_a_sequence_is_refused_before_training(source_run, in_tmp):
+    cfg = load_config(["debug"], [f"run.dir={in_tmp / 'run'}", "logger.backend=none",
+                                  f"offline.replay={source_run}", "run.batch_length=500"])
+    with pytest.raises(ConfigError, match=f"holds {SOURCE_STEPS} steps per env stream, fewer than one sequence"):
+        fit(cfg)
+    assert not (in_tmp / "run").exists()
+
+
 def test_the_live_replay_directory_of_a_run_is_refused(in_tmp):
     live = in_tmp / "live"
     Replay({"vector": ((4,), np.float32)}, replay_settings(str(live)), num_envs=1)  # writes the memmaps there
