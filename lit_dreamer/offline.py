@@ -189,15 +189,28 @@ def offline_replay_settings(cfg: Config, source: ReplaySource):
 
 def build_offline(cfg: Config, run_dir: str) -> tuple[L.LightningModule, L.LightningDataModule, list[L.Callback], Any]:
     """Module, datamodule and callbacks of an offline run (`train.build` for offline.replay)."""
-    from lit_dreamer.callbacks import DreamerCheckpoint, EvalCallback, GracefulStop, VideoCallback
-    from lit_dreamer.callbacks.offline import OfflineReplay
-    from lit_dreamer.callbacks.progress import EnvStepProgressBar
     from lit_dreamer.data import ReplayDataModule
-    from lit_dreamer.module import DreamerModule
-    from lit_dreamer.resume import run_record
-    from lit_dreamer.train import probe_env, run_vocabularies
+    from lit_dreamer.train import probe_env, resolve_ckpt_path, run_vocabularies
 
-    source = read_source(cfg.offline.replay)
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is None:
+        source = read_source(cfg.offline.replay)
+        check_source(cfg, source, run_dir)
+    else:  # a resume trains on the run's own copy saved beside the checkpoint: the source may be gone by now
+        source = read_source(os.path.join(os.path.dirname(ckpt_path), "replay-rank0"))
+    tasks, vocabularies = task_names(cfg), run_vocabularies(cfg)
+    info = probe_env(cfg, vocabularies) if tasks else None  # the env named for evaluation, if any
+    if info is not None:
+        check_env_matches(cfg, source, info.spec, info.discrete)
+    datamodule = ReplayDataModule(source.spec, offline_replay_settings(cfg, source), num_envs=source.num_envs,
+                                  batch_size=cfg.run.batch_size, batch_length=cfg.run.batch_length,
+                                  seed=cfg.run.seed)
+    return (offline_module(cfg, source, tasks), datamodule, offline_callbacks(cfg, source, run_dir, vocabularies),
+            info if info is not None else env_info_of(source))
+
+
+def check_source(cfg: Config, source: ReplaySource, run_dir: str) -> None:
+    """A source this run may read and train from: not written by it, of one task, at least one sequence long."""
     check_read_only(cfg, source, run_dir)
     if source.num_tasks > 1:
         raise ConfigError(f"offline.replay={cfg.offline.replay} holds {source.num_tasks} tasks; offline training "
@@ -206,24 +219,33 @@ def build_offline(cfg: Config, run_dir: str) -> tuple[L.LightningModule, L.Light
         raise ConfigError(f"offline.replay={cfg.offline.replay} holds {source.steps // source.num_envs} steps per env "
                           f"stream, fewer than one sequence of run.batch_length={cfg.run.batch_length}; lower "
                           "run.batch_length")
-    tasks = task_names(cfg)
-    vocabularies = run_vocabularies(cfg)
-    info = probe_env(cfg, vocabularies) if tasks else None
-    if info is not None:
-        check_env_matches(cfg, source, info.spec, info.discrete)
+
+
+def offline_module(cfg: Config, source: ReplaySource, tasks: list[str]) -> L.LightningModule:
+    """A fresh agent for the replay's spaces."""
+    from lit_dreamer.module import DreamerModule
     try:
-        module = DreamerModule(source.obs_spec, source.action_dim, source.discrete, cfg.agent(),
-                               compile=cfg.run.compile, num_tasks=1, task_names=tasks or None)
-    except ValueError as err:
+        return DreamerModule(source.obs_spec, source.action_dim, source.discrete, cfg.agent(),
+                             compile=cfg.run.compile, num_tasks=1, task_names=tasks or None)
+    except ValueError as err:  # e.g. an observation the encoders cannot take
         raise ConfigError(f"offline.replay={cfg.offline.replay}: {err}") from None
-    datamodule = ReplayDataModule(source.spec, offline_replay_settings(cfg, source), num_envs=source.num_envs,
-                                  batch_size=cfg.run.batch_size, batch_length=cfg.run.batch_length,
-                                  seed=cfg.run.seed)
-    callbacks = [OfflineReplay(source.path, total_steps=cfg.offline.steps, seed=cfg.run.seed),
+
+
+def offline_callbacks(cfg: Config, source: ReplaySource, run_dir: str, vocabularies: Any) -> list[L.Callback]:
+    """The source of steps, checkpoints, graceful stop and run record; evaluation and videos in a named env.
+
+    No collapse warning: it watches training returns, and an offline run has none."""
+    from lit_dreamer.callbacks import DreamerCheckpoint, EvalCallback, GracefulStop, VideoCallback
+    from lit_dreamer.callbacks.offline import OfflineReplay
+    from lit_dreamer.callbacks.progress import EnvStepProgressBar
+    from lit_dreamer.resume import run_record
+
+    tasks = task_names(cfg)
+    callbacks = [OfflineReplay(source.path, total_steps=cfg.offline.steps, seed=cfg.run.seed),  # read unless resuming
                  DreamerCheckpoint(os.path.join(run_dir, "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints),
                  GracefulStop(), run_record(cfg, vocabularies)]
-    if cfg.trainer.get("enable_progress_bar", True):
+    if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar turned off
         callbacks.append(EnvStepProgressBar())
     env_kwargs = {**cfg.env.make_kwargs(), "vocabularies": vocabularies}
     if tasks and cfg.run.eval_every > 0:
@@ -232,7 +254,7 @@ def build_offline(cfg: Config, run_dir: str) -> tuple[L.LightningModule, L.Light
     if tasks and cfg.run.video_every > 0:
         callbacks.append(VideoCallback(tasks, os.path.join(run_dir, "videos"), every_env_steps=cfg.run.video_every,
                                        **env_kwargs))
-    return module, datamodule, callbacks, info if info is not None else env_info_of(source)
+    return callbacks
 
 
 def env_info_of(source: ReplaySource):

@@ -118,7 +118,9 @@ def test_an_offline_run_resumes_with_ckpt_path_last(offline_run):
     root, proc, _ = offline_run
     assert proc.returncode == 0, explain(proc)
     first = only_run(root)
-    resumed = cli(root, "fit", "--resume", str(root / "run"), f"offline.steps={OFFLINE_STEPS + 10}", timeout=300)
+    # The resume trains on the run's own copy of the replay: the source is not read again (here: is gone).
+    resumed = cli(root, "fit", "--resume", str(root / "run"), f"offline.steps={OFFLINE_STEPS + 10}",
+                  f"offline.replay={root / 'gone'}", timeout=300)
     assert resumed.returncode == 0, explain(resumed)
     assert f"train steps {OFFLINE_STEPS + 10}" in resumed.stdout
     run = only_run(root)  # the same MLflow run goes on
