@@ -141,6 +141,17 @@ def test_an_offline_checkpoint_is_evaluated_in_the_env_it_is_given(offline_run, 
     assert "per episode:" in capsys.readouterr().out
 
 
+def test_an_offline_run_installs_no_env_collector(source_run, in_tmp):
+    from lit_dreamer.callbacks import EnvCollector
+    from lit_dreamer.callbacks.offline import OfflineReplay
+    from lit_dreamer.train import build
+    cfg = load_config(["debug"], [f"run.dir={in_tmp / 'run'}", f"offline.replay={source_run}"])
+    module, _, callbacks, info = build(cfg)
+    assert not [c for c in callbacks if isinstance(c, EnvCollector)]
+    assert [c.total_steps for c in callbacks if isinstance(c, OfflineReplay)] == [cfg.offline.steps]
+    assert module.discrete and module.action_dim == 2 and list(module.obs_spec) == ["vector"] == list(info.obs_spec)
+
+
 @pytest.mark.timeout(300)
 def test_an_env_with_other_spaces_is_refused_naming_both(source_run, in_tmp):
     cfg = load_config(["debug"], [f"run.dir={in_tmp / 'run'}", "logger.backend=none",
