@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lit_dreamer.callbacks.step_source import StepSource
 from lit_dreamer.config import task_metric_name
 from lit_dreamer.envs import action_dim, action_kind, close_by_force, env_action, frames_per_step, make_task_vector_env
 from lit_dreamer.envs.faults import ERROR_KEY, NONFINITE_KEY, NonFiniteEnvError
@@ -43,7 +44,7 @@ from lit_dreamer.evaluation import final_successes
 log = logging.getLogger(__name__)
 
 
-class EnvCollector(Callback):
+class EnvCollector(StepSource):
     """Collects experience into `trainer.datamodule.replay` from a gymnasium vector env per task.
 
     Args:
@@ -74,10 +75,11 @@ class EnvCollector(Callback):
         self.envs_per_task, self.num_envs, self.seed = num_envs, num_envs * len(self.tasks), seed
         self.task_of_env = np.repeat(np.arange(len(self.tasks), dtype=np.int64), num_envs)
         """(num_envs,) the task index of each env, as the replay stores it: task k has envs k*n .. k*n + n - 1."""
-        self.train_ratio, self.prefill, self.total_steps = train_ratio, prefill, total_steps
+        self.train_ratio, self.prefill = train_ratio, prefill
         self.asynchronous, self.nonfinite, self.env_kwargs = asynchronous, nonfinite, env_kwargs
         self.envs = None
         # Counters of this rank, kept in checkpoints.
+        self.total_steps = total_steps
         self.env_steps = 0
         self.credit = 0.0
         self.episodes = 0
@@ -142,6 +144,9 @@ class EnvCollector(Callback):
         # Episodes of the prefill count too (a short run may have no other); against env steps as always.
         self.log_episodes(trainer, self.env_steps * self.world_size)
         self._timer_start = time.perf_counter()
+
+    def run_steps(self, world_size: int) -> int:
+        return self.env_steps * world_size
 
     def budget_spent(self) -> bool:
         """Whether the run's env steps (all ranks) reached total_steps."""
@@ -427,17 +432,18 @@ def take_mean(metric: MeanMetric) -> float:
     return value
 
 
-def find_collector(trainer: L.Trainer) -> EnvCollector:
-    """The EnvCollector among the trainer's callbacks (the source of the env-step count)."""
+def find_collector(trainer: L.Trainer) -> StepSource:
+    """The run's StepSource among the trainer's callbacks: its EnvCollector, or an offline run's OfflineReplay."""
     for callback in trainer.callbacks:
-        if isinstance(callback, EnvCollector):
+        if isinstance(callback, StepSource):
             return callback
-    raise RuntimeError("this callback needs an EnvCollector callback in the same Trainer")
+    raise RuntimeError("this callback needs an EnvCollector (or OfflineReplay) callback in the same Trainer")
 
 
 def total_env_steps(trainer: L.Trainer) -> int:
-    """Env steps over all ranks (every rank steps the same number of envs in lockstep)."""
-    return find_collector(trainer).env_steps * trainer.world_size
+    """The run's step count over all ranks: env steps (every rank steps the same number of envs in lockstep),
+    or in an offline run, which steps no env, gradient steps."""
+    return find_collector(trainer).run_steps(trainer.world_size)
 
 
 class EnvStepSchedule:

@@ -25,7 +25,7 @@ def plain_number(value: Any) -> str:
 
 
 class EnvStepProgressBar(TQDMProgressBar):
-    """The training bar counts env steps (all ranks) up to the collector's total_steps, so tqdm shows
+    """The training bar counts env steps (all ranks; gradient steps offline) up to the run's end, so tqdm shows
     the run's progress and an ETA; a resumed run starts the bar where it left off (its rate and ETA
     count only this session's steps).
 
@@ -33,16 +33,15 @@ class EnvStepProgressBar(TQDMProgressBar):
     neither means anything here, so both are left out. Metrics are formatted by `plain_number`.
     """
 
-    DESCRIPTION = "env steps"
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         # Replaces Lightning's reset to the epoch's batches (endless here) and its "Epoch N" title.
-        bar = self.train_progress_bar
-        bar.reset(total=find_collector(trainer).total_steps)
+        bar, source = self.train_progress_bar, find_collector(trainer)
+        bar.reset(total=source.total_steps)
         bar.initial = bar.n = total_env_steps(trainer)  # tqdm's rate and ETA count from here
         bar.unit = ""
-        bar.set_description(self.DESCRIPTION)
+        bar.set_description(source.unit)  # "env steps"; "gradient steps" in an offline run
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -62,6 +62,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                   "of the group learning curves with 95% bootstrap bands and the IQM at the end.",
                                   epilog=options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("options", nargs="*", metavar="key=value")
+    convert = commands.add_parser("convert-episodes", help="convert .npz episode files into a replay for offline fit",
+                                  description="Write a folder of .npz episode files (one per episode) as a replay "
+                                  "snapshot that `fit offline.replay=PATH` trains from.",
+                                  epilog=convert_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_argument("source", metavar="SRC_DIR", help="the folder of .npz episode files")
+    convert.add_argument("options", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
 
 
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             from lit_dreamer.compare import main as compare_main
             compare_main(parse_options(CompareOptions, args.options, command="compare"))
             return 0
+        if args.command == "convert-episodes":
+            return run_convert(args)
         bench_overrides = [o for o in args.overrides if o.startswith("bench.")]
         if getattr(args, "resume", None):
             from lit_dreamer.resume import resume_config
@@ -113,6 +121,21 @@ def eval_help() -> str:
 
 def bench_help() -> str:
     return dataclass_help(BenchConfig, prefix="bench.")
+
+
+def convert_help() -> str:
+    from lit_dreamer.episodes import ConvertOptions, __doc__ as episode_format
+    return dataclass_help(ConvertOptions) + "\n\n" + episode_format.split("\n\n", 1)[1]
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from lit_dreamer.episodes import ConvertOptions, convert_episodes
+    summary = convert_episodes(args.source, parse_options(ConvertOptions, args.options, command="convert-episodes"))
+    print(f"wrote {summary['steps']} steps of {summary['episodes']} episodes to {summary['out']} "
+          f"(actions: {summary['action']}; observations: "
+          f"{', '.join(f'{k} {v}' for k, v in summary['observations'].items())})")
+    print(f"train from it: python -m lit_dreamer fit offline.replay={summary['out']} offline.steps=N")
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:

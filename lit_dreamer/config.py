@@ -44,8 +44,9 @@ class ConfigError(ValueError):
 class EnvConfig:
     """The environment."""
 
-    id: str = "CartPole-v1"
-    """Gymnasium id (CartPole-v1, Pendulum-v1, ...), dmc/<domain>-<task> (dm_control), atari/<game>."""
+    id: Optional[str] = "CartPole-v1"
+    """Gymnasium id (CartPole-v1, Pendulum-v1, ...), dmc/<domain>-<task> (dm_control), atari/<game>; null: no env,
+    only in an offline run (offline.replay), which then sets it to null unless env.id or env.tasks is given."""
     tasks: list[str] = field(default_factory=list)
     """Env ids trained together by one agent, each with env.num_envs envs per device (empty: the one task env.id)."""
     obs: str = "proprio"
@@ -189,6 +190,19 @@ class InitConfig:
 
 
 @dataclass
+class OfflineConfig:
+    """Offline training: world model, actor and critic learn from a saved replay, with no env collection."""
+
+    replay: Optional[str] = None
+    """A replay snapshot folder (a checkpoint's replay-rank0, or the output of `convert-episodes`), a checkpoint's
+    step-* folder or model.ckpt, or a run folder (its last checkpoint's replay); only read, never written.
+    None: an online run. The spaces come from it; an env named with env.id is used only for evaluation."""
+    steps: int = 5000
+    """Gradient steps of an offline run (run.steps, run.train_ratio and run.prefill do not apply; the run.*_every
+    cadences count gradient steps)."""
+
+
+@dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -201,6 +215,7 @@ class Config:
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     init: InitConfig = field(default_factory=InitConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
     trainer: dict[str, Any] = field(default_factory=default_trainer)
     """Keyword arguments of lightning.Trainer (devices, accelerator, precision, strategy, ...)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -221,8 +236,9 @@ def task_names(cfg: Config) -> list[str]:
 
     One task is the table of one entry: every part of a run (collector, replay, evaluation,
     checkpoints) reads the table, so a one-task run takes the same code path as a many-task one.
+    An offline run without an env (env.id null) has the empty table: it acts in no env.
     """
-    return list(cfg.env.tasks) or [cfg.env.id]
+    return list(cfg.env.tasks) or ([cfg.env.id] if cfg.env.id is not None else [])
 
 
 def task_metric_name(task: str) -> str:
@@ -449,6 +465,8 @@ def load_config(files: list[str] = (), overrides: list[str] = (), base: dict | N
             raise ConfigError(f"bad value for {key} in {source}: {reason}") from None
     config: Config = OmegaConf.to_object(cfg)
     settle_id_and_tasks(config, task_keys_set)
+    if base is None:  # a saved config (--resume) keeps the env it was saved with
+        settle_offline_env(config, task_keys_set)
     validate(config)
     return config
 
@@ -474,6 +492,14 @@ def settle_id_and_tasks(config: Config, set_at: dict[str, tuple[int, str]]) -> N
         config.env.id = EnvConfig.id  # the earlier file's env.id gives way to the task list
 
 
+def settle_offline_env(config: Config, set_at: dict[str, tuple[int, str]]) -> None:
+    """An offline run acts in an env only when a config file or override names one (env.id or env.tasks):
+    env.id's default, CartPole-v1, would otherwise evaluate a replay of any other env in CartPole."""
+    named = "env.id" in set_at or set_at.get("env.tasks", (-1, ""))[0] >= 0
+    if config.offline.replay is not None and not named:
+        config.env.id = None
+
+
 def migrated(layer: DictConfig, source: str) -> DictConfig:
     """The layer with keys that moved section (e.g. behavior.free_nats) in their new place: old files still load."""
     try:
@@ -492,6 +518,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown model.size {cfg.model.size!r}; choose one of {', '.join(SIZES)}"
                           + (f" (did you mean {close[0]}?)" if close else ""))
     check_tasks(cfg)
+    check_offline(cfg)
     check_multitask(cfg)
     check_text(cfg)
     try:
@@ -536,6 +563,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.collapse_window must be a positive number of env steps, got {cfg.run.collapse_window}")
     if cfg.run.batch_length < 2:
         raise ConfigError(f"run.batch_length must be at least 2, got {cfg.run.batch_length}")
+
+
+def check_offline(cfg: Config) -> None:
+    """offline.steps, and env.id null only in an offline run."""
+    if cfg.offline.steps <= 0:
+        raise ConfigError(f"offline.steps must be a positive number of gradient steps, got {cfg.offline.steps}")
+    if cfg.env.id is None and not cfg.env.tasks and cfg.offline.replay is None:
+        raise ConfigError("env.id=null (no env) is only for an offline run: set offline.replay=PATH to train from "
+                          "a saved replay, or name the env to train in with env.id")
 
 
 def check_text(cfg: Config) -> None:

@@ -157,10 +157,11 @@ class ReplayDataModule(L.LightningDataModule):
     def save_replay(self, path: str) -> None:
         self.replay.save(path)
 
-    def load_replay(self, path: str) -> None:
-        """Restore a saved replay under this run's settings (capacity, sampler, storage)."""
+    def load_replay(self, path: str, *, context: bool = True, seed: int | None = None) -> None:
+        """Restore a saved replay under this run's settings (capacity, sampler, storage); see `Replay.load` for
+        `context` (keep the stored latents) and `seed` (restart sampling)."""
         try:
-            self.replay = Replay.load(path, self.rank_settings())
+            self.replay = Replay.load(path, self.rank_settings(), context=context, seed=seed)
         except ReplayCapacityError as err:
             raise ConfigError(f"replay.capacity={err.capacity} is below the {err.stored} steps stored in the replay "
                               f"snapshot {err.snapshot}; resume with replay.capacity={err.stored} or more "

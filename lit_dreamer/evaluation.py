@@ -191,6 +191,10 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     if "id" in (env_overrides or {}) and "tasks" not in env_overrides:
         cfg.env.tasks = []  # env.id=X asks for that one env, not the checkpoint's task list
     tasks = task_names(cfg)
+    if not tasks:
+        from lit_dreamer.config import ConfigError
+        raise ConfigError(f"checkpoint {ckpt_path} was trained offline without an env; name the env to evaluate it "
+                          "in with env.id=ID")
     if options.instructions == "held_out" and not cfg.env.held_out:
         from lit_dreamer.config import ConfigError
         raise ConfigError("instructions=held_out evaluates on the phrases the run held out, and this run held none "

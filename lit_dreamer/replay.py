@@ -325,7 +325,8 @@ class Replay:
         return sum(array[:filled].nbytes + _NPY_HEADER_BOUND for array in arrays) + _META_BOUND
 
     @classmethod
-    def load(cls, path: str, settings: ReplayConfig | None = None) -> Replay:
+    def load(cls, path: str, settings: ReplayConfig | None = None, *, context: bool = True,
+             seed: int | None = None) -> Replay:
         """Restore a snapshot written by ``save`` under ``settings``: the current run's, not the saved run's.
 
         ``settings`` gives the capacity, the storage (RAM, or memmaps in ``settings.directory``) and
@@ -335,6 +336,10 @@ class Replay:
         read-only memmaps and copied in chunks, so RAM never holds the snapshot and the storage at
         once. A missing, truncated or otherwise damaged file raises ReplaySnapshotError naming it,
         before anything is allocated.
+
+        ``context=False`` leaves the stored replay-context latents behind (they belong to the model that
+        wrote them; another model stores its own as it trains). ``seed`` restarts sampling from a generator
+        of that seed instead of the saved one (a new run reading another run's data).
         """
         snapshot, meta = check_snapshot(path)
         settings = ReplayConfig(capacity=meta["capacity"]) if settings is None else settings
@@ -348,20 +353,26 @@ class Replay:
             raise ReplayCapacityError(snapshot, settings.capacity, filled * num_envs)
         spec = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in meta["spec"].items()}
         replay = cls(spec, settings, num_envs, num_tasks=int(meta.get("num_tasks", 1)))
+        state = dict(meta["state"])
+        if seed is not None:
+            state.update(rng=np.random.default_rng(seed).bit_generator.state, draws=0)
         if replay._rows == stored_rows:  # the same ring: every row goes back where it was
-            replay._restore_arrays(snapshot, meta["files"], oldest=0)
-            replay.load_state_dict(meta["state"])
+            replay._restore_arrays(snapshot, meta["files"], oldest=0, context=context)
+            replay.load_state_dict(state)
             return replay
         # Another ring size: the stored rows, oldest first, become rows 0..filled-1 of the new ring,
         # numbered afresh (ids that sample() returned before the save do not outlive it anyway).
-        replay._restore_arrays(snapshot, meta["files"], oldest=(rows_added - filled) % stored_rows)
-        replay.load_state_dict({**meta["state"], "rows_added": filled})
+        replay._restore_arrays(snapshot, meta["files"], oldest=(rows_added - filled) % stored_rows, context=context)
+        replay.load_state_dict({**state, "rows_added": filled})
         return replay
 
-    def _restore_arrays(self, snapshot: str, files: Mapping[str, Any], oldest: int) -> None:
-        """Copy each array of a checked snapshot, whose oldest row is ``oldest``, into this replay's first rows."""
+    def _restore_arrays(self, snapshot: str, files: Mapping[str, Any], oldest: int, context: bool = True) -> None:
+        """Copy each array of a checked snapshot, whose oldest row is ``oldest``, into this replay's first rows
+        (without its latents and their flags when ``context`` is False: no slot then has context)."""
         for key, file_name in files["data"].items():
             _copy_in_order(np.load(os.path.join(snapshot, file_name), mmap_mode="r"), self._data[key], oldest)
+        if not context:
+            return
         for name, file_name in files["context"].items():
             source = np.load(os.path.join(snapshot, file_name), mmap_mode="r")
             _copy_in_order(source, self._context_array(name, source.shape[2:], source.dtype), oldest)

@@ -240,7 +240,8 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
 def describe_start(ckpt_path: str, info: CheckpointInfo, cfg: Config, continuing: bool) -> str:
     """The console lines that say where the run starts and what differs from the checkpoint's config."""
     what = "continuing" if continuing else "branching into a new run from"
-    lines = [f"{what} {ckpt_path} ({info.env_steps} env steps)"]
+    from lit_dreamer.offline import run_length
+    lines = [f"{what} {ckpt_path} ({info.env_steps} {run_length(cfg)[2]})"]
     if info.run_config is not None:
         changes = config_changes(info.run_config, cfg)
         lines.append("config as the checkpoint's" if not changes else "config changes against the checkpoint's:")
@@ -262,9 +263,10 @@ def check_replay_beside(ckpt_path: str) -> None:
                           "that folder or its model.ckpt")
 
 
-def nothing_to_do(info: CheckpointInfo, steps: int) -> str | None:
-    """Why a run from this checkpoint would not train, or None if it would."""
+def nothing_to_do(info: CheckpointInfo, steps: int, key: str = "run.steps", unit: str = "env steps") -> str | None:
+    """Why a run from this checkpoint would not train, or None if it would (`key` sets its length of `steps`
+    in `unit`: run.steps in env steps, or an offline run's offline.steps in gradient steps)."""
     if info.env_steps < steps:
         return None
-    return (f"nothing to do: {info.path} already holds {info.env_steps} env steps and run.steps={steps}; "
-            f"set run.steps above {info.env_steps} to train further")
+    return (f"nothing to do: {info.path} already holds {info.env_steps} {unit} and {key}={steps}; "
+            f"set {key} above {info.env_steps} to train further")

@@ -374,6 +374,9 @@ def record_run(cfg: Config, directory: str, logger: Logger | None, continued: bo
     logger.set_tag("git_commit", git_commit())
     if ckpt_path is not None:
         logger.set_tag("resumed_from", os.path.abspath(ckpt_path))
+    if cfg.offline.replay is not None:  # an offline run: the replay snapshot it learns from
+        from lit_dreamer.offline import snapshot_folder
+        logger.set_tag("offline_replay", os.path.abspath(snapshot_folder(cfg.offline.replay)))
     if cfg.init.ckpt is not None:  # a new run started from another run's weights (init.ckpt)
         from lit_dreamer.adapt import init_tag
         logger.set_tag("init_ckpt", init_tag(cfg))

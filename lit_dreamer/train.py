@@ -24,6 +24,7 @@ from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, check_same_spaces, make_env, space_spec
 from lit_dreamer.envs.text import TextVocabularies, check_text_growth
 from lit_dreamer.module import DreamerModule
+from lit_dreamer.offline import build_offline, check_offline_start, is_offline_checkpoint, run_length
 from lit_dreamer.rewards import shared_judge
 from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_dir_free, check_task_table,
                                 describe_start, find_checkpoint, inside, last_checkpoint, nothing_to_do, read_checkpoint, run_record)
@@ -111,7 +112,9 @@ def default_run_name(cfg: Config) -> str:
     own launcher allows (RUN_NAME_ENV): the name must come from what all ranks share.
     """
     tasks = task_names(cfg)
-    env = tasks[0].replace("/", "-") + (f"-and-{len(tasks) - 1}-more" if len(tasks) > 1 else "")
+    env = tasks[0].replace("/", "-") + (f"-and-{len(tasks) - 1}-more" if len(tasks) > 1 else "") if tasks else ""
+    if cfg.offline.replay is not None:
+        env = "-".join(filter(None, ("offline", env)))
     rdzv_id = os.environ.get(TORCHRUN_ID_ENV)
     if rdzv_id not in (None, "", "none"):
         return f"{env}-seed{cfg.run.seed}-torchrun-{rdzv_id[:8]}"
@@ -149,7 +152,9 @@ def check_start(cfg: Config, ckpt_path: str | None) -> tuple[bool, dict | None]:
         check_task_table(info, tasks)
     if rank_zero_only.rank == 0:
         print(describe_start(ckpt_path, info, cfg, continuing), flush=True)
-    if nothing_to_do(info, cfg.run.steps):
+    if cfg.offline.replay is not None or is_offline_checkpoint(info):
+        check_offline_start(cfg, info)
+    if nothing_to_do(info, *run_length(cfg)):
         return continuing, finished_summary(cfg, info)
     check_replay_beside(ckpt_path)
     check_checkpoint_folder(ckpt_path)  # the replay and counters beside it, before anything is written
@@ -158,7 +163,7 @@ def check_start(cfg: Config, ckpt_path: str | None) -> tuple[bool, dict | None]:
 
 def finished_summary(cfg: Config, info: CheckpointInfo) -> dict:
     """The summary of a start from a checkpoint that already holds run.steps: nothing ran, nothing changed."""
-    return {"nothing_to_do": nothing_to_do(info, cfg.run.steps), "env_steps": info.env_steps,
+    return {"nothing_to_do": nothing_to_do(info, *run_length(cfg)), "env_steps": info.env_steps,
             "train_steps": info.train_steps, "checkpoint": info.path, "run_dir": run_dir(cfg),
             "mlflow_run_id": info.mlflow_run_id, "tracking_uri": cfg.logger.tracking_uri,
             "rank": rank_zero_only.rank, "stopped_by": None}
@@ -216,6 +221,8 @@ def run_vocabularies(cfg: Config) -> TextVocabularies:
 
 def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback], EnvInfo]:
     """Module, datamodule and callbacks for a Config: the pieces a script would assemble by hand."""
+    if cfg.offline.replay is not None:
+        return build_offline(cfg, run_dir(cfg))
     vocabularies = run_vocabularies(cfg)
     info, tasks = probe_env(cfg, vocabularies), task_names(cfg)
     check_text_growth(vocabularies, cfg.env.asynchronous, world_size=1)  # several devices: the collector checks

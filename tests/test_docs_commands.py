@@ -119,6 +119,9 @@ def check_command(args: str) -> None:
             check_options(CompareOptions, parsed.options, "compare")
         elif parsed.command == "export":
             check_options(ExportOptions, parsed.overrides, "export")
+        elif parsed.command == "convert-episodes":
+            from lit_dreamer.episodes import ConvertOptions
+            check_options(ConvertOptions, parsed.options, "convert-episodes")
         else:
             raise AssertionError(f"no check written for the subcommand {parsed.command!r}: add one here")
     except ConfigError as err:
