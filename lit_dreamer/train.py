@@ -22,6 +22,7 @@ from lit_dreamer.checkpoint_files import check_checkpoint_folder
 from lit_dreamer.config import Config, ConfigError, task_names, validate
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, check_same_spaces, make_env, space_spec
+from lit_dreamer.envs.described import describe_spaces
 from lit_dreamer.envs.text import TextVocabularies, check_text_growth
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.rewards import shared_judge
@@ -39,6 +40,8 @@ class EnvInfo:
     obs_spec: dict
     action_dim: int
     discrete: bool
+    spaces: dict | None = None
+    """The env's own spaces and lit_dreamer's conversions (envs.described), saved in checkpoints for Agent.load."""
 
 
 def env_info(env) -> EnvInfo:
@@ -63,7 +66,9 @@ def probe_env(cfg: Config, vocabularies: TextVocabularies | None = None) -> EnvI
             check_same_spaces(envs)
         except ValueError as err:
             raise ConfigError(f"env.tasks: {err}") from None
-        return env_info(envs[0][1])
+        info = env_info(envs[0][1])
+        info.spaces = describe_spaces(envs[0][1])
+        return info
     finally:
         for _, env in envs:
             env.close()
@@ -235,7 +240,7 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
                              **env_kwargs)  # evaluation and videos keep the env's own reward
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
-    callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg, vocabularies)]
+    callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg, vocabularies, info.spaces)]
     if cfg.reward.source == "llm":
         callbacks.append(RewardStats(shared_judge(cfg.reward.llm), every=cfg.run.log_every))
     if cfg.run.collapse_entropy > 0:
