@@ -80,7 +80,7 @@ class Policy(nn.Module):
 
     @classmethod
     def from_state(cls, hparams: dict[str, Any], state_dict: dict[str, Tensor]) -> Policy:
-        """The policy with a DreamerModule's weights (its `world_model.*` and `actor_critic.*` entries), in eval mode."""
+        """The policy with a DreamerModule's weights (its world_model.* and actor_critic.* entries), in eval mode."""
         policy = cls(hparams)
         policy.load_state_dict({k: v for k, v in state_dict.items() if k.startswith(POLICY_PARTS)})
         return policy.eval()

@@ -23,8 +23,9 @@ from typing_extensions import override
 # Reading and finding checkpoints needs no Lightning (lit_dreamer.agent loads without it): those helpers live in
 # checkpoint_files and are re-exported here for the callers that always imported them from resume.
 from lit_dreamer.checkpoint_files import (RECORD_KEY, SPACES_RECORD_KEY, VOCABULARY_RECORD_KEY,  # noqa: F401
-                                          CheckpointInfo, complete_checkpoints, find_checkpoint, last_checkpoint, resolve_last,
-                                          read_checkpoint, run_folder_of, saved_task_table, tasks_of_saved_config)
+                                          CheckpointInfo, complete_checkpoints, find_checkpoint, last_checkpoint,
+                                          read_checkpoint, resolve_last, run_folder_of, saved_task_table,
+                                          tasks_of_saved_config)
 from lit_dreamer.config import Config, ConfigError, flatten, load_config, task_names, to_flat_dict
 from lit_dreamer.envs.text import TextVocabularies
 
