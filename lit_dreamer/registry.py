@@ -59,24 +59,25 @@ def register_policy(ckpt_path: str, name: str, tracking_uri: str, experiment: st
     from lit_dreamer.tracking import KIND_TAG
     client = mlflow.MlflowClient(tracking_uri)
     status = existing_status(client, run_id)
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)  # log_model logs through the fluent API, which reads the global URI
-    try:
+    # log_model logs through MLflow's fluent API, which reads the process-wide tracking URI: set it for this call
+    # only (a private helper of MLflow's, the one its own tests use; the pinned MLflow has it).
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    with _use_tracking_uri(tracking_uri):
         if status is not None:
             run = mlflow.start_run(run_id=run_id)
         else:
-            mlflow.set_experiment(experiment)
-            run = mlflow.start_run(run_name=f"register-{name}", tags={KIND_TAG: "register"})
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{name}",
+                                   tags={KIND_TAG: "register"})
         with run:
             model = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=DreamerPolicy(),
                                             artifacts={CHECKPOINT_ARTIFACT: os.path.abspath(ckpt_path)},
                                             signature=policy_signature(ckpt_path), registered_model_name=name,
                                             pip_requirements=requirements())
             used_run = run.info.run_id
-        if status is not None:
-            client.set_terminated(used_run, status=status)  # a FINISHED or KILLED training run stays so
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
+    if status is not None:
+        client.set_terminated(used_run, status=status)  # a FINISHED or KILLED training run stays so
     version = model.registered_model_version
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}", "run_id": used_run,
             "tracking_uri": tracking_uri}

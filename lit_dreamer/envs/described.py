@@ -49,7 +49,7 @@ def space_to_data(space: spaces.Space) -> dict[str, Any]:
     if isinstance(space, spaces.MultiDiscrete):
         return {"type": "MultiDiscrete", "nvec": space.nvec.tolist(), "start": space.start.tolist()}
     if isinstance(space, spaces.MultiBinary):
-        return {"type": "MultiBinary", "n": list(space.shape)}
+        return {"type": "MultiBinary", "n": int(space.n) if np.ndim(space.n) == 0 else list(space.shape)}
     if is_text_space(space):  # gymnasium Text, minigrid's MissionSpace: samples are strings
         return {"type": "Text"}
     return {"type": "Other", "repr": repr(space)}
