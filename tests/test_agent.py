@@ -237,3 +237,37 @@ def test_a_checkpoint_without_saved_spaces_reads_them_from_its_env(runs, tmp_pat
     torch.save(ckpt, tmp_path / "model.ckpt")
     with pytest.raises(ConfigError, match="predates|was saved before checkpoints carried the env's spaces"):
         Agent.load(str(tmp_path / "model.ckpt"))
+
+
+def test_restart_resets_only_the_envs_whose_episode_ended(runs):
+    agent = Agent.load(runs.cartpole["run_dir"])
+    obs = np.array([[0.01, 0.2, -0.03, 0.1], [0.0, -0.5, 0.1, 0.4]], np.float32)
+    _, state = agent.act(obs)
+    state = state.restart([False, True])
+    assert state.is_first.tolist() == [False, True]
+    torch.manual_seed(4)
+    _, restarted = agent.act(obs, state)
+    torch.manual_seed(4)
+    _, fresh = agent.act(obs)
+    # env 1 starts afresh: its new latent is that of a first step; env 0 keeps its memory
+    torch.testing.assert_close(restarted.latent.deter[1], fresh.latent.deter[1])
+    assert not torch.allclose(restarted.latent.deter[0], fresh.latent.deter[0])
+
+
+def test_an_agent_of_several_tasks_acts_for_the_task_named(runs):
+    from lit_dreamer.acting import Policy
+    from lit_dreamer.checkpoint_files import read_checkpoint
+    info = read_checkpoint(runs.cartpole["checkpoint"])
+    policy = Policy({**info.hparams, "num_tasks": 2}).eval()  # untrained: only the task lookup is checked
+    loaded = Agent.load(runs.cartpole["run_dir"])
+    agent = Agent(policy, loaded.adapter, loaded.action_space, ["CartPole-v1", "Other-v0"], "two-tasks")
+    obs = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="pass task=NAME or task=INDEX"):
+        agent.act(obs)
+    with pytest.raises(ValueError, match="not one of this agent's tasks"):
+        agent.act(obs, task="Missing-v0")
+    torch.manual_seed(5)
+    by_name, _ = agent.act(obs, task="Other-v0")
+    torch.manual_seed(5)
+    by_index, _ = agent.act(obs, task=1)
+    np.testing.assert_array_equal(by_name, by_index)
