@@ -79,9 +79,10 @@ class Policy(nn.Module):
                                         cfg.behavior, cond=self.cond)
 
     @classmethod
-    def from_state(cls, hparams: dict[str, Any], state_dict: dict[str, Tensor]) -> Policy:
+    def from_state(cls, hparams: dict[str, Any], state_dict: dict[str, Tensor],
+                   text_words: Mapping[str, Sequence[str]] | None = None) -> Policy:
         """The policy with a DreamerModule's weights (its world_model.* and actor_critic.* entries), in eval mode."""
-        policy = cls(hparams)
+        policy = cls(hparams, text_words)
         policy.load_state_dict({k: v for k, v in state_dict.items() if k.startswith(POLICY_PARTS)})
         return policy.eval()
 
