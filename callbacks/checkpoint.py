@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_dreamer.callbacks.env_collector import find_collector, total_env_steps
-from lit_dreamer.checkpoint_files import check_checkpoint_folder
+from lit_dreamer.checkpoint_files import check_checkpoint_folder, resolve_last  # noqa: F401 - exported by callbacks
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,6 @@ def write_json_atomic(path: str, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def resolve_last(dirpath: str) -> str | None:
-    """Path of the newest complete model.ckpt under dirpath, or None."""
-    link = os.path.join(dirpath, "last")
-    path = os.path.join(link, "model.ckpt")
-    return os.path.realpath(path) if os.path.exists(path) else None
 
 
 class DreamerCheckpoint(Callback):

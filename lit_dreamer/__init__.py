@@ -42,3 +42,11 @@ def _install_checkout_finder() -> None:
 
 
 _install_checkout_finder()
+
+
+def __getattr__(name: str):
+    # `lit_dreamer.Agent` without importing torch (or anything else) on `import lit_dreamer`.
+    if name == "Agent":
+        from lit_dreamer.agent import Agent
+        return Agent
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

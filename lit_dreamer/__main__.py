@@ -1,4 +1,4 @@
-"""Command line: `python -m lit_dreamer fit|eval|export|bench|config|compare ...` (see --help of each)."""
+"""Command line: `python -m lit_dreamer fit|eval|export|register|bench|config|compare ...` (see --help of each)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from lit_dreamer.evaluation import EvalOptions  # noqa: E402
 from lit_dreamer.export import ExportOptions  # noqa: E402
 from lit_dreamer.module import NonFiniteTrainingError  # noqa: E402
 from lit_dreamer.options import dataclass_help, option_values, parse_options  # noqa: E402
+from lit_dreamer.registry import RegisterOptions  # noqa: E402
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -52,6 +53,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
     export.add_argument("overrides", nargs="*", metavar="key=value")
+    register = commands.add_parser("register", help="register a checkpoint's policy in the MLflow model registry",
+                                   description="Log a checkpoint's policy as an MLflow pyfunc model with its signature "
+                                   "and register it as NAME (a new version each time): models:/NAME/VERSION.",
+                                   epilog=dataclass_help(RegisterOptions),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    register.add_argument("--ckpt", required=True, help="a model.ckpt, or a run folder (its checkpoints/last)")
+    register.add_argument("options", nargs="*", metavar="key=value")
     config = commands.add_parser("config", help="print the resolved config as YAML",
                                  description="Print the config that fit would run with; comments give the "
                                  "model dimensions that model.size fills in.")
@@ -78,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(args)
         if args.command == "export":
             return run_export(args)
+        if args.command == "register":
+            return run_register(args)
         if args.command == "compare":
             from lit_dreamer.compare import main as compare_main
             compare_main(parse_options(CompareOptions, args.options, command="compare"))
@@ -168,6 +178,15 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_register(args: argparse.Namespace) -> int:
+    from lit_dreamer.registry import register_checkpoint
+    from lit_dreamer.resume import find_checkpoint
+    options = parse_options(RegisterOptions, args.options, command="register")
+    result = register_checkpoint(find_checkpoint(args.ckpt), options)
+    print(f"registered {result['uri']} (MLflow run {result['run_id']} at {result['tracking_uri']})")
+    return 0
+
+
 def print_summary(summary: dict) -> None:
     print("\n=== lit_dreamer run summary ===")
     where = " on rank 0" if summary["world_size"] > 1 else ""
@@ -182,6 +201,8 @@ def print_summary(summary: dict) -> None:
         print(f"last evaluation: return {e['return']:.1f} +- {e['return_std']:.1f} over {e['episodes']} episodes")
     print(summary["logs"])
     print(f"checkpoint {summary['checkpoint']}")
+    if summary.get("registered"):
+        print(f"registered {summary['registered']['uri']}")
     if summary["stopped_by"]:
         print(f"stopped by {summary['stopped_by']} before run.steps; continue with "
               f"`fit --resume {summary['run_dir']}`")

@@ -267,3 +267,25 @@ class AgentConfig:
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+
+
+def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
+    """Accept an AgentConfig, a plain nested dict as a checkpoint saves it, or None (defaults).
+
+    A dict is read as saved: a model key it predates takes the value it was made with (ModelConfig.from_saved),
+    so that `load_from_checkpoint` and `eval` rebuild an old checkpoint's architecture, not today's; a key
+    saved in the section it has since left is read from there (migrate_moved_keys).
+    """
+    if config is None:
+        return AgentConfig()
+    if isinstance(config, AgentConfig):
+        return config
+    config = migrate_moved_keys(config)
+    return AgentConfig(
+        model=ModelConfig.from_saved(config.get("model", {})),
+        world_model=WorldModelConfig(**config.get("world_model", {})),
+        loss_scales=LossScales(**config.get("loss_scales", {})),
+        behavior=BehaviorConfig(**config.get("behavior", {})),
+        optim=OptimConfig(**config.get("optim", {})),
+        multitask=MultitaskConfig(**config.get("multitask", {})),  # absent before multi-task: the defaults
+    )

@@ -13,13 +13,17 @@ import os
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lit_dreamer.config import ConfigError
+from lit_dreamer.config import ConfigError, EnvConfig
 from lit_dreamer.replay import ReplaySnapshotError, check_snapshot
 
+RECORD_KEY = "lit_dreamer"  # the checkpoint's top-level entry written by resume.RunRecord
+VOCABULARY_RECORD_KEY = "text_vocabulary"  # in the RunRecord entry: {text key: [words in id order]}
+SPACES_RECORD_KEY = "spaces"  # in the RunRecord entry: the env's own spaces (lit_dreamer.envs.described)
 _STEP_FOLDER = re.compile(r"step-\d+$")
 _RANK_FILE = re.compile(r"(?:replay-rank(\d+)|collector-rank(\d+)\.json)$")
 
@@ -137,3 +141,116 @@ def damaged(file: str, problem: str) -> ConfigError:
             "eval --ckpt, or restore the damaged file" if older else
             f"no older complete checkpoint is in {os.path.dirname(folder)}: restore the damaged file or start anew")
     return ConfigError(f"checkpoint {folder} is damaged: {file} {problem}; {hint}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a checkpoint (no Lightning needed: lit_dreamer.agent loads checkpoints with these)
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    hparams: dict
+    run_config: dict | None
+    """The full run config it was saved under; None for checkpoints made before they carried it."""
+    mlflow_run_id: str | None
+    env_steps: int
+    """Env steps over all ranks."""
+    train_steps: int
+    state_dict: dict
+    tasks: list[str] | None = None
+    """The task table it was trained on (env ids in index order); None when it carries no config at all."""
+    text_vocabulary: dict[str, list[str]] = field(default_factory=dict)
+    """{text observation key: words in id order} of its envs (empty: no text observations)."""
+    spaces: dict | None = None
+    """The env's own observation and action spaces as fit saw them (lit_dreamer.envs.described); None for a
+    checkpoint saved before it carried them."""
+
+
+def read_checkpoint(path: str, mmap: bool = True) -> CheckpointInfo:
+    ckpt = open_checkpoint(path, mmap=mmap)  # names an empty, corrupt, unsafe or foreign file
+    record = ckpt.get(RECORD_KEY) or {}
+    saver = ckpt.get("callbacks", {}).get("DreamerCheckpoint", {})
+    train_steps = ckpt.get("state_dict", {}).get("train_steps")
+    return CheckpointInfo(path=path, hparams=ckpt["hyper_parameters"], run_config=record.get("config"),
+                          mlflow_run_id=record.get("mlflow_run_id"), env_steps=int(saver.get("last_saved_at", 0)),
+                          train_steps=int(train_steps) if train_steps is not None else 0,
+                          state_dict=ckpt.get("state_dict", {}), tasks=saved_task_table(record),
+                          text_vocabulary=dict(record.get(VOCABULARY_RECORD_KEY) or {}),
+                          spaces=record.get(SPACES_RECORD_KEY))
+
+
+def saved_task_table(record: dict) -> list[str] | None:
+    """A checkpoint's task table; one that predates the table has the one task of its config's env.id."""
+    if "tasks" in record:
+        return list(record["tasks"])
+    config = record.get("config")
+    return tasks_of_saved_config(config) if config is not None else None
+
+
+def tasks_of_saved_config(config: dict) -> list[str]:
+    """task_names of a saved config, read without parsing the rest of it (it may come from another version)."""
+    env = config.get("env") or {}
+    return list(env.get("tasks") or []) or [env.get("id", EnvConfig.id)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding a checkpoint
+
+
+def resolve_last(dirpath: str) -> str | None:
+    """Path of the newest complete model.ckpt under dirpath, or None."""
+    link = os.path.join(dirpath, "last")
+    path = os.path.join(link, "model.ckpt")
+    return os.path.realpath(path) if os.path.exists(path) else None
+
+
+def complete_checkpoints(checkpoints: str) -> list[str]:
+    """The model.ckpt of every step-* folder that has one (written last in a save), oldest first.
+
+    A folder with a model.ckpt holds a run's checkpoint even when a file in it was damaged later.
+    """
+    if not os.path.isdir(checkpoints):
+        return []
+    names = sorted(n for n in os.listdir(checkpoints) if n.startswith("step-"))
+    paths = [os.path.join(checkpoints, n, "model.ckpt") for n in names]
+    return [p for p in paths if os.path.isfile(p)]
+
+
+def last_checkpoint(checkpoints: str, asked: str) -> str:
+    """checkpoints/last; if it is missing or dangling, say which complete step-* there is instead."""
+    path = resolve_last(checkpoints)
+    if path is not None:
+        return path
+    link = os.path.join(checkpoints, "last")
+    problem = (f"{link} points to {os.readlink(link)}, which holds no complete checkpoint" if os.path.islink(link)
+               else f"{checkpoints} has no complete checkpoint")
+    # Only a folder whose files are all intact is worth pointing to (checkpoint_files.is_complete).
+    complete = [path for path in complete_checkpoints(checkpoints) if is_complete(os.path.dirname(path))]
+    if complete:
+        hint = f"; the newest complete one is {complete[-1]}: pass it as ckpt_path={complete[-1]}"
+    else:
+        hint = "; set run.dir to the folder of the run to resume, or start a new run"
+    raise ConfigError(f"{asked}: {problem}{hint}")
+
+
+def find_checkpoint(path: str) -> str:
+    """The model.ckpt meant by a model.ckpt path, a step-* folder, or a run folder (its checkpoints/last)."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(os.path.join(path, "model.ckpt")):
+        return os.path.join(path, "model.ckpt")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return last_checkpoint(os.path.join(path, "checkpoints"), asked=f"checkpoint {path!r}")
+    if not os.path.exists(path):
+        raise ConfigError(f"checkpoint {path!r} does not exist")
+    raise ConfigError(f"checkpoint {path!r} is neither a model.ckpt nor a run folder with a checkpoints/ folder")
+
+
+def run_folder_of(ckpt_path: str) -> str | None:
+    """R for a checkpoint that really sits at R/checkpoints/step-*/model.ckpt, else None (e.g. a copied file)."""
+    step = os.path.dirname(os.path.realpath(ckpt_path))
+    checkpoints = os.path.dirname(step)
+    if os.path.basename(step).startswith("step-") and os.path.basename(checkpoints) == "checkpoints":
+        return os.path.dirname(checkpoints)
+    return None

@@ -126,6 +126,7 @@ def default_tracking_uri() -> str:
 
 
 LOGGER_BACKENDS = ("mlflow", "tensorboard", "csv", "none")
+LOG_CHECKPOINTS = ("last", "all", "none")
 
 
 @dataclass
@@ -140,6 +141,11 @@ class LoggerConfig:
     """MLflow experiment name."""
     run_name: Optional[str] = None
     """MLflow run name (None: <env id>-seed<seed>-<time>)."""
+    log_checkpoints: str = "last"
+    """Model checkpoints (not the replay) as MLflow run artifacts: last (checkpoints/last, replaced at each save),
+    all (checkpoints/step-N for every save) or none; needs backend=mlflow (the default last is skipped without it)."""
+    register_as: Optional[str] = None
+    """Register the final policy in the MLflow model registry under this name at the end of fit (None: not)."""
 
 
 def default_trainer() -> dict[str, Any]:
@@ -508,6 +514,28 @@ def migrated(layer: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{err} (in {source})") from None
 
 
+def check_model_logging(logger: LoggerConfig) -> None:
+    """logger.log_checkpoints and logger.register_as: known values, and MLflow where they need it.
+
+    log_checkpoints=all and register_as are asked for explicitly, so another backend is an error; the default
+    log_checkpoints=last is skipped there (train says so), or every run without MLflow would have to turn it off.
+    """
+    if logger.log_checkpoints not in LOG_CHECKPOINTS:
+        raise ConfigError(f"logger.log_checkpoints must be one of {', '.join(LOG_CHECKPOINTS)} (the last checkpoint, "
+                          f"every checkpoint, or none as MLflow artifacts), got {logger.log_checkpoints!r}")
+    if logger.backend == "mlflow":
+        return
+    if logger.log_checkpoints == "all":
+        raise ConfigError(f"logger.log_checkpoints=all logs checkpoints as MLflow artifacts, which needs "
+                          f"logger.backend=mlflow (it is {logger.backend}); set logger.backend=mlflow or "
+                          "logger.log_checkpoints=none")
+    if logger.register_as is not None:
+        raise ConfigError(f"logger.register_as={logger.register_as} registers the policy in the MLflow model registry, "
+                          f"which needs logger.backend=mlflow (it is {logger.backend}); set logger.backend=mlflow, or "
+                          "register later with `python -m lit_dreamer register --ckpt RUN name=NAME "
+                          "tracking_uri=URI`")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need values, not just keys."""
     from lit_dreamer.agent_config import SIZES
@@ -535,6 +563,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.eval_mode must be one of {', '.join(EVAL_MODES)}, got {cfg.run.eval_mode!r}")
     if cfg.logger.backend not in LOGGER_BACKENDS:
         raise ConfigError(f"logger.backend must be one of {', '.join(LOGGER_BACKENDS)}, got {cfg.logger.backend!r}")
+    check_model_logging(cfg.logger)
     if cfg.replay.sampling not in SAMPLERS:
         close = difflib.get_close_matches(cfg.replay.sampling, list(SAMPLERS), n=1)
         raise ConfigError(f"unknown replay.sampling {cfg.replay.sampling!r}; choose one of {', '.join(SAMPLERS)}"

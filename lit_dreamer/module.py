@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
+from lit_dreamer.acting import Carry, initial_carry, policy_step
 from lit_dreamer.actor_critic import ActorCritic, Imagination
-from lit_dreamer.agent_config import (AgentConfig, BehaviorConfig, LossScales, ModelConfig, MultitaskConfig,
-                                     OptimConfig, WorldModelConfig, migrate_moved_keys)
-from lit_dreamer.conditioning import Conditioning, with_vector
+# agent_config_from lives with the configs (the Lightning-free policy of lit_dreamer.acting reads it too); it is
+# re-exported here for the callers that always imported it from module.
+from lit_dreamer.agent_config import AgentConfig, agent_config_from  # noqa: F401
+from lit_dreamer.conditioning import Conditioning
 from lit_dreamer.config import task_metric_name
 from lit_dreamer.losses import weight_terminal_steps
 from lit_dreamer.optim import LaProp
@@ -27,28 +29,6 @@ from lit_dreamer.world_model import WorldModel
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive training steps with NaN or infinite losses or gradients."""
-
-
-def agent_config_from(config: AgentConfig | dict | None) -> AgentConfig:
-    """Accept an AgentConfig, a plain nested dict as a checkpoint saves it, or None (defaults).
-
-    A dict is read as saved: a model key it predates takes the value it was made with (ModelConfig.from_saved),
-    so that `load_from_checkpoint` and `eval` rebuild an old checkpoint's architecture, not today's; a key
-    saved in the section it has since left is read from there (migrate_moved_keys).
-    """
-    if config is None:
-        return AgentConfig()
-    if isinstance(config, AgentConfig):
-        return config
-    config = migrate_moved_keys(config)
-    return AgentConfig(
-        model=ModelConfig.from_saved(config.get("model", {})),
-        world_model=WorldModelConfig(**config.get("world_model", {})),
-        loss_scales=LossScales(**config.get("loss_scales", {})),
-        behavior=BehaviorConfig(**config.get("behavior", {})),
-        optim=OptimConfig(**config.get("optim", {})),
-        multitask=MultitaskConfig(**config.get("multitask", {})),  # absent before multi-task: the defaults
-    )
 
 
 class DreamerModule(L.LightningModule):
@@ -274,34 +254,21 @@ class DreamerModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------
     # Acting (used by the environment collector and by evaluation)
 
-    def initial_carry(self, n: int) -> tuple[State, Tensor]:
-        rssm = self.world_model.rssm
-        return rssm.initial(n, self.device), torch.zeros(n, self.action_dim, device=self.device)
+    def initial_carry(self, n: int) -> Carry:
+        return initial_carry(self.world_model, self.action_dim, n, self.device)
 
-    @torch.no_grad()
-    def act(self, obs: dict[str, Tensor], is_first: Tensor, carry: tuple[State, Tensor], mode: str = "sample",
-            task: Tensor | None = None) -> tuple[Tensor, tuple[State, Tensor], State]:
-        """One policy step for N parallel environments.
+    def act(self, obs: dict[str, Tensor], is_first: Tensor, carry: Carry, mode: str = "sample",
+            task: Tensor | None = None) -> tuple[Tensor, Carry, State]:
+        """One policy step for N parallel environments (lit_dreamer.acting.policy_step, shared with the
+        Lightning-free lit_dreamer.agent).
 
         obs values (N, ...), is_first (N,) bool. carry = (posterior state, previous action). task (N,) int64:
         the task of each env, needed by an agent of several tasks (ignored with one).
-        Returns the action (N, A) (one-hot or in [-1, 1] before clipping), the new carry, and the
-        posterior of this step (what the replay stores as context).
+        Returns the action (N, A) (one-hot or in [-1, 1] before clipping), the new carry, and the posterior of
+        this step (what the replay stores as context).
         """
-        state, prev_action = carry
-        keep = (~is_first.bool()).float()[:, None]
-        embed, vector = self.world_model.encode_with_vector({k: v[:, None] for k, v in obs.items()})
-        post = self.world_model.rssm.observe_step(state, prev_action, embed[:, 0], keep)
-        if self.cond.active:
-            if task is None:
-                raise ValueError(f"a {self.cond.num_tasks}-task agent acts for a task: pass the task of each env")
-            task = torch.as_tensor(task, device=self.device, dtype=torch.long).expand(is_first.shape[0])
-        feat = with_vector(post.feat(), None if vector is None else vector[:, 0])
-        dist = self.actor_critic.actor.dist(self.actor_critic.actor(feat, task if self.cond.active else None))
-        action = dist.mode() if mode == "mode" else dist.sample()
-        if not self.discrete:
-            action = action.clamp(-1.0, 1.0)
-        return action, (post, action), post
+        return policy_step(self.world_model, self.actor_critic, self.cond, self.discrete, obs, is_first, carry,
+                           mode, task)
 
 
 def task_labels(num_tasks: int, task_names: Sequence[str] | None) -> list[str]:

@@ -13,7 +13,6 @@ model.ckpt is enough to branch from or to evaluate.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -21,13 +20,15 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from typing_extensions import override
 
-from lit_dreamer.callbacks import resolve_last
-from lit_dreamer.checkpoint_files import is_complete, open_checkpoint
-from lit_dreamer.config import Config, ConfigError, EnvConfig, flatten, load_config, task_names, to_flat_dict
+# Reading and finding checkpoints needs no Lightning (lit_dreamer.agent loads without it): those helpers live in
+# checkpoint_files and are re-exported here for the callers that always imported them from resume.
+from lit_dreamer.checkpoint_files import (RECORD_KEY, SPACES_RECORD_KEY, VOCABULARY_RECORD_KEY,  # noqa: F401
+                                          CheckpointInfo, complete_checkpoints, find_checkpoint, last_checkpoint,
+                                          read_checkpoint, resolve_last, run_folder_of, saved_task_table,
+                                          tasks_of_saved_config)
+from lit_dreamer.config import Config, ConfigError, flatten, load_config, task_names, to_flat_dict
 from lit_dreamer.envs.text import TextVocabularies
 
-RECORD_KEY = "lit_dreamer"  # the checkpoint's top-level entry written by RunRecord
-VOCABULARY_RECORD_KEY = "text_vocabulary"  # in the RunRecord entry: {text key: [words in id order]}
 CONFIG_FILE = "config.yaml"  # the config a run started with, in its run folder
 # Keys that name where a run lives, not how it trains: not listed as config changes.
 PLACE_KEYS = ("ckpt_path", "run.dir", "logger.run_name")
@@ -35,14 +36,16 @@ PLACE_KEYS = ("ckpt_path", "run.dir", "logger.run_name")
 
 class RunRecord(Callback):
     """Writes the run's config, its task table (env ids; a task's index is its position), its text vocabulary
-    (when its envs have text observations) and MLflow run id into every checkpoint."""
+    (when its envs have text observations), the env's own spaces (`spaces`, lit_dreamer.envs.described: what
+    lit_dreamer.agent needs to act without the env) and MLflow run id into every checkpoint."""
 
     def __init__(self, config: dict[str, Any], tasks: list[str] | None = None,
-                 vocabularies: TextVocabularies | None = None):
+                 vocabularies: TextVocabularies | None = None, spaces: dict | None = None):
         super().__init__()
         self.config = config
         self.tasks = tasks if tasks is not None else tasks_of_saved_config(config)
         self.vocabularies = vocabularies
+        self.spaces = spaces
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -52,6 +55,8 @@ class RunRecord(Callback):
         vocabulary = self.vocabularies.state() if self.vocabularies is not None else {}
         if vocabulary:
             checkpoint[RECORD_KEY][VOCABULARY_RECORD_KEY] = vocabulary
+        if self.spaces is not None:
+            checkpoint[RECORD_KEY][SPACES_RECORD_KEY] = self.spaces
 
 
 def logger_run_id(trainer: L.Trainer) -> str | None:
@@ -62,55 +67,12 @@ def logger_run_id(trainer: L.Trainer) -> str | None:
         return None
 
 
-def run_record(cfg: Config, vocabularies: TextVocabularies | None = None) -> RunRecord:
-    return RunRecord(OmegaConf.to_container(OmegaConf.structured(cfg)), task_names(cfg), vocabularies)
+def run_record(cfg: Config, vocabularies: TextVocabularies | None = None, spaces: dict | None = None) -> RunRecord:
+    return RunRecord(OmegaConf.to_container(OmegaConf.structured(cfg)), task_names(cfg), vocabularies, spaces)
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading a checkpoint
-
-
-@dataclass
-class CheckpointInfo:
-    path: str
-    hparams: dict
-    run_config: dict | None
-    """The full run config it was saved under; None for checkpoints made before they carried it."""
-    mlflow_run_id: str | None
-    env_steps: int
-    """Env steps over all ranks."""
-    train_steps: int
-    state_dict: dict
-    tasks: list[str] | None = None
-    """The task table it was trained on (env ids in index order); None when it carries no config at all."""
-    text_vocabulary: dict[str, list[str]] = field(default_factory=dict)
-    """{text observation key: words in id order} of its envs (empty: no text observations)."""
-
-
-def read_checkpoint(path: str, mmap: bool = True) -> CheckpointInfo:
-    ckpt = open_checkpoint(path, mmap=mmap)  # names an empty, corrupt, unsafe or foreign file
-    record = ckpt.get(RECORD_KEY) or {}
-    saver = ckpt.get("callbacks", {}).get("DreamerCheckpoint", {})
-    train_steps = ckpt.get("state_dict", {}).get("train_steps")
-    return CheckpointInfo(path=path, hparams=ckpt["hyper_parameters"], run_config=record.get("config"),
-                          mlflow_run_id=record.get("mlflow_run_id"), env_steps=int(saver.get("last_saved_at", 0)),
-                          train_steps=int(train_steps) if train_steps is not None else 0,
-                          state_dict=ckpt.get("state_dict", {}), tasks=saved_task_table(record),
-                          text_vocabulary=dict(record.get(VOCABULARY_RECORD_KEY) or {}))
-
-
-def saved_task_table(record: dict) -> list[str] | None:
-    """A checkpoint's task table; one that predates the table has the one task of its config's env.id."""
-    if "tasks" in record:
-        return list(record["tasks"])
-    config = record.get("config")
-    return tasks_of_saved_config(config) if config is not None else None
-
-
-def tasks_of_saved_config(config: dict) -> list[str]:
-    """task_names of a saved config, read without parsing the rest of it (it may come from another version)."""
-    env = config.get("env") or {}
-    return list(env.get("tasks") or []) or [env.get("id", EnvConfig.id)]
 
 
 def check_task_table(info: CheckpointInfo, tasks: list[str]) -> None:
@@ -130,59 +92,8 @@ def _listed(tasks: list[str]) -> str:
 # Finding a checkpoint
 
 
-def complete_checkpoints(checkpoints: str) -> list[str]:
-    """The model.ckpt of every step-* folder that has one (written last in a save), oldest first.
-
-    A folder with a model.ckpt holds a run's checkpoint even when a file in it was damaged later.
-    """
-    if not os.path.isdir(checkpoints):
-        return []
-    names = sorted(n for n in os.listdir(checkpoints) if n.startswith("step-"))
-    paths = [os.path.join(checkpoints, n, "model.ckpt") for n in names]
-    return [p for p in paths if os.path.isfile(p)]
-
-
-def last_checkpoint(checkpoints: str, asked: str) -> str:
-    """checkpoints/last; if it is missing or dangling, say which complete step-* there is instead."""
-    path = resolve_last(checkpoints)
-    if path is not None:
-        return path
-    link = os.path.join(checkpoints, "last")
-    problem = (f"{link} points to {os.readlink(link)}, which holds no complete checkpoint" if os.path.islink(link)
-               else f"{checkpoints} has no complete checkpoint")
-    # Only a folder whose files are all intact is worth pointing to (checkpoint_files.is_complete).
-    complete = [path for path in complete_checkpoints(checkpoints) if is_complete(os.path.dirname(path))]
-    if complete:
-        hint = f"; the newest complete one is {complete[-1]}: pass it as ckpt_path={complete[-1]}"
-    else:
-        hint = "; set run.dir to the folder of the run to resume, or start a new run"
-    raise ConfigError(f"{asked}: {problem}{hint}")
-
-
-def find_checkpoint(path: str) -> str:
-    """The model.ckpt meant by a model.ckpt path, a step-* folder, or a run folder (its checkpoints/last)."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, "model.ckpt")):
-        return os.path.join(path, "model.ckpt")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return last_checkpoint(os.path.join(path, "checkpoints"), asked=f"checkpoint {path!r}")
-    if not os.path.exists(path):
-        raise ConfigError(f"checkpoint {path!r} does not exist")
-    raise ConfigError(f"checkpoint {path!r} is neither a model.ckpt nor a run folder with a checkpoints/ folder")
-
-
 def inside(path: str, folder: str) -> bool:
     return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
-
-
-def run_folder_of(ckpt_path: str) -> str | None:
-    """R for a checkpoint that really sits at R/checkpoints/step-*/model.ckpt, else None (e.g. a copied file)."""
-    step = os.path.dirname(os.path.realpath(ckpt_path))
-    checkpoints = os.path.dirname(step)
-    if os.path.basename(step).startswith("step-") and os.path.basename(checkpoints) == "checkpoints":
-        return os.path.dirname(checkpoints)
-    return None
 
 
 def check_run_dir_free(directory: str, ckpt_path: str | None) -> None:

@@ -112,9 +112,9 @@ class ResilientMLFlowLogger(MLFlowLogger):
         except Exception as err:  # noqa: BLE001
             self.report_failure("set_tag", err)
 
-    def log_artifact(self, path: str) -> None:
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         try:
-            self.experiment.log_artifact(self.run_id, path)
+            self.experiment.log_artifact(self.run_id, path, artifact_path)
         except Exception as err:  # noqa: BLE001
             self.report_failure("log_artifact", err)
 

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from lit_dreamer.callbacks import (CollapseWatch, DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback,
+from lit_dreamer.callbacks import (CheckpointArtifacts, CollapseWatch, DreamerCheckpoint, EnvCollector, EvalCallback, GracefulStop, VideoCallback,
                                    resolve_last)
 from lit_dreamer.callbacks.env_collector import find_collector
 from lit_dreamer.callbacks.progress import EnvStepProgressBar
@@ -22,6 +22,7 @@ from lit_dreamer.checkpoint_files import check_checkpoint_folder
 from lit_dreamer.config import Config, ConfigError, task_names, validate
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, check_same_spaces, make_env, space_spec
+from lit_dreamer.envs.described import describe_spaces
 from lit_dreamer.envs.text import TextVocabularies, check_text_growth
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.offline import build_offline, check_offline_start, is_offline_checkpoint, run_length
@@ -40,6 +41,8 @@ class EnvInfo:
     obs_spec: dict
     action_dim: int
     discrete: bool
+    spaces: dict | None = None
+    """The env's own spaces and lit_dreamer's conversions (envs.described), saved in checkpoints for Agent.load."""
 
 
 def env_info(env) -> EnvInfo:
@@ -64,7 +67,9 @@ def probe_env(cfg: Config, vocabularies: TextVocabularies | None = None) -> EnvI
             check_same_spaces(envs)
         except ValueError as err:
             raise ConfigError(f"env.tasks: {err}") from None
-        return env_info(envs[0][1])
+        info = env_info(envs[0][1])
+        info.spaces = describe_spaces(envs[0][1])
+        return info
     finally:
         for _, env in envs:
             env.close()
@@ -242,7 +247,8 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
                              **env_kwargs)  # evaluation and videos keep the env's own reward
     checkpoint = DreamerCheckpoint(os.path.join(run_dir(cfg), "checkpoints"), every_env_steps=cfg.run.checkpoint_every,
                                    keep=cfg.run.keep_checkpoints)
-    callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg, vocabularies)]
+    callbacks = [collector, checkpoint, GracefulStop(), run_record(cfg, vocabularies, info.spaces)]
+    callbacks += checkpoint_artifacts(cfg, checkpoint)
     if cfg.reward.source == "llm":
         callbacks.append(RewardStats(shared_judge(cfg.reward.llm), every=cfg.run.log_every))
     if cfg.run.collapse_entropy > 0:
@@ -256,6 +262,39 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
         callbacks.append(VideoCallback(tasks, os.path.join(run_dir(cfg), "videos"),
                                        every_env_steps=cfg.run.video_every, **env_kwargs))
     return module, datamodule, callbacks, info
+
+
+def checkpoint_artifacts(cfg: Config, checkpoint: DreamerCheckpoint) -> list[L.Callback]:
+    """The callback that logs checkpoints to MLflow (logger.log_checkpoints), after `checkpoint` in the list.
+
+    Without MLflow the default `last` is skipped (config.check_model_logging refuses `all`): with a warning for
+    TensorBoard and CSV, silently for backend=none, which asked for no logging at all."""
+    if cfg.logger.log_checkpoints == "none" or cfg.logger.backend == "none":
+        return []
+    if cfg.logger.backend != "mlflow":
+        rank_zero_warn(f"logger.log_checkpoints=last logs checkpoints to MLflow, and logger.backend="
+                       f"{cfg.logger.backend}: skipped (the checkpoints stay in run.dir/checkpoints); set logger.log_checkpoints=none to "
+                       "silence this")
+        return []
+    return [CheckpointArtifacts(checkpoint, cfg.logger.log_checkpoints)]
+
+
+def register_at_end(cfg: Config, logger: Logger | None, summary: dict) -> dict | None:
+    """logger.register_as: register the final checkpoint's policy (rank 0, a run that reached run.steps).
+
+    A store failure here leaves the run intact and says how to register it later, rather than fail a finished fit."""
+    if not cfg.logger.register_as or not isinstance(logger, ResilientMLFlowLogger) or summary["stopped_by"] \
+            or summary["checkpoint"] is None:
+        return None
+    from lit_dreamer.registry import register_policy
+    try:
+        return register_policy(summary["checkpoint"], cfg.logger.register_as, cfg.logger.tracking_uri,
+                               cfg.logger.experiment, run_id=logger.run_id)
+    except Exception as err:  # noqa: BLE001 - the run is done and saved; registering can be repeated
+        rank_zero_warn(f"registering the policy as {cfg.logger.register_as} failed ({type(err).__name__}: {err}); "
+                       f"register it with `python -m lit_dreamer register --ckpt {run_dir(cfg)} "
+                       f"name={cfg.logger.register_as}`")
+        return None
 
 
 def fit(cfg: Config) -> dict:
@@ -293,7 +332,9 @@ def _fit_named(cfg: Config) -> dict:
     trainer = make_trainer(cfg, callbacks, logger)
     began = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=start.ckpt_path, weights_only=True)
-    return fit_summary(cfg, trainer, module, logger, time.time() - began)
+    summary = fit_summary(cfg, trainer, module, logger, time.time() - began)
+    summary["registered"] = register_at_end(cfg, logger, summary)
+    return summary
 
 
 @dataclass

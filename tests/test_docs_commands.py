@@ -106,6 +106,7 @@ def check_command(args: str) -> None:
     from lit_dreamer.compare import CompareOptions
     from lit_dreamer.evaluation import EvalOptions
     from lit_dreamer.export import ExportOptions
+    from lit_dreamer.registry import RegisterOptions
     try:
         if parsed.command in ("fit", "config"):
             load_config(parsed.config, parsed.overrides)
@@ -122,6 +123,8 @@ def check_command(args: str) -> None:
         elif parsed.command == "convert-episodes":
             from lit_dreamer.episodes import ConvertOptions
             check_options(ConvertOptions, parsed.options, "convert-episodes")
+        elif parsed.command == "register":
+            check_options(RegisterOptions, parsed.options, "register")
         else:
             raise AssertionError(f"no check written for the subcommand {parsed.command!r}: add one here")
     except ConfigError as err:
@@ -159,6 +162,7 @@ def test_command_example_parses_against_the_cli(where, args, monkeypatch):
     ("compare metrc=train/return", "unknown option 'metrc=train/return'"),
     ("bench -c cartpole bench.stepz=3", "unknown option 'stepz=3'"),
     ("export --ckpt runs/<RUN> fromat=onnx", "unknown option 'fromat=onnx'"),
+    ("register --ckpt runs/<RUN> nmae=cartpole", "unknown option 'nmae=cartpole'"),
     ("eval --ckpt runs/<run name>", "write placeholders as <NAME>"),
     ("fit run.seed=<seed>", "write placeholders as <NAME>"),
 ])
@@ -171,6 +175,7 @@ def test_placeholders_are_filled_and_help_lines_accepted():
     check_command("eval --ckpt runs/<RUN>/checkpoints/<STEP>/model.ckpt episodes=<N> env.time_limit=<STEPS>")
     check_command("fit --help")
     check_command("export --ckpt runs/<RUN> format=torch out=<PATH>")
+    check_command("register --ckpt runs/<RUN> name=<NAME> tracking_uri=sqlite:///mlflow.db")
     check_command("compare --help")
 
 

@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from gymnasium.wrappers import RescaleAction, TransformAction
+from gymnasium.wrappers.utils import rescale_box
 
 from lit_dreamer.steps import is_reserved
 
@@ -97,20 +98,19 @@ def _flatten_values(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class DictObservation(gym.ObservationWrapper):
-    """Observations as a flat dict: a top-level Box becomes ``image`` (rank 3) or ``vector``.
+class FlatObservations:
+    """The conversion DictObservation applies, without an env: a source observation space becomes `space`, a flat
+    ``spaces.Dict``, and calling it converts one observation of the source space (lit_dreamer.agent uses it on
+    observations that a user's own env returned).
 
-    Dict observations keep their keys (nested dicts joined with "/"); scalars become shape (1,),
-    numeric vectors float32, uint8 HxWx{1,3} boxes stay images; Discrete and MultiDiscrete entries
-    become one-hot float32 vectors, MultiBinary ones 0/1 float32 vectors. Anything else raises a ValueError at
-    construction that names the key, its shape and dtype. Keys in `keep` (text token ids) are left as they
-    are. Observations and `render()` frames are
-    C-contiguous arrays.
+    A top-level Box becomes ``image`` (rank 3) or ``vector``; Dict observations keep their keys (nested dicts
+    joined with "/"); scalars become shape (1,), numeric vectors float32, uint8 HxWx{1,3} boxes stay images;
+    Discrete and MultiDiscrete entries become one-hot float32 vectors, MultiBinary ones 0/1 float32 vectors.
+    Anything else raises a ValueError at construction that names the key, its shape and dtype. Keys in `keep`
+    (text token ids) are left as they are. Observations are C-contiguous arrays.
     """
 
-    def __init__(self, env: gym.Env, keep: Sequence[str] = ()):
-        super().__init__(env)
-        source = env.observation_space
+    def __init__(self, source: spaces.Space, keep: Sequence[str] = ()):
         if isinstance(source, spaces.Dict):
             flat = _flatten_spaces(source)
         elif isinstance(source, spaces.Box):
@@ -122,23 +122,40 @@ class DictObservation(gym.ObservationWrapper):
                 raise ValueError(f"observation key {key!r} clashes with a replay key; rename it")
         # `keep`: top-level keys whose boxes pass unchanged, the int64 token ids of text observations.
         converted = {key: space if key in keep else _convert_box(key, space) for key, space in flat.items()}
-        self._categorical = {key: space for key, space in flat.items() if isinstance(space, CATEGORICAL)}
-        self._top_level_key = None if isinstance(source, spaces.Dict) else next(iter(converted))
-        self.observation_space = spaces.Dict(converted)
+        self.categorical = {key: space for key, space in flat.items() if isinstance(space, CATEGORICAL)}
+        self.top_level_key = None if isinstance(source, spaces.Dict) else next(iter(converted))
+        self.keep = tuple(keep)
+        self.space = spaces.Dict(converted)
 
-    def observation(self, observation: Any) -> dict[str, np.ndarray]:
-        if self._top_level_key is not None:
-            observation = {self._top_level_key: observation}
+    def __call__(self, observation: Any) -> dict[str, np.ndarray]:
+        if self.top_level_key is not None:
+            observation = {self.top_level_key: observation}
         else:
             observation = _flatten_values(observation)
         # Contiguous copies: dm_control renders upside down and returns a flipped view (negative strides),
         # which torch.as_tensor refuses; every consumer (collector, eval, videos) then gets a plain array.
-        return {key: self._entry(key, observation[key], space) for key, space in self.observation_space.spaces.items()}
+        return {key: self.entry(key, observation[key], space) for key, space in self.space.spaces.items()}
 
-    def _entry(self, key: str, value: Any, space: spaces.Box) -> np.ndarray:
-        if key in self._categorical:
-            return one_hot_observation(self._categorical[key], value)
+    def entry(self, key: str, value: Any, space: spaces.Box) -> np.ndarray:
+        if key in self.categorical:
+            return one_hot_observation(self.categorical[key], value)
         return np.ascontiguousarray(np.asarray(value, dtype=space.dtype).reshape(space.shape))
+
+
+class DictObservation(gym.ObservationWrapper):
+    """Observations as a flat dict (FlatObservations: the conversion itself, shared with lit_dreamer.agent).
+
+    Keys in `keep` (text token ids) are left as they are. Observations and `render()` frames are
+    C-contiguous arrays.
+    """
+
+    def __init__(self, env: gym.Env, keep: Sequence[str] = ()):
+        super().__init__(env)
+        self.converter = FlatObservations(env.observation_space, keep)
+        self.observation_space = self.converter.space
+
+    def observation(self, observation: Any) -> dict[str, np.ndarray]:
+        return self.converter(observation)
 
     def render(self) -> Any:
         """The env's frame as a contiguous array (dm_control's is a flipped view with negative strides)."""
@@ -177,3 +194,17 @@ def adapt_action_space(env: gym.Env) -> gym.Env:
     inner_dtype = space.dtype
     unit_box = spaces.Box(-1.0, 1.0, space.shape, np.float32)
     return TransformAction(env, lambda action: np.asarray(action, dtype=inner_dtype), unit_box)
+
+
+def to_env_action(action: np.ndarray, space: spaces.Space) -> np.ndarray:
+    """Actions in lit_dreamer's convention (indices from 0, or a [-1, 1] box; any leading batch dims) as the env's
+    own action space `space` takes them: what adapt_action_space's wrappers do to an action on its way in (the
+    Discrete's start added; the box cast to its dtype, then mapped onto [low, high] by gymnasium's rescale_box)."""
+    if isinstance(space, spaces.Discrete):
+        return np.asarray(action, np.int64) + int(space.start)
+    action = np.asarray(action, dtype=space.dtype)
+    if np.all(space.low == -1) and np.all(space.high == 1):
+        return action
+    unit = np.ones(space.shape, dtype=space.dtype)
+    _, _, to_env = rescale_box(space, -unit, unit)  # the function RescaleAction applies
+    return to_env(action)

@@ -101,8 +101,14 @@ class OneHotGrid(gym.ObservationWrapper):
         self.observation_space = spaces.Dict({"grid": grid, **others})
 
     def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
-        others = {key: value for key, value in observation.items() if key != "image"}
-        return {"grid": one_hot_cells(observation["image"], self.widths), **others}
+        return one_hot_grid(observation, self.widths)
+
+
+def one_hot_grid(observation: dict[str, Any], widths: tuple[int, ...]) -> dict[str, Any]:
+    """minigrid's observation with its symbolic ``image`` replaced by ``grid`` (OneHotGrid's conversion, shared
+    with lit_dreamer.agent); `widths` are the sizes of minigrid's object, colour and state tables."""
+    others = {key: value for key, value in observation.items() if key != "image"}
+    return {"grid": one_hot_cells(observation["image"], widths), **others}
 
 
 class EgocentricPixels(gym.ObservationWrapper):

@@ -203,8 +203,14 @@ class TextTokens(gym.ObservationWrapper):
             {key: token_box if key in self.keys else space for key, space in env.observation_space.spaces.items()})
 
     def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
-        return {key: self.vocabularies[key].encode(value, self.length) if key in self.vocabularies else value
-                for key, value in observation.items()}
+        return encode_texts(observation, self.vocabularies, self.length)
+
+
+def encode_texts(observation: dict[str, Any], vocabularies: dict[str, Vocabulary], length: int) -> dict[str, Any]:
+    """A Dict observation with the entry of every key in `vocabularies` as (length,) int64 token ids (TextTokens'
+    conversion, shared with lit_dreamer.agent); other entries unchanged."""
+    return {key: vocabularies[key].encode(value, length) if key in vocabularies else value
+            for key, value in observation.items()}
 
 
 def wrap_text(env: gym.Env, vocabularies: TextVocabularies | None, length: int) -> tuple[gym.Env, list[str]]:
