@@ -190,12 +190,17 @@ def run_register(args: argparse.Namespace) -> int:
 def print_summary(summary: dict) -> None:
     print("\n=== lit_dreamer run summary ===")
     where = " on rank 0" if summary["world_size"] > 1 else ""
-    print(f"env steps {summary['env_steps']}, train steps {summary['train_steps']}, "
-          f"episodes {summary['episodes']}{where}, {summary['seconds']:.0f} s")
-    if summary["episodes"]:
-        print(f"best episode return {summary['best_return']:.1f}, last {summary['last_return']:.1f}")
+    offline = summary.get("offline_replay")
+    if offline:
+        print(f"offline: {summary['train_steps']} gradient steps from the replay {offline}, "
+              f"{summary['seconds']:.0f} s")
     else:
-        print("no episode finished yet")
+        print(f"env steps {summary['env_steps']}, train steps {summary['train_steps']}, "
+              f"episodes {summary['episodes']}{where}, {summary['seconds']:.0f} s")
+        if summary["episodes"]:
+            print(f"best episode return {summary['best_return']:.1f}, last {summary['last_return']:.1f}")
+        else:
+            print("no episode finished yet")
     if summary["eval"]:
         e = summary["eval"]
         print(f"last evaluation: return {e['return']:.1f} +- {e['return_std']:.1f} over {e['episodes']} episodes")
@@ -204,7 +209,7 @@ def print_summary(summary: dict) -> None:
     if summary.get("registered"):
         print(f"registered {summary['registered']['uri']}")
     if summary["stopped_by"]:
-        print(f"stopped by {summary['stopped_by']} before run.steps; continue with "
+        print(f"stopped by {summary['stopped_by']} before {'offline.steps' if offline else 'run.steps'}; continue with "
               f"`fit --resume {summary['run_dir']}`")
 
 

@@ -419,4 +419,5 @@ def fit_summary(cfg: Config, trainer: L.Trainer, module: DreamerModule, logger: 
         "rank": trainer.global_rank,
         # SIGINT or SIGTERM when a signal ended the run before run.steps (it resumes with ckpt_path=last)
         "stopped_by": next(iter(stops), None),
+        "offline_replay": cfg.offline.replay,  # an offline run counts gradient steps and steps no env
     }

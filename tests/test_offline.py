@@ -76,7 +76,7 @@ def offline_run(source_run, tmp_path_factory):
 def test_offline_fit_takes_no_env_step_and_its_world_model_loss_falls(offline_run, source_run):
     root, proc, _ = offline_run
     assert proc.returncode == 0, explain(proc)
-    assert f"env steps 0, train steps {OFFLINE_STEPS}" in proc.stdout
+    assert f"offline: {OFFLINE_STEPS} gradient steps from the replay" in proc.stdout
     run = only_run(root)
     # The step-* folder `last` pointed to when the run started: `last` itself moves on if the source run goes on.
     assert run.data.tags["offline_replay"] == os.path.realpath(source_run / "checkpoints" / "last" / "replay-rank0")
@@ -122,7 +122,7 @@ def test_an_offline_run_resumes_with_ckpt_path_last(offline_run):
     resumed = cli(root, "fit", "--resume", str(root / "run"), f"offline.steps={OFFLINE_STEPS + 10}",
                   f"offline.replay={root / 'gone'}", timeout=300)
     assert resumed.returncode == 0, explain(resumed)
-    assert f"train steps {OFFLINE_STEPS + 10}" in resumed.stdout
+    assert f"offline: {OFFLINE_STEPS + 10} gradient steps" in resumed.stdout
     run = only_run(root)  # the same MLflow run goes on
     assert run.info.run_id == first.info.run_id
     steps = [m.step for m in history(root, run.info.run_id, "train/train_steps")]
