@@ -188,8 +188,10 @@ def test_cli_cartpole_end_to_end(cartpole_run):
     assert all(CARTPOLE_PREFILL <= m.step <= CARTPOLE_STEPS for m in returns)
     assert run.data.metrics["train/skipped_steps"] == 0
 
-    # The resolved config as an artifact.
-    assert [a.path for a in client_for(root).list_artifacts(run_id)] == ["config.yaml"]
+    # The resolved config as an artifact, and the last model checkpoint (logger.log_checkpoints=last), not the replay.
+    assert [a.path for a in client_for(root).list_artifacts(run_id)] == ["checkpoints", "config.yaml"]
+    logged = [a.path for a in client_for(root).list_artifacts(run_id, "checkpoints/last")]
+    assert logged == ["checkpoints/last/model.ckpt"]
     local = client_for(root).download_artifacts(run_id, "config.yaml", str(root))
     with open(local) as f:
         config = yaml.safe_load(f)
