@@ -245,15 +245,6 @@ class EnvCollector(StepSource):
     RANK_STATE = ("episodes", "nonfinite_actions", "best_return", "last_return", "env_restarts", "cut_episodes",
                   "nonfinite_env_values")
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.SHARED_STATE}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in self.SHARED_STATE:
-            setattr(self, key, state_dict[key])
-
     def rank_state(self) -> dict[str, Any]:
         """This rank's own counters and RNG state (JSON-able)."""
         state = {key: getattr(self, key) for key in self.RANK_STATE}

@@ -62,11 +62,3 @@ class OfflineReplay(StepSource):
     def load_rank_state(self, state: dict[str, Any]) -> None:
         """Nothing to restore: the rank file only marks a complete checkpoint."""
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.SHARED_STATE}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in self.SHARED_STATE:
-            setattr(self, key, state_dict[key])

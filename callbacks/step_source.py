@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 
 class StepSource(Callback):
@@ -27,6 +28,18 @@ class StepSource(Callback):
         self.best_return = -math.inf
         self.last_return = math.nan
         self.return_log: list[tuple[int, float]] = []  # (steps, mean training return), for CollapseWatch
+
+    SHARED_STATE: tuple[str, ...] = ()
+    """Attributes every rank holds alike, saved in the checkpoint as the callback's state dict."""
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.SHARED_STATE}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in self.SHARED_STATE:
+            setattr(self, key, state_dict[key])
 
     def run_steps(self, world_size: int) -> int:
         """The run's count over all ranks, in `unit`."""
