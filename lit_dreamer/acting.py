@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_dreamer.actor_critic import ActorCritic
-from lit_dreamer.agent_config import agent_config_from
+from lit_dreamer.agent_config import AgentConfig, agent_config_from
 from lit_dreamer.conditioning import Conditioning, with_vector
 from lit_dreamer.rssm import State
 from lit_dreamer.world_model import WorldModel
@@ -24,6 +24,18 @@ Carry = tuple[State, Tensor]
 """(posterior state, previous action (N, A)) carried from one policy step to the next."""
 POLICY_PARTS = ("world_model.", "actor_critic.")
 """The state-dict prefixes of a DreamerModule that the policy holds (not its step counters)."""
+
+
+def build_parts(obs_spec: dict, action_dim: int, discrete: bool, cfg: AgentConfig, num_tasks: int = 1,
+                text_words: Mapping[str, Sequence[str]] | None = None) -> tuple[WorldModel, ActorCritic]:
+    """The world model and actor-critic of an agent, as DreamerModule trains them and Policy acts with them. The
+    world model's `cond` holds the task conditioning with the width of the text vector (model.text_condition)."""
+    cond = Conditioning(num_tasks, cfg.multitask.conditioning, cfg.multitask.embed_dim)
+    world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats, cond=cond,
+                             text_words=text_words)
+    actor_critic = ActorCritic(world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior,
+                               cond=world_model.cond)
+    return world_model, actor_critic
 
 
 def initial_carry(world_model: WorldModel, action_dim: int, n: int, device: torch.device | str) -> Carry:
@@ -71,12 +83,9 @@ class Policy(nn.Module):
         self.obs_spec = {k: (tuple(int(d) for d in shape), str(np.dtype(dtype)))
                          for k, (shape, dtype) in hparams["obs_spec"].items()}
         self.action_dim, self.discrete = int(hparams["action_dim"]), bool(hparams["discrete"])
-        cond = Conditioning(hparams.get("num_tasks", 1), cfg.multitask.conditioning, cfg.multitask.embed_dim)
-        self.world_model = WorldModel(self.obs_spec, self.action_dim, cfg.model, free_nats=cfg.world_model.free_nats,
-                                      cond=cond, text_words=text_words)
-        self.cond = self.world_model.cond  # with the width of the text conditioning vector (model.text_condition)
-        self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, self.action_dim, self.discrete, cfg.model,
-                                        cfg.behavior, cond=self.cond)
+        self.world_model, self.actor_critic = build_parts(self.obs_spec, self.action_dim, self.discrete, cfg,
+                                                          hparams.get("num_tasks", 1), text_words)
+        self.cond = self.world_model.cond
 
     @classmethod
     def from_state(cls, hparams: dict[str, Any], state_dict: dict[str, Tensor],

@@ -12,19 +12,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from lit_dreamer.acting import Carry, initial_carry, policy_step
-from lit_dreamer.actor_critic import ActorCritic, Imagination
+from lit_dreamer.acting import Carry, build_parts, initial_carry, policy_step
+from lit_dreamer.actor_critic import Imagination
 # agent_config_from lives with the configs (the Lightning-free policy of lit_dreamer.acting reads it too); it is
 # re-exported here for the callers that always imported it from module.
 from lit_dreamer.agent_config import AgentConfig, agent_config_from  # noqa: F401
-from lit_dreamer.conditioning import Conditioning
 from lit_dreamer.config import task_metric_name
 from lit_dreamer.losses import weight_terminal_steps
 from lit_dreamer.optim import LaProp
 from lit_dreamer.rssm import State
 from lit_dreamer.steps import CONTEXT_PREFIX, SpecLike
 from lit_dreamer.timing import PhaseTimer
-from lit_dreamer.world_model import WorldModel
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -56,14 +54,10 @@ class DreamerModule(L.LightningModule):
         self.automatic_optimization = False
         self.cfg = cfg
         self.obs_spec, self.action_dim, self.discrete = obs_spec, action_dim, discrete
-        cond = Conditioning(num_tasks, cfg.multitask.conditioning, cfg.multitask.embed_dim)
         # Not a hyperparameter: the checkpoint keeps the task table beside it (lit_dreamer.resume).
         self.task_labels = task_labels(num_tasks, task_names)
-        self.world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats,
-                                      cond=cond, text_words=text_words)
+        self.world_model, self.actor_critic = build_parts(obs_spec, action_dim, discrete, cfg, num_tasks, text_words)
         self.cond = self.world_model.cond  # with the width of the text conditioning vector (model.text_condition)
-        self.actor_critic = ActorCritic(self.world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior,
-                                        cond=self.cond)
         # Every observation key's loss is rec/<key>; text keys take their own scale (loss_scales.text).
         self.scales = {f"rec/{k}": cfg.loss_scales.text if k in self.world_model.text_keys else cfg.loss_scales.rec
                        for k in self.world_model.decoded_keys}
