@@ -54,26 +54,29 @@ class StubLLM:
         try:
             self.release.wait(self.hold)
             failing = self.fail_first is None or number <= self.fail_first
-            self.answer(handler, body["messages"][0]["content"], self.mode if failing else "rule")
+            status, payload = self.answer(body["messages"][0]["content"], self.mode if failing else "rule")
         finally:
+            # Out of flight before the reply is written: once the client has it, it may send the next
+            # request at once, and that one must not find this one still counted.
             with self.lock:
                 self.in_flight -= 1
+        handler.send_response(status)
+        if payload is not None:
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        if payload is not None:
+            handler.wfile.write(payload)
 
-    def answer(self, handler: BaseHTTPRequestHandler, prompt: str, mode: str) -> None:
+    def answer(self, prompt: str, mode: str) -> tuple[int, bytes | None]:
         if mode == "slow":
             self.release.wait(5.0)  # far past the client's timeout
         if mode in ("error500", "unauthorized"):
-            handler.send_response(500 if mode == "error500" else 401)
-            handler.end_headers()
-            return
+            return (500 if mode == "error500" else 401), None
         text = {"rule": rule(prompt), "slow": rule(prompt), "malformed": "I think the agent did it"}.get(mode)
         payload = b"<html>not json</html>" if mode == "not_json" else json.dumps(
             {"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(payload)))
-        handler.end_headers()
-        handler.wfile.write(payload)
+        return 200, payload
 
     def close(self) -> None:
         self.release.set()

@@ -159,7 +159,11 @@ def test_both_signals_reach_the_handler_and_teardown_restores_them():
         assert signal.getsignal(signal.SIGTERM) == stop.handle
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # an ignored Ctrl+C stays ignored
         stop.teardown(None, None, "fit")
-        signal.signal(signal.SIGINT, before[signal.SIGINT])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored as it was found
+        # Python's own Ctrl+C handler, set here rather than taken from `before`: pytest itself may run
+        # under `nohup ... &`, where SIGINT starts ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        found = {signum: signal.getsignal(signum) for signum in GracefulStop.SIGNALS}
         stop = GracefulStop()
         stop.on_train_start(None, None)
         assert all(signal.getsignal(signum) == stop.handle for signum in GracefulStop.SIGNALS)
@@ -167,7 +171,7 @@ def test_both_signals_reach_the_handler_and_teardown_restores_them():
             os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered to this (main) thread
         assert stop.stopped_by == "SIGTERM"
         stop.teardown(None, None, "fit")
-        assert {signum: signal.getsignal(signum) for signum in GracefulStop.SIGNALS} == before
+        assert {signum: signal.getsignal(signum) for signum in GracefulStop.SIGNALS} == found
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
