@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lit_dreamer.envs import action_kind, env_action
-from lit_dreamer.options import at_least, checked
+from lit_dreamer.options import at_least, checked, one_of
 
 
 @dataclass
@@ -92,29 +92,21 @@ EVAL_MODES = ("mode", "sample")
 DEPRECATED_EVAL_MODES = {"deterministic": "mode", "stochastic": "sample"}
 
 
+check_eval_mode = one_of(EVAL_MODES, "the most likely action, or sampled as in training")
+
+
 def eval_mode(value: str, key: str = "mode") -> str:
     """`value` as one of EVAL_MODES; an old alias is mapped with one deprecation line on stderr."""
     if value in DEPRECATED_EVAL_MODES:
         new = DEPRECATED_EVAL_MODES[value]
         print(f"warning: {key}={value} is deprecated and will be removed; use {key}={new}", file=sys.stderr)
         return new
-    if value not in EVAL_MODES:
-        from lit_dreamer.config import ConfigError
-        raise ConfigError(f"{key} must be one of {', '.join(EVAL_MODES)} (the most likely action, or sampled "
-                          f"as in training), got {value!r}")
-    return value
+    return check_eval_mode(value, key)
 
 
 INSTRUCTION_SETS = ("train", "held_out")
-
-
-def instruction_set(value: str, key: str = "instructions") -> str:
-    """`value` as one of INSTRUCTION_SETS, else a ConfigError."""
-    if value not in INSTRUCTION_SETS:
-        from lit_dreamer.config import ConfigError
-        raise ConfigError(f"{key} must be one of {', '.join(INSTRUCTION_SETS)} (the run's instructions, or only those "
-                          f"holding a phrase of its env.held_out), got {value!r}")
-    return value
+check_instruction_set = one_of(INSTRUCTION_SETS, "the run's instructions, or only those holding a phrase of its "
+                                                 "env.held_out")
 
 
 @dataclass
@@ -131,7 +123,7 @@ class EvalOptions:
     tracking_uri: str | None = None
     """MLflow store of the eval run (None: the training run's logger.tracking_uri); given, the eval run goes
     to MLflow even when the run used another logger.backend."""
-    instructions: str = checked("train", instruction_set, shown="|".join(INSTRUCTION_SETS))
+    instructions: str = checked("train", check_instruction_set, shown="|".join(INSTRUCTION_SETS))
     """Episodes whose instruction the run trained on (train, the default), or only those holding a phrase of the
     run's env.held_out (held_out: generalization to instructions it never saw)."""
     video: str | None = None

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_dreamer.conditioning import with_vector
-from lit_dreamer.options import checked
+from lit_dreamer.options import checked, one_of
 from lit_dreamer.rssm import State
 
 FORMATS = {"onnx": ".onnx", "torch": ".pt2"}
@@ -238,19 +238,12 @@ def write_policy(policy: ActingPolicy, format: str, path: str, action_space: dic
 # `python -m lit_dreamer export --ckpt RUN format=onnx|torch [out=PATH]`
 
 
-def export_format(value: str, key: str = "format") -> str:
-    if value not in FORMATS:
-        from lit_dreamer.config import ConfigError
-        raise ConfigError(f"{key} must be one of {', '.join(FORMATS)} (ONNX for onnxruntime, or a torch.export "
-                          f"program), got {value!r}")
-    return value
-
-
 @dataclass
 class ExportOptions:
     """The `key=value` options of `python -m lit_dreamer export` (parsed by lit_dreamer.options)."""
 
-    format: str = checked("onnx", export_format, shown="|".join(FORMATS))
+    format: str = checked("onnx", one_of(FORMATS, "ONNX for onnxruntime, or a torch.export program"),
+                          shown="|".join(FORMATS))
     """onnx (one .onnx file for onnxruntime, weights inside) or torch (a torch.export program, .pt2)."""
     out: str | None = None
     """Where to write the graph (None: policy.onnx or policy.pt2 in the current folder); its description goes

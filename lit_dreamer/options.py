@@ -34,6 +34,15 @@ def checked(default: Any, check: Check, shown: str | None = None) -> Any:
     return field(default=default, metadata={CHECK: check, SHOWN: shown})
 
 
+def one_of(choices: Sequence[str], meaning: str) -> Check:
+    """A check that refuses values outside `choices`; `meaning` says in words what the choices are."""
+    def check(value: Any, key: str) -> Any:
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)} ({meaning}), got {value!r}")
+        return value
+    return check
+
+
 def at_least(low: int) -> Check:
     """A check that refuses values below `low`."""
     def check(value: Any, key: str) -> Any:

@@ -9,7 +9,7 @@ from typing import Optional
 import pytest
 
 from lit_dreamer.config import ConfigError, field_docs
-from lit_dreamer.options import at_least, checked, dataclass_help, option_values, parse_options
+from lit_dreamer.options import at_least, checked, dataclass_help, one_of, option_values, parse_options
 
 
 def shout(value: str, key: str) -> str:
@@ -42,6 +42,14 @@ def test_values_are_converted_to_the_field_types_and_checked():
     assert parse("count=7", "rate=0.25", "name=bob", "limit=9", "flag=true") == Toy(7, 0.25, "BOB", 9, True)
     assert parse("limit=9", "limit=null").limit is None  # later wins; null for a field that may be None
     assert parse("count=2", "count=5").count == 5
+
+
+def test_one_of_keeps_a_listed_value_and_refuses_another_with_the_choices_and_their_meaning():
+    check = one_of(("up", "down"), "which way to go")
+    assert check("down", "way") == "down"
+    with pytest.raises(ConfigError) as error:
+        check("sideways", "bench.way")
+    assert str(error.value) == "bench.way must be one of up, down (which way to go), got 'sideways'"
 
 
 def test_a_str_option_keeps_its_text_as_written():
