@@ -266,6 +266,15 @@ def env_action_space(cfg) -> Any:
         env.close()
 
 
+def saved_action_space(ckpt_path: str, cfg) -> Any:
+    """The env's own action space as the checkpoint saved it (lit_dreamer.envs.described), so that the env need
+    not be installed here; for a checkpoint saved before checkpoints carried it, the env's, made once."""
+    from lit_dreamer.envs.described import space_from_data
+    from lit_dreamer.resume import read_checkpoint
+    saved = read_checkpoint(ckpt_path, mmap=True).spaces
+    return space_from_data(saved["action"]) if saved is not None else env_action_space(cfg)
+
+
 def check_exporter(format: str) -> None:
     """Refuse before any work when the ONNX exporter's packages are missing (torch.export is part of torch)."""
     import importlib.util
@@ -286,5 +295,6 @@ def export_checkpoint(ckpt_path: str, options: ExportOptions) -> dict[str, str]:
     path = options.out or "policy" + FORMATS[options.format]
     source = {"checkpoint": os.path.abspath(ckpt_path), "env_id": ",".join(cfg.env.tasks) or cfg.env.id,
               "env_obs": cfg.env.obs, "image_size": cfg.env.image_size, "action_repeat": cfg.env.action_repeat}
-    meta = write_policy(policy, options.format, path, action_space_of(policy, env_action_space(cfg)), source)
+    meta = write_policy(policy, options.format, path, action_space_of(policy, saved_action_space(ckpt_path, cfg)),
+                        source)
     return {"graph": path, "json": meta}

@@ -308,6 +308,21 @@ def test_description_names_inputs_outputs_state_noise_and_action_space(cartpole,
     assert image == {"name": "obs/image", "shape": ["batch", 32, 32, 3], "dtype": "uint8", "role": "observation"}
 
 
+def test_the_env_bounds_come_from_the_checkpoint_where_the_env_cannot_be_made(pendulum, tmp_path, monkeypatch):
+    import gymnasium
+
+    from lit_dreamer.__main__ import main
+
+    def refuse(*args, **kwargs):
+        raise gymnasium.error.Error("not installed here")
+
+    monkeypatch.setattr(gymnasium, "make", refuse)
+    out = tmp_path / "policy.pt2"
+    assert main(["export", "--ckpt", str(pendulum.folder / "run"), "format=torch", f"out={out}"]) == 0
+    space = json.loads(Path(description_path(str(out))).read_text())["action_space"]
+    assert space["env_low"] == [-2.0] and space["env_high"] == [2.0]
+
+
 def test_export_refuses_an_unknown_format(cartpole, capsys):
     from lit_dreamer.__main__ import main
     assert main(["export", "--ckpt", str(cartpole.folder / "run"), "format=tflite"]) == 2
