@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_dreamer.callbacks.env_collector import find_collector, total_env_steps
+from lit_dreamer.callbacks.env_collector import find_collector, run_step_count
 from lit_dreamer.checkpoint_files import check_checkpoint_folder, resolve_last  # noqa: F401 - exported by callbacks
 
 log = logging.getLogger(__name__)
@@ -128,13 +128,13 @@ class DreamerCheckpoint(Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        env_steps = total_env_steps(trainer)
+        env_steps = run_step_count(trainer)
         if self.every_env_steps > 0 and env_steps - self.last_saved_at >= self.every_env_steps:
             self.try_save(trainer)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        env_steps = total_env_steps(trainer)
+        env_steps = run_step_count(trainer)
         if env_steps != self.last_saved_at:
             self.try_save(trainer)
         if self.failures:
@@ -165,7 +165,7 @@ class DreamerCheckpoint(Callback):
         # All ranks must take the same decision, or the ones that go on would wait at a barrier forever.
         if not trainer.strategy.reduce_boolean_decision(self.enough_space(trainer), all=True):
             raise OSError(errno.ENOSPC, f"not enough free disk space for a checkpoint in {self.dirpath}")
-        env_steps = total_env_steps(trainer)
+        env_steps = run_step_count(trainer)
         folder = os.path.join(self.dirpath, f"step-{env_steps:012d}")
         self.last_saved_at = env_steps  # before the save, so the checkpoint carries the new value
         if trainer.is_global_zero:

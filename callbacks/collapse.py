@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lit_dreamer.callbacks.env_collector import find_collector, total_env_steps
+from lit_dreamer.callbacks.env_collector import find_collector, run_step_count
 from lit_dreamer.callbacks.evaluation import EvalCallback
 
 TOLERANCE = 0.05
@@ -114,7 +114,7 @@ class CollapseWatch(Callback):
         entropy, bias = float(metrics["ac/entropy"]), float(metrics["ac/advantage_sign_bias"])  # host reads
         if self.initial_entropy is None:
             self.initial_entropy = entropy
-        now = total_env_steps(trainer)
+        now = run_step_count(trainer)
         self.take_returns(trainer)
         if math.isfinite(bias):
             self.sign_bias.append((now, bias))

@@ -431,7 +431,7 @@ def find_collector(trainer: L.Trainer) -> StepSource:
     raise RuntimeError("this callback needs an EnvCollector (or OfflineReplay) callback in the same Trainer")
 
 
-def total_env_steps(trainer: L.Trainer) -> int:
+def run_step_count(trainer: L.Trainer) -> int:
     """The run's step count over all ranks: env steps (every rank steps the same number of envs in lockstep),
     or in an offline run, which steps no env, gradient steps."""
     return find_collector(trainer).run_steps(trainer.world_size)

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_dreamer.callbacks.env_collector import EnvStepSchedule, total_env_steps
+from lit_dreamer.callbacks.env_collector import EnvStepSchedule, run_step_count
 from lit_dreamer.config import task_metric_name
 from lit_dreamer.evaluation import EpisodeStats, task_episodes
 
@@ -39,13 +39,13 @@ class EvalCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        steps = total_env_steps(trainer)
+        steps = run_step_count(trainer)
         if self.schedule.due(steps):
             self.evaluate(trainer, pl_module, steps)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        steps = total_env_steps(trainer)
+        steps = run_step_count(trainer)
         if not self.history or self.history[-1][0] != steps:
             self.evaluate(trainer, pl_module, steps)
 

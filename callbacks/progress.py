@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
-from lit_dreamer.callbacks.env_collector import find_collector, total_env_steps
+from lit_dreamer.callbacks.env_collector import find_collector, run_step_count
 
 
 def plain_number(value: Any) -> str:
@@ -39,7 +39,7 @@ class EnvStepProgressBar(TQDMProgressBar):
         # Replaces Lightning's reset to the epoch's batches (endless here) and its "Epoch N" title.
         bar, source = self.train_progress_bar, find_collector(trainer)
         bar.reset(total=source.total_steps)
-        bar.initial = bar.n = total_env_steps(trainer)  # tqdm's rate and ETA count from here
+        bar.initial = bar.n = run_step_count(trainer)  # tqdm's rate and ETA count from here
         bar.unit = ""
         bar.set_description(source.unit)  # "env steps"; "gradient steps" in an offline run
 
@@ -47,7 +47,7 @@ class EnvStepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         bar = self.train_progress_bar
-        env_steps = total_env_steps(trainer)
+        env_steps = run_step_count(trainer)
         if self.is_enabled and ((batch_idx + 1) % self.refresh_rate == 0 or env_steps >= (bar.total or math.inf)):
             bar.n = env_steps
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes

@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_dreamer.callbacks.env_collector import total_env_steps
+from lit_dreamer.callbacks.env_collector import run_step_count
 from lit_dreamer.rewards.llm import LLMJudge
 
 
@@ -49,7 +49,7 @@ class RewardStats(Callback):
 
     def log_counts(self, trainer: L.Trainer) -> None:
         if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(self.totals(), step=total_env_steps(trainer))
+            trainer.logger.log_metrics(self.totals(), step=run_step_count(trainer))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 An online run's source is `EnvCollector` (env steps, all ranks); an offline run's is `OfflineReplay` (gradient
 steps: it steps no env). Checkpoints, evaluation, videos and the progress bar read the count through
-`callbacks.env_collector.total_env_steps`, so they run unchanged on either axis.
+`callbacks.env_collector.run_step_count`, so they run unchanged on either axis.
 """
 
 from __future__ import annotations

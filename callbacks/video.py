@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_dreamer.callbacks.env_collector import EnvStepSchedule, total_env_steps
+from lit_dreamer.callbacks.env_collector import EnvStepSchedule, run_step_count
 from lit_dreamer.config import task_metric_name
 from lit_dreamer.envs import TASK_SEED_STRIDE
 from lit_dreamer.tracking import ResilientMLFlowLogger
@@ -43,7 +43,7 @@ class VideoCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        steps = total_env_steps(trainer)
+        steps = run_step_count(trainer)
         if self.schedule.due(steps) and trainer.is_global_zero:
             self.record(trainer, pl_module, steps)
 

@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lit_dreamer.callbacks import DreamerCheckpoint, EnvCollector, EvalCallback
-from lit_dreamer.callbacks.env_collector import total_env_steps
+from lit_dreamer.callbacks.env_collector import run_step_count
 from lit_dreamer.agent_config import AgentConfig, BehaviorConfig, ModelConfig
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import make_env
@@ -57,7 +57,7 @@ def main() -> None:
                                             run_name="multidevice"), log_every_n_steps=10)
     trainer.fit(module, datamodule=datamodule)
     if trainer.is_global_zero:
-        print(f"env steps {total_env_steps(trainer)}, train steps {int(module.train_steps)}")
+        print(f"env steps {run_step_count(trainer)}, train steps {int(module.train_steps)}")
 
 
 if __name__ == "__main__":
