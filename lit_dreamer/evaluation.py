@@ -139,10 +139,14 @@ def load_module(ckpt_path: str):
 
 def load_checkpoint(ckpt_path: str):
     """(module, run config, MLflow run id of the training run or None) of a checkpoint."""
+    from lit_dreamer.resume import read_checkpoint
+    return module_of(read_checkpoint(ckpt_path, mmap=False))
+
+
+def module_of(info):
+    """(module, run config, MLflow run id or None) of a checkpoint already read (a CheckpointInfo)."""
     from lit_dreamer.config import from_container
     from lit_dreamer.module import DreamerModule
-    from lit_dreamer.resume import read_checkpoint
-    info = read_checkpoint(ckpt_path, mmap=False)
     hp = info.hparams
     obs_spec = {k: (tuple(shape), dtype) for k, (shape, dtype) in hp["obs_spec"].items()}
     module = DreamerModule(obs_spec, hp["action_dim"], hp["discrete"], hp["config"], num_tasks=hp.get("num_tasks", 1),
@@ -151,7 +155,7 @@ def load_checkpoint(ckpt_path: str):
     module.eval()
     config, run_id = info.run_config, info.mlflow_run_id
     if config is None:  # a checkpoint made before checkpoints carried their config
-        config, run_id = config_of_run_folder(ckpt_path)
+        config, run_id = config_of_run_folder(info.path)
     return module, from_container(config), run_id
 
 

@@ -266,13 +266,11 @@ def env_action_space(cfg) -> Any:
         env.close()
 
 
-def saved_action_space(ckpt_path: str, cfg) -> Any:
-    """The env's own action space as the checkpoint saved it (lit_dreamer.envs.described), so that the env need
-    not be installed here; for a checkpoint saved before checkpoints carried it, the env's, made once."""
+def saved_action_space(info, cfg) -> Any:
+    """The env's own action space as the checkpoint (a CheckpointInfo) saved it (lit_dreamer.envs.described), so
+    that the env need not be installed here; for a checkpoint saved before checkpoints carried it, the env's."""
     from lit_dreamer.envs.described import space_from_data
-    from lit_dreamer.resume import read_checkpoint
-    saved = read_checkpoint(ckpt_path, mmap=True).spaces
-    return space_from_data(saved["action"]) if saved is not None else env_action_space(cfg)
+    return space_from_data(info.spaces["action"]) if info.spaces is not None else env_action_space(cfg)
 
 
 def check_exporter(format: str) -> None:
@@ -287,14 +285,15 @@ def check_exporter(format: str) -> None:
 
 def export_checkpoint(ckpt_path: str, options: ExportOptions) -> dict[str, str]:
     """Export a checkpoint's policy; returns {"graph": path, "json": path}."""
-    from lit_dreamer.evaluation import load_checkpoint
+    from lit_dreamer.evaluation import module_of
+    from lit_dreamer.resume import read_checkpoint
     check_exporter(options.format)
-    module, cfg, _ = load_checkpoint(ckpt_path)
+    info = read_checkpoint(ckpt_path, mmap=False)
+    module, cfg, _ = module_of(info)
     module = module.to("cpu")
     policy = acting_policy(module)
     path = options.out or "policy" + FORMATS[options.format]
     source = {"checkpoint": os.path.abspath(ckpt_path), "env_id": ",".join(cfg.env.tasks) or cfg.env.id,
               "env_obs": cfg.env.obs, "image_size": cfg.env.image_size, "action_repeat": cfg.env.action_repeat}
-    meta = write_policy(policy, options.format, path, action_space_of(policy, saved_action_space(ckpt_path, cfg)),
-                        source)
+    meta = write_policy(policy, options.format, path, action_space_of(policy, saved_action_space(info, cfg)), source)
     return {"graph": path, "json": meta}
