@@ -35,8 +35,19 @@ class EnvStepProgressBar(TQDMProgressBar):
 
 
     @override
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        # Set up here as well: a run resumed from a checkpoint saved mid-epoch (every periodic one, since
+        # the epoch never ends) gets no on_train_epoch_start from Lightning.
+        self.count_run_steps(trainer)
+
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         # Replaces Lightning's reset to the epoch's batches (endless here) and its "Epoch N" title.
+        self.count_run_steps(trainer)
+
+    def count_run_steps(self, trainer: L.Trainer) -> None:
+        """Point the bar at the run's steps: from where it stands now to the run's end."""
         bar, source = self.train_progress_bar, find_collector(trainer)
         bar.reset(total=source.total_steps)
         bar.initial = bar.n = run_step_count(trainer)  # tqdm's rate and ETA count from here

@@ -44,3 +44,30 @@ def test_the_bar_counts_env_steps_to_run_steps_and_resumes_without_an_epoch(in_t
     assert "| 140/140 [" in lines[-1]
     for text in (first, resumed):
         assert "v_num" not in text and "Epoch" not in text and "e+" not in text
+
+
+def test_a_run_resumed_from_a_periodic_checkpoint_still_counts_env_steps(in_tmp, capsys):
+    """A periodic checkpoint is saved mid-epoch (the epoch never ends), and Lightning skips on_train_epoch_start
+    when it resumes from one: the bar must count env steps all the same, not Lightning's batches."""
+    import shutil
+
+    def run(*overrides):
+        cfg = load_config(["debug"], [f"run.dir={in_tmp}/run", "logger.backend=none", "trainer.enable_progress_bar=true",
+                                      "run.prefill=60", "run.checkpoint_every=20", *overrides])
+        fit(cfg)
+        return capsys.readouterr().out
+
+    run("run.steps=100")
+    # What a kill between the last periodic checkpoint and the run's end leaves: the periodic one is the last.
+    checkpoints = in_tmp / "run" / "checkpoints"
+    *_, periodic, final = sorted(p.name for p in checkpoints.glob("step-*"))
+    assert final == "step-000000000100"
+    shutil.rmtree(checkpoints / final)
+    (checkpoints / "last").unlink()
+    (checkpoints / "last").symlink_to(periodic)
+    steps = int(periodic.removeprefix("step-"))
+    assert 60 < steps < 100
+    lines = bar_lines(run("run.steps=120", "ckpt_path=last"))
+    assert lines, "no env-steps bar on the resumed run"
+    assert lines[0].split("|")[2].strip().startswith(f"{steps}/120 [")
+    assert "| 120/120 [" in lines[-1]
