@@ -47,11 +47,12 @@ def final_successes(infos: dict, ended: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 @torch.no_grad()
 def run_episodes(module, envs, *, mode: str = "mode", seed: int = 0, max_steps: int = 1_000_000,
-                 task: int = 0) -> EpisodeStats:
+                 task: int = 0, rolled_keys: tuple[str, ...] = ()) -> EpisodeStats:
     """One episode in each sub-env of a gymnasium vector env, acting with `module.act` for task number `task`.
 
     mode="mode" acts with the policy's most likely action (deterministic evaluation);
     mode="sample" samples as during training. Steps after a sub-env's episode ended are ignored.
+    `rolled_keys`: observation keys the policy of sub-env i reads from sub-env i-1 (`eval text=shuffled`).
     """
     n = envs.num_envs
     discrete = action_kind(envs) == "discrete"
@@ -63,6 +64,8 @@ def run_episodes(module, envs, *, mode: str = "mode", seed: int = 0, max_steps: 
     returns, lengths = np.zeros(n), np.zeros(n, np.int64)
     for _ in range(max_steps):
         tensors = {k: torch.as_tensor(v, device=module.device) for k, v in obs.items()}
+        for key in rolled_keys:
+            tensors[key] = torch.roll(tensors[key], 1, 0)
         action, carry, _ = module.act(tensors, is_first, carry, mode=mode, task=tasks)
         action = action.float().cpu().numpy()
         obs, reward, terminated, truncated, infos = envs.step(env_action(action, discrete))
@@ -107,6 +110,8 @@ def eval_mode(value: str, key: str = "mode") -> str:
 INSTRUCTION_SETS = ("train", "held_out")
 check_instruction_set = one_of(INSTRUCTION_SETS, "the run's instructions, or only those holding a phrase of its "
                                                  "env.held_out")
+TEXT_SOURCES = ("own", "shuffled")
+check_text_source = one_of(TEXT_SOURCES, "each episode's own text observations, or another episode's")
 
 
 @dataclass
@@ -126,6 +131,11 @@ class EvalOptions:
     instructions: str = checked("train", check_instruction_set, shown="|".join(INSTRUCTION_SETS))
     """Episodes whose instruction the run trained on (train, the default), or only those holding a phrase of the
     run's env.held_out (held_out: generalization to instructions it never saw)."""
+    text: str = checked("own", check_text_source, shown="|".join(TEXT_SOURCES))
+    """What the policy reads as its text observations (the instruction): each episode's own (the default), or
+    another episode's (shuffled: episode i's policy reads episode i-1's text, the env still judges episode i's),
+    a control that shows whether the policy uses its instruction. shuffled needs episodes >= 2 and a checkpoint
+    that reads text; a video shows an episode with its own text."""
     video: str | None = None
     """Also write a GIF of one episode here, e.g. video=episode.gif (None: no video); with several tasks one per
     task, episode-<task>.gif."""
@@ -195,6 +205,8 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
         from lit_dreamer.config import ConfigError
         raise ConfigError("instructions=held_out evaluates on the phrases the run held out, and this run held none "
                           "out; train with env.held_out=[red ball,...] or pass env.held_out=[...] to eval")
+    if options.text == "shuffled":
+        check_shuffled_text(module, options)
     torch.manual_seed(options.seed)
     per_task = {task: evaluate_task(module, task, k, cfg, options, policy_task(module, task, trained_on), vocabularies)
                 for k, task in enumerate(tasks)}
@@ -208,11 +220,23 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     if cfg.logger.backend == "mlflow" or options.tracking_uri:
         videos = list(result["videos"].values()) if "videos" in result else [result.get("video")]
         result["mlflow_run_id"] = log_eval_run(ckpt_path, cfg, options, stats, [v for v in videos if v],
-                                               training_run_id, result.get("tasks"))
+                                               training_run_id, result.get("tasks"),
+                                               reads_text=bool(module.world_model.text_keys))
     else:  # the run logged to TensorBoard, CSV or nowhere: the table goes beside its other files
         result["csv"] = write_eval_csv(os.path.join(eval_csv_folder(ckpt_path), EVAL_CSV), result, options)
     return result
 
+
+
+def check_shuffled_text(module, options: EvalOptions) -> None:
+    """text=shuffled needs text observations the policy reads and at least two episodes to swap them between."""
+    from lit_dreamer.config import ConfigError
+    if not module.world_model.text_keys:
+        raise ConfigError("text=shuffled swaps the text observations between episodes, and this checkpoint reads "
+                          "none (no text key, or model.mlp_keys leaves them out); evaluate it with text=own")
+    if options.episodes < 2:
+        raise ConfigError(f"text=shuffled swaps the text observations between episodes and needs at least 2, got "
+                          f"episodes={options.episodes}")
 
 
 def checkpoint_vocabularies(ckpt_path: str, module):
@@ -259,20 +283,22 @@ def evaluate_task(module, task: str, index: int, cfg, options: EvalOptions, poli
     """`options.episodes` episodes of one task; task number `index` seeds its envs apart (task 0: options.seed);
     the policy acts for task number `policy` of the checkpoint's table; `vocabularies`: the checkpoint's text
     vocabularies (lit_dreamer.envs.text)."""
+    rolled = tuple(module.world_model.text_keys) if options.text == "shuffled" else ()
     return task_episodes(module, task, options.episodes, seed=options.seed, index=index, mode=options.mode,
-                         policy=policy, **cfg.env.make_kwargs(), vocabularies=vocabularies,
+                         policy=policy, rolled_keys=rolled, **cfg.env.make_kwargs(), vocabularies=vocabularies,
                          held_out_only=options.instructions == "held_out")
 
 
 def task_episodes(module, env_id: str, episodes: int, *, seed: int, index: int, mode: str, policy: int,
-                  **env_kwargs) -> EpisodeStats:
+                  rolled_keys: tuple[str, ...] = (), **env_kwargs) -> EpisodeStats:
     """`episodes` episodes of env `env_id` in fresh envs, the policy acting for task number `policy`; task
-    number `index` of a table gets seeds of its own (seed + index * TASK_SEED_STRIDE; task 0: seed)."""
+    number `index` of a table gets seeds of its own (seed + index * TASK_SEED_STRIDE; task 0: seed);
+    `rolled_keys` as in run_episodes."""
     from lit_dreamer.envs import TASK_SEED_STRIDE, make_vector_env
     seed = seed + index * TASK_SEED_STRIDE
     envs = make_vector_env(env_id, episodes, seed=seed, **env_kwargs)
     try:
-        return run_episodes(module, envs, mode=mode, seed=seed, task=policy)
+        return run_episodes(module, envs, mode=mode, seed=seed, task=policy, rolled_keys=rolled_keys)
     finally:
         envs.close()
 
@@ -285,16 +311,17 @@ def eval_csv_folder(ckpt_path: str) -> str:
 
 EVAL_CSV = "eval.csv"
 EVAL_CSV_COLUMNS = ("time", "checkpoint", "env", "mode", "seed", "episodes", "return", "return_std", "return_min",
-                    "return_max", "length", "success")
+                    "return_max", "length", "success", "instructions", "text")
 
 
 def write_eval_csv(path: str, result: dict, options: EvalOptions) -> str:
     """Append one row (the printed table's numbers) to the run's eval CSV; a header when the file is new.
-    `success` is empty for envs that do not report it; a file written before that column keeps its header."""
+    `success` is empty for envs that do not report it; a file written before a column keeps its header."""
     import csv
     import time
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": result["checkpoint"], "env": result["env"],
-           "mode": options.mode, "seed": options.seed, **result["summary"]}
+           "mode": options.mode, "seed": options.seed, **result["summary"], "instructions": options.instructions,
+           "text": options.text}
     new = not os.path.isfile(path)
     columns = EVAL_CSV_COLUMNS
     if not new:
@@ -309,10 +336,11 @@ def write_eval_csv(path: str, result: dict, options: EvalOptions) -> str:
 
 
 def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats, videos: list[str] | None = None,
-                 training_run_id: str | None = None, result_tasks: dict | None = None) -> str:
+                 training_run_id: str | None = None, result_tasks: dict | None = None, reads_text: bool = False) -> str:
     """An MLflow run of this evaluation, under the training run when that run is in the same store;
     `result_tasks` ({task: summary}, several tasks only) adds eval/<task>/return and eval/<task>/length (and
-    eval/<task>/success where the env reports success)."""
+    eval/<task>/success where the env reports success); `reads_text`: the policy reads text observations, and
+    the run records whose it read (the `text` option)."""
     import mlflow
 
     from lit_dreamer.config import task_metric_name
@@ -334,6 +362,8 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats,
     if cfg.env.held_out:  # which instructions the episodes had: the trained ones, or only the held-out phrases
         client.log_param(run_id, "instructions", options.instructions)
         client.log_param(run_id, "env.held_out", str(list(cfg.env.held_out)))
+    if reads_text:  # each episode's own instruction, or another's (the control)
+        client.log_param(run_id, "text", options.text)
     summary = stats.summary()
     for key in ("return", "return_std", "return_min", "return_max", "length", "success"):
         if key in summary:  # success only where the env reports it

@@ -186,6 +186,7 @@ def test_eval_csv_gets_a_success_column_and_an_older_file_keeps_its_header(tmp_p
     with open(new) as f:
         [row] = list(csv.DictReader(f))
     assert row["success"] == "0.5" and row["return"] == "0.45"
+    assert row["instructions"] == "train" and row["text"] == "own"  # which episodes, and whose text the policy read
     old_header = "time,checkpoint,env,mode,seed,episodes,return,return_std,return_min,return_max,length"
     old = tmp_path / "old.csv"
     old.write_text(old_header + "\n")

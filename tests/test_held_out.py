@@ -1,14 +1,16 @@
 """Held-out instructions (env.held_out, `eval instructions=held_out`): training episodes never get a held-out
-phrase, evaluation on them gets only those."""
+phrase, evaluation on them gets only those. And the control of `eval text=shuffled`: each episode's policy
+reads another episode's instruction."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lit_dreamer.config import ConfigError, load_config
 from lit_dreamer.envs import make_env
 from lit_dreamer.envs.instructions import holds_phrase
-from tests.text_envs import TEXT_ENV
+from tests.text_envs import DECLARED_TEXT_ENV, TEXT_ENV
 
 
 @pytest.mark.parametrize("instruction, phrase, held", [
@@ -92,3 +94,62 @@ def test_eval_on_held_out_instructions_builds_envs_that_keep_only_them(monkeypat
 class _Closable:
     def close(self) -> None:
         pass
+
+
+class InstructionFollower:
+    """A stand-in policy that does what the instruction it reads says (TextChoice: 'go left' -> action 0, else
+    1) and records the instruction it read on each episode's first step."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, vocabularies):
+        self.vocabularies, self.read = vocabularies, []
+
+    def initial_carry(self, n):
+        return None
+
+    def act(self, obs, is_first, carry, mode, task):
+        words = [self.vocabularies.vocabularies["mission"].decode(row) for row in obs["mission"].numpy()]
+        if is_first.all():
+            self.read = words
+        left = torch.tensor([text == "go left" for text in words])
+        return torch.stack([left, ~left], -1).float(), carry, None
+
+
+def test_shuffled_text_gives_each_episodes_policy_the_instruction_of_the_episode_before():
+    from lit_dreamer.envs import make_vector_env
+    from lit_dreamer.envs.text import TextVocabularies
+    from lit_dreamer.evaluation import run_episodes
+
+    def episodes(rolled_keys):
+        vocabularies = TextVocabularies()
+        policy = InstructionFollower(vocabularies)
+        envs = make_vector_env(DECLARED_TEXT_ENV, 8, seed=3, vocabularies=vocabularies)
+        try:
+            return run_episodes(policy, envs, seed=3, rolled_keys=rolled_keys).returns, policy.read
+        finally:
+            envs.close()
+
+    own_returns, own = episodes(())
+    assert set(own) == {"go left", "go right"}  # both instructions among the 8 episodes: the roll changes some
+    assert own_returns == [5.0] * 8  # following its own instruction, every step pays
+    shuffled_returns, read = episodes(("mission",))
+    assert read == [own[i - 1] for i in range(8)]  # episode i's policy read episode i-1's instruction
+    # ... and the env still paid for episode i's own: 5 where the two instructions agree, 0 where they differ.
+    assert shuffled_returns == [5.0 if own[i] == own[i - 1] else 0.0 for i in range(8)]
+
+
+def test_shuffled_text_needs_text_the_policy_reads_and_two_episodes():
+    from types import SimpleNamespace
+
+    from lit_dreamer.evaluation import EvalOptions, check_shuffled_text
+    from lit_dreamer.options import parse_options
+    reads = SimpleNamespace(world_model=SimpleNamespace(text_keys=["mission"]))
+    blind = SimpleNamespace(world_model=SimpleNamespace(text_keys=[]))
+    check_shuffled_text(reads, EvalOptions(text="shuffled", episodes=2))
+    with pytest.raises(ConfigError, match="this checkpoint reads none .*evaluate it with text=own"):
+        check_shuffled_text(blind, EvalOptions(text="shuffled", episodes=10))
+    with pytest.raises(ConfigError, match="needs at least 2, got episodes=1"):
+        check_shuffled_text(reads, EvalOptions(text="shuffled", episodes=1))
+    with pytest.raises(ConfigError, match="text must be one of own, shuffled"):
+        parse_options(EvalOptions, ["text=random"], command="eval")

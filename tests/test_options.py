@@ -148,7 +148,7 @@ def test_eval_options_and_env_overrides_are_typed(tmp_path, monkeypatch, capsys)
 
 @pytest.mark.parametrize("items, message", [
     (["episode=3"], "unknown eval option 'episode'; did you mean episodes=N? eval options: episodes=N, "
-                    "mode=mode|sample, seed=N, tracking_uri=TEXT, instructions=train|held_out, video=TEXT, env.<key>=VALUE"),
+                    "mode=mode|sample, seed=N, tracking_uri=TEXT, instructions=train|held_out, text=own|shuffled, video=TEXT, env.<key>=VALUE"),
     (["episodes=abc"], "episodes must be a whole number, got 'abc'"),
     (["episodes=0"], "episodes must be at least 1, got 0"),
     (["seed=-1"], "seed must be at least 0, got -1"),

@@ -114,7 +114,22 @@ def test_after_a_short_fit_the_instruction_alone_changes_the_latent_the_actor_re
 
 
 @pytest.mark.timeout(300)
-def test_the_blanked_instruction_ablation_trains_without_reading_or_predicting_the_text(tmp_path):
+def test_eval_with_shuffled_text_runs_and_says_so_in_its_mlflow_run(text_run, tmp_path, capsys):
+    import mlflow
+
+    from lit_dreamer.__main__ import main
+    root, proc = text_run
+    assert proc.returncode == 0, explain(proc)
+    uri = f"sqlite:///{tmp_path / 'eval.db'}"
+    assert main(["eval", "--ckpt", str(root / "run"), "episodes=4", "text=shuffled", f"tracking_uri={uri}"]) == 0
+    assert "4 episodes of" in capsys.readouterr().out
+    [run] = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("lit_dreamer")
+                                                  .experiment_id])
+    assert run.data.params["text"] == "shuffled"
+
+
+@pytest.mark.timeout(300)
+def test_the_blanked_instruction_ablation_trains_without_reading_or_predicting_the_text(tmp_path, capsys):
     """`model.mlp_keys='(?!mission).*'` (docs/language.md): the replay still stores the mission, but the world
     model has no text encoder or decoder, so the latent, and the actor reading it, cannot depend on it."""
     proc = fit_cli(tmp_path, f"env.id={TEXT_ENV}", f"run.steps={PREFILL + 40}", f"run.prefill={PREFILL}",
@@ -126,3 +141,7 @@ def test_the_blanked_instruction_ablation_trains_without_reading_or_predicting_t
     ckpt = load_ckpt(last_checkpoint(tmp_path))
     assert ckpt["hyper_parameters"]["obs_spec"]["mission"] == [[6], "int64"]  # stored, not read
     assert not [name for name in ckpt["state_dict"] if "text_" in name]
+    # Nothing reads the text, so the shuffled-text control has nothing to shuffle: eval says so.
+    from lit_dreamer.__main__ import main
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "episodes=4", "text=shuffled"]) != 0
+    assert "this checkpoint reads none" in capsys.readouterr().err
