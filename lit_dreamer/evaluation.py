@@ -213,6 +213,8 @@ def evaluate_checkpoint(ckpt_path: str, options: EvalOptions, env_overrides: dic
     stats = EpisodeStats.pooled(per_task.values())
     result = {"summary": stats.summary(), "returns": stats.returns, "lengths": stats.lengths,
               "env": ",".join(tasks), "checkpoint": os.path.abspath(ckpt_path)}
+    if options.text == "shuffled":
+        result["text"] = options.text
     if len(tasks) > 1:
         result["tasks"] = {task: task_stats.summary() for task, task_stats in per_task.items()}
     if options.video:
@@ -383,7 +385,8 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats,
 
 def format_table(result: dict) -> str:
     s = result["summary"]
-    lines = [f"{result['env']}: {s['episodes']} episodes of {result['checkpoint']}",
+    shuffled = " (text=shuffled: each episode's policy read another episode's text)" if "text" in result else ""
+    lines = [f"{result['env']}: {s['episodes']} episodes of {result['checkpoint']}{shuffled}",
              f"{'mean':>10} {'std':>10} {'min':>10} {'max':>10} {'length':>10}",
              f"{s['return']:>10.2f} {s['return_std']:>10.2f} {s['return_min']:>10.2f} {s['return_max']:>10.2f} "
              f"{s['length']:>10.1f}"]

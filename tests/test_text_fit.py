@@ -122,7 +122,7 @@ def test_eval_with_shuffled_text_runs_and_says_so_in_its_mlflow_run(text_run, tm
     assert proc.returncode == 0, explain(proc)
     uri = f"sqlite:///{tmp_path / 'eval.db'}"
     assert main(["eval", "--ckpt", str(root / "run"), "episodes=4", "text=shuffled", f"tracking_uri={uri}"]) == 0
-    assert "4 episodes of" in capsys.readouterr().out
+    assert "(text=shuffled: each episode's policy read another episode's text)" in capsys.readouterr().out
     [run] = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("lit_dreamer")
                                                   .experiment_id])
     assert run.data.params["text"] == "shuffled"
