@@ -52,7 +52,7 @@ def test_nonfinite_steps_are_skipped_and_counted(in_tmp, monkeypatch):
         original_fit(self)
 
     monkeypatch.setattr(DreamerModule, "on_train_end", on_train_end)
-    summary = fit(config(in_tmp, "run.steps=40", "run.prefill=20"))
+    summary = fit(config(in_tmp, "run.steps=40", "run.prefill=20", "run.log_every=1"))  # per-step history below
     # 20 training steps were attempted (1 per env step after prefill); 3 were skipped.
     assert summary["train_steps"] == 17
     # The optimizers only moved on the good steps.
@@ -235,7 +235,8 @@ def test_mlflow_failures_mid_run_do_not_stop_training(in_tmp, monkeypatch, caplo
     monkeypatch.setattr(MlflowClient, "set_tag", outage)  # the run's tags and config artifact, at its start
     monkeypatch.setattr(MlflowClient, "log_artifact", outage)
     with caplog.at_level("WARNING", logger="lit_dreamer.tracking"):
-        summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20"))
+        # Every step logged (run.log_every=1), so that the outage's 11 failed batches fall inside the run.
+        summary = fit(config(in_tmp, "run.steps=45", "run.prefill=20", "run.log_every=1"))
     assert summary["env_steps"] == 45 and summary["train_steps"] == 25
     assert os.path.exists(summary["checkpoint"])
     import mlflow

@@ -67,8 +67,9 @@ def offline_run(source_run, tmp_path_factory):
     before = file_hashes(source_run)
     script = root / "no_env.py"
     script.write_text(NO_ENV_SCRIPT)
+    # Every gradient step logged (run.log_every=1): the tests read per-step histories.
     proc = fit_cli(root, f"offline.replay={source_run}", f"offline.steps={OFFLINE_STEPS}", *FAST,
-                   "run.checkpoint_every=60", script=[str(script)], timeout=400)
+                   "run.checkpoint_every=60", "run.log_every=1", script=[str(script)], timeout=400)
     return root, proc, before
 
 
@@ -326,10 +327,11 @@ def test_box_actions_are_rescaled_into_the_agents_range(in_tmp):
 def test_a_resume_trains_at_the_train_ratio_it_is_given(in_tmp):
     """0.25 gradient steps per env step (ratio 8 at B*T = 32), then resumed at 2 per env step (ratio 64)."""
     prefill, first_steps, more = 20, 60, 20
-    first = fit_in_process(in_tmp, "run.train_ratio=8", f"run.prefill={prefill}", f"run.steps={first_steps}")
+    first = fit_in_process(in_tmp, "run.train_ratio=8", f"run.prefill={prefill}", f"run.steps={first_steps}",
+                           "run.log_every=1")
     assert abs(first["train_steps"] - (first_steps - prefill) / 4) <= 1
     resumed = fit_in_process(in_tmp, "run.train_ratio=64", f"run.prefill={prefill}",
-                             f"run.steps={first_steps + more}", "ckpt_path=last")
+                             f"run.steps={first_steps + more}", "run.log_every=1", "ckpt_path=last")
     assert resumed["env_steps"] == first_steps + more
     added = resumed["train_steps"] - first["train_steps"]
     # The last training step may be owed a fraction of its env steps: the run stops at run.steps instead.

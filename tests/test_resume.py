@@ -67,7 +67,8 @@ def test_relaunching_a_finished_run_does_nothing(finished_run, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_a_finished_two_env_run_logs_no_training_step_on_relaunch(in_tmp):
-    overrides = ("env.num_envs=2", f"run.steps={STEPS}", f"run.prefill={PREFILL}")
+    # Every training step logged (run.log_every=1): a relaunch that trained even one step would add a point.
+    overrides = ("env.num_envs=2", f"run.steps={STEPS}", f"run.prefill={PREFILL}", "run.log_every=1")
     first = fit_in_process(in_tmp, *overrides)
     run_id = first["mlflow_run_id"]
     losses = len(history(in_tmp, run_id, "loss/dyn"))

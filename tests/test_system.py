@@ -148,7 +148,8 @@ CARTPOLE_STEPS, CARTPOLE_PREFILL = 60, 20
 @pytest.fixture(scope="module")
 def cartpole_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cartpole")
-    proc = fit_cli(root, f"run.steps={CARTPOLE_STEPS}", f"run.prefill={CARTPOLE_PREFILL}")
+    # Every training step logged: the tests below read per-step histories.
+    proc = fit_cli(root, f"run.steps={CARTPOLE_STEPS}", f"run.prefill={CARTPOLE_PREFILL}", "run.log_every=1")
     return root, proc
 
 
@@ -223,7 +224,8 @@ def test_cli_cartpole_end_to_end(cartpole_run):
 
 @pytest.mark.timeout(300)
 def test_cli_dmc_pixels_end_to_end(tmp_path):
-    proc = fit_cli(tmp_path, "env.id=dmc/cartpole-balance", "env.obs=pixels", "run.steps=40", "run.prefill=20")
+    proc = fit_cli(tmp_path, "env.id=dmc/cartpole-balance", "env.obs=pixels", "run.steps=40", "run.prefill=20",
+                   "run.log_every=1")
     assert proc.returncode == 0, explain(proc)
     run = only_run(tmp_path)
     assert run.data.params["env.id"] == "dmc/cartpole-balance" and run.data.params["env.obs"] == "pixels"
@@ -272,7 +274,8 @@ def test_resume_continues_steps_replay_optimizer_and_mlflow_run(cartpole_run, tm
     episodes_a = json.loads((last_a / "collector-rank0.json").read_text())["episodes"]
     assert episodes_a == int(replay_a._data["is_last"][:n].sum()) > 0
 
-    proc = fit_cli(tmp_path, f"run.steps={total}", f"run.prefill={CARTPOLE_PREFILL}", "ckpt_path=last")
+    proc = fit_cli(tmp_path, f"run.steps={total}", f"run.prefill={CARTPOLE_PREFILL}", "run.log_every=1",
+                   "ckpt_path=last")
     assert proc.returncode == 0, explain(proc)
 
     # Same MLflow run, and its env-step axis continues from N instead of restarting.
@@ -310,7 +313,8 @@ def test_checkpoint_started_in_a_new_run_dir_branches_into_a_new_mlflow_run(cart
     run_a = only_run(in_tmp)
     ckpt = os.path.realpath(source / "run" / "checkpoints" / "last" / "model.ckpt")
     total = CARTPOLE_STEPS + 10
-    summary = fit_in_process(in_tmp, f"run.steps={total}", f"run.prefill={CARTPOLE_PREFILL}", f"ckpt_path={ckpt}")
+    summary = fit_in_process(in_tmp, f"run.steps={total}", f"run.prefill={CARTPOLE_PREFILL}", "run.log_every=1",
+                             f"ckpt_path={ckpt}")
 
     runs = {r.info.run_id: r for r in all_runs(in_tmp)}
     assert set(runs) == {run_a.info.run_id, summary["mlflow_run_id"]}, "run A continued instead of a new run"
@@ -394,7 +398,8 @@ def test_torchrun_without_a_rendezvous_id_needs_a_run_name_or_dir(monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_bf16_mixed_on_cpu_trains_with_finite_losses(in_tmp):
-    summary = fit_in_process(in_tmp, "trainer.precision=bf16-mixed", "run.steps=40", "run.prefill=20")
+    summary = fit_in_process(in_tmp, "trainer.precision=bf16-mixed", "run.steps=40", "run.prefill=20",
+                             "run.log_every=1")
     assert summary["train_steps"] == 20 and summary["env_steps"] == 40
     run = only_run(in_tmp)
     assert run.data.params["trainer.precision"] == "bf16-mixed"
@@ -432,7 +437,7 @@ def test_train_ratio_sets_gradient_steps_per_env_step(in_tmp, train_ratio, after
     prefill = 20  # above debug's batch_length + 1, so exactly this many random steps come first
     per_env_step = train_ratio / (4 * 8)
     summary = fit_in_process(in_tmp, f"run.train_ratio={train_ratio}", f"run.prefill={prefill}",
-                             f"run.steps={prefill + after_prefill}")
+                             f"run.steps={prefill + after_prefill}", "run.log_every=1")
     env_after_prefill = summary["env_steps"] - prefill
     assert env_after_prefill == after_prefill
     assert abs(summary["train_steps"] - per_env_step * env_after_prefill) <= 1, summary
