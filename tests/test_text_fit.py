@@ -145,3 +145,50 @@ def test_the_blanked_instruction_ablation_trains_without_reading_or_predicting_t
     from lit_dreamer.__main__ import main
     assert main(["eval", "--ckpt", str(tmp_path / "run"), "episodes=4", "text=shuffled"]) != 0
     assert "this checkpoint reads none" in capsys.readouterr().err
+
+
+def instruction_diagnostic(monkeypatch):
+    """scripts/diagnose_instruction.py as a module (it imports diagnose_world_model beside it)."""
+    from tests.test_examples import REPO, load_script
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    return load_script("diagnose_instruction.py")
+
+
+def test_neighbour_texts_gives_each_episode_the_next_episodes_text(monkeypatch):
+    diagnose = instruction_diagnostic(monkeypatch)
+    data = {"is_first": torch.tensor([1, 0, 1, 0, 0, 1]), "mission": torch.tensor([[1], [1], [2], [2], [2], [1]])}
+    swapped, differs = diagnose.neighbour_texts(data, ["mission"])
+    # Episodes hold texts 1, 2, 1: the first gets 2, the second 1, the last wraps to the first's (1, its own).
+    assert swapped["mission"].flatten().tolist() == [2, 2, 1, 1, 1, 1]
+    assert differs.tolist() == [True, True, True, True, True, False]
+
+
+@pytest.mark.timeout(300)
+def test_the_instruction_diagnostic_reads_the_checkpoint_and_its_replay(text_run, capsys, monkeypatch):
+    import json
+    import sys
+
+    from lit_dreamer.replay import Replay
+    root, proc = text_run
+    assert proc.returncode == 0, explain(proc)
+    ckpt = last_checkpoint(root).resolve()
+    replay = Replay.load(str(ckpt.parent / "replay-rank0"))
+    rows = len(replay) // replay.num_envs
+    reward, terminal = replay._data["reward"][:rows], replay._data["is_terminal"][:rows]
+    successes = int(((reward > 0) & terminal.astype(bool)).sum())
+    assert successes > 0, "a random policy picks the named action at the last of 5 steps in about half the episodes"
+    monkeypatch.setattr(sys, "argv", ["diagnose_instruction.py", str(ckpt)])
+    diagnose = instruction_diagnostic(monkeypatch)
+    capsys.readouterr()
+    diagnose.main()
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == len(replay) and report["successes"] == successes
+    # Every success compared has a neighbour with the other instruction: about half of them.
+    assert 0 < report["success"]["compared"] < successes
+    assert report["success"]["real_reward"] == 1.0
+    # Episodes last 5 steps: rolls of up to 5 steps stay inside the episode, 10 and 15 would cross a reset.
+    assert list(report["open_loop"]) == ["0", "1", "3", "5"]
+    for entry in report["open_loop"].values():
+        assert entry["n"] == successes
+        assert 0 <= entry["text_token_accuracy"] <= 1 and 0 <= entry["text_whole_accuracy"] <= 1
+        assert 0 <= entry["p_continue"] <= 1

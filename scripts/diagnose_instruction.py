@@ -1,0 +1,164 @@
+"""Does the world model of a text-reading run tie its reward to the instruction, and does imagination keep it?
+
+    python scripts/diagnose_instruction.py runs/NAME/checkpoints/step-N/model.ckpt
+
+For a checkpoint whose world model reads a text observation (an instruction, e.g. BabyAI's `mission`), runs
+the model over its own saved replay (each env stream in order, as scripts/diagnose_world_model.py does) and
+prints one JSON object. A *success* is a terminal step with a positive reward (BabyAI pays only on success).
+
+- `success`: at success steps, the reward head's prediction and P(continue) on the posterior, once with the
+  episode's own text and once with the text of the next episode in the same stream (the whole episode
+  observed with it; successes whose neighbour has the same text are left out). A world model that ties the
+  reward to the instruction predicts a lower reward with the wrong one; one that does not predicts the same.
+  The actor learns from these rewards in imagination, so a model that ignores the text here gives the actor
+  no reason to read it.
+- `open_loop`: from the posterior k steps before each success, the prior rolled forward with the actions
+  really taken (what imagination does): the predicted reward and P(continue) at the success step, and how
+  much of the text the decoder still recovers from the rolled latent (token accuracy over the text's words,
+  and the fraction of whole texts recovered). `k = 0` is the posterior itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from diagnose_world_model import observe_stream, stream
+from lit_dreamer.conditioning import with_vector
+from lit_dreamer.evaluation import load_module
+from lit_dreamer.replay import Replay
+from lit_dreamer.rssm import State
+
+HORIZONS = (0, 1, 3, 5, 10, 15)
+
+
+def episode_ids(is_first: torch.Tensor) -> torch.Tensor:
+    """(T,) index of each step's episode within the stream (a stream's first step opens episode 0)."""
+    ids = torch.cumsum(is_first.long(), 0)
+    return ids - ids[0]
+
+
+def neighbour_texts(data: dict[str, torch.Tensor], keys: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each step's text replaced by the text of the next episode of the stream (the last episode gets the
+    first one's), and (T,) True where that text differs from the step's own."""
+    episode = episode_ids(data["is_first"])
+    starts = torch.nonzero(episode.diff(prepend=episode[:1] - 1))[:, 0]  # each episode's first step
+    other = (episode + 1) % len(starts)
+    swapped, differs = {}, torch.zeros_like(episode, dtype=torch.bool)
+    for key in keys:
+        swapped[key] = data[key][starts[other]]
+        differs |= (swapped[key] != data[key]).flatten(1).any(1)
+    return swapped, differs
+
+
+@torch.no_grad()
+def heads(wm, feat: torch.Tensor, data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predicted reward and P(continue) (T,) of features (T, F), with the data's conditioning vector when
+    the model takes one (model.text_condition)."""
+    vector = wm.condition_vector({k: v[None] for k, v in data.items()})
+    head_feat = with_vector(feat[None], vector)
+    return wm.reward(head_feat).mean()[0], wm.cont(head_feat).mean()[0]
+
+
+@torch.no_grad()
+def text_recovery(wm, feat: torch.Tensor, data: dict[str, torch.Tensor], steps: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step (N,), from features (N, F) at `steps`: the fraction of the text's words (padding left out)
+    that the decoder recovers, and whether it recovers every text key whole (0 or 1)."""
+    dists = wm.decode(feat[None])
+    right, words, whole = 0.0, 0.0, torch.ones(len(steps))
+    for key in wm.text_keys:
+        truth, guess = data[key][steps], dists[key].mode()[0]
+        mask = truth != 0
+        right = right + ((guess == truth) & mask).sum(-1).float()
+        words = words + mask.sum(-1).float()
+        whole = whole * (guess == truth).all(-1).float()
+    return right / words.clamp(min=1.0), whole
+
+
+@torch.no_grad()
+def rolled(wm, post: State, data: dict[str, torch.Tensor], ends: torch.Tensor, k: int) -> tuple[torch.Tensor, State]:
+    """The prior rolled k steps from the posterior at each end - k with the real actions, kept where no episode
+    starts inside the roll: (the ends kept, their rolled states)."""
+    starts = ends - k
+    valid = starts >= 0
+    for j in range(1, k + 1):
+        valid &= ~data["is_first"][(starts + j).clamp(min=0)].bool()
+    starts, ends = starts[valid], ends[valid]
+    state = State(post.deter[starts], post.stoch[starts])
+    for j in range(1, k + 1 if len(starts) else 1):
+        state = wm.rssm.imagine_step(state, data["action"][starts + j].float())
+    return ends, state
+
+
+def mean(values: list[torch.Tensor]) -> float | None:
+    values = torch.cat(values) if values else torch.zeros(0)
+    return round(float(values.mean()), 4) if len(values) else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    args = parser.parse_args()
+    module, _ = load_module(args.checkpoint)
+    wm = module.world_model
+    if not wm.text_keys:
+        raise SystemExit(f"{args.checkpoint}: the world model reads no text observation; nothing to diagnose")
+    if module.cond.active:
+        raise SystemExit(f"{args.checkpoint}: a multi-task checkpoint; this diagnostic reads one-task runs")
+    replay = Replay.load(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "replay-rank0"))
+    keys = [*wm.decoded_keys, "action", "reward", "is_first", "is_terminal"]
+
+    real, own, own_cont, other, other_cont = [], [], [], [], []
+    loops = {k: {"reward": [], "cont": [], "tokens": [], "whole": [], "n": 0} for k in HORIZONS}
+    steps = successes = 0
+    for env in range(replay.num_envs):
+        data = stream(replay, env, keys)
+        steps += len(data["reward"])
+        success = data["is_terminal"].bool() & (data["reward"] > 0)
+        if not success.any():
+            continue
+        ends = torch.nonzero(success)[:, 0]
+        successes += len(ends)
+        post, _ = observe_stream(wm, data)
+        reward, cont = heads(wm, post.feat(), data)
+        swapped_texts, differs = neighbour_texts(data, wm.text_keys)
+        swapped = {**data, **swapped_texts}
+        swapped_post, _ = observe_stream(wm, swapped)
+        swapped_reward, swapped_cont = heads(wm, swapped_post.feat(), swapped)
+        compared = success & differs
+        real.append(data["reward"][compared].float())
+        own.append(reward[compared]), own_cont.append(cont[compared])
+        other.append(swapped_reward[compared]), other_cont.append(swapped_cont[compared])
+        for k, loop in loops.items():
+            kept, state = rolled(wm, post, data, ends, k)
+            if not len(kept):
+                continue
+            feat = state.feat()
+            r, c = heads(wm, feat, {key: v[kept] for key, v in data.items()})
+            tokens, whole = text_recovery(wm, feat, data, kept)
+            loop["reward"].append(r), loop["cont"].append(c), loop["tokens"].append(tokens), loop["whole"].append(whole)
+            loop["n"] += len(kept)
+
+    report = {
+        "checkpoint": args.checkpoint,
+        "steps": steps,
+        "successes": successes,
+        "success": {
+            "compared": sum(len(r) for r in real),
+            "real_reward": mean(real),
+            "own_text": {"reward": mean(own), "p_continue": mean(own_cont)},
+            "other_text": {"reward": mean(other), "p_continue": mean(other_cont)},
+        },
+        "open_loop": {k: {"n": loop["n"], "reward": mean(loop["reward"]), "p_continue": mean(loop["cont"]),
+                          "text_token_accuracy": mean(loop["tokens"]), "text_whole_accuracy": mean(loop["whole"])}
+                      for k, loop in loops.items() if loop["n"]},
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
