@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
-from diagnose_world_model import observe_stream, stream
+from diagnose_world_model import checkpoint_replay, observe_stream, stream
 from lit_dreamer.conditioning import with_vector
 from lit_dreamer.evaluation import load_module
-from lit_dreamer.replay import Replay
 from lit_dreamer.rssm import State
 
 HORIZONS = (0, 1, 3, 5, 10, 15)
@@ -109,7 +107,7 @@ def main() -> None:
         raise SystemExit(f"{args.checkpoint}: the world model reads no text observation; nothing to diagnose")
     if module.cond.active:
         raise SystemExit(f"{args.checkpoint}: a multi-task checkpoint; this diagnostic reads one-task runs")
-    replay = Replay.load(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "replay-rank0"))
+    replay = checkpoint_replay(args.checkpoint)
     keys = [*wm.decoded_keys, "action", "reward", "is_first", "is_terminal"]
 
     real, own, own_cont, other, other_cont = [], [], [], [], []

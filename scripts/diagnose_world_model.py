@@ -32,6 +32,11 @@ CHUNK = 64
 HORIZONS = (1, 2, 3, 5, 10)
 
 
+def checkpoint_replay(checkpoint: str) -> Replay:
+    """The replay saved beside a checkpoint's model.ckpt (rank 0's)."""
+    return Replay.load(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "replay-rank0"))
+
+
 def stream(replay: Replay, env: int, keys: list[str]) -> dict[str, torch.Tensor]:
     rows = len(replay) // replay.num_envs
     return {k: torch.as_tensor(replay._data[k][:rows, env]) for k in keys}
@@ -130,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     module, _ = load_module(args.checkpoint)
     wm = module.world_model
-    replay = Replay.load(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "replay-rank0"))
+    replay = checkpoint_replay(args.checkpoint)
     keys = [*wm.image_keys, *wm.vector_keys, "action", "reward", "is_first", "is_terminal"]
 
     sq, p_cont, terminal, reward_err, kls = [], [], [], [], []

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
 
-from diagnose_world_model import scaled, stream_pass, summary
+from diagnose_world_model import checkpoint_replay, scaled, stream_pass, summary
 from lit_dreamer.evaluation import load_module
 from lit_dreamer.replay import Replay
 
@@ -52,7 +51,7 @@ def main() -> None:
     module.train()
     wm = module.world_model
     scale = torch.tensor([float(x) for x in args.scale.split(",")]) if args.scale else None
-    replay = Replay.load(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "replay-rank0"))
+    replay = checkpoint_replay(args.checkpoint)
     keys = [*wm.image_keys, *wm.vector_keys, "action", "reward", "is_first", "is_terminal"]
     opt = module.configure_optimizers()[0]  # the world model's, as the run built it
     if not args.fresh:
