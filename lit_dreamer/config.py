@@ -568,6 +568,11 @@ def validate(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.replay.sampling, list(SAMPLERS), n=1)
         raise ConfigError(f"unknown replay.sampling {cfg.replay.sampling!r}; choose one of {', '.join(SAMPLERS)}"
                           + (f" (did you mean {close[0]}?)" if close else ""))
+    if not 0 <= cfg.replay.reward_fraction <= 1:
+        raise ConfigError(f"replay.reward_fraction must be within [0, 1], got {cfg.replay.reward_fraction}")
+    if cfg.replay.sampling == "reward" and len(task_names(cfg)) > 1:
+        raise ConfigError("replay.sampling=reward draws around rewarded steps of any task and would unbalance the "
+                          "tasks of env.tasks; use it with one task (env.id), or replay.sampling=uniform")
     if cfg.replay.device not in REPLAY_DEVICES:
         raise ConfigError(f"replay.device must be one of {', '.join(REPLAY_DEVICES)} (auto: on the trainer's "
                           f"accelerator), got {cfg.replay.device!r}")

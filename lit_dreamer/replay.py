@@ -219,7 +219,8 @@ class Replay:
                 f"the replay holds {self._filled} steps per env stream but sample(length={length}) needs at "
                 f"least {length}; collect more steps before sampling"
             )
-        starts, streams = self.sampler.draw(self._rng, batch_size, self._filled - length + 1, self._draws)
+        starts, streams = self.sampler.draw(self._rng, batch_size, self._filled - length + 1, self._draws,
+                                            rewarded=self._rewarded, length=length)
         self._draws += 1
         first = self._rows_added - self._filled + starts
         absolute = first[:, None] + np.arange(length)
@@ -227,6 +228,12 @@ class Replay:
         extras = {"index": absolute * self.num_envs + columns}
         extras.update(self._gather_context(first - 1, streams, has_previous=starts > 0))
         return Draw(rows, columns, extras)
+
+    def _rewarded(self) -> tuple[np.ndarray, np.ndarray]:
+        """The stored steps with a nonzero reward: (offsets from the oldest stored row, streams)."""
+        rows = (self._rows_added - self._filled + np.arange(self._filled)) % self._rows
+        offsets, streams = np.nonzero(self._data["reward"][rows] != 0)
+        return offsets, streams
 
     @property
     def storage(self) -> Mapping[str, np.ndarray]:

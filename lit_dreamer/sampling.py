@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -28,14 +28,21 @@ class ReplayConfig:
     directory: Optional[str] = None
     """Keep the replay in memory-mapped files here instead of RAM."""
     sampling: str = "uniform"
-    """uniform or recency (exponentially more weight on recent steps)."""
+    """uniform, recency (exponentially more weight on recent steps) or reward (a share of each batch around
+    steps with a nonzero reward)."""
     recency_half_life: float = 10000.0
     """Half-life in steps of the recency sampling."""
+    reward_fraction: float = 0.25
+    """With sampling=reward: the share of each batch's sequences drawn to hold a step with a nonzero reward (the
+    step at a uniform position in the sequence); the rest are uniform."""
     device: str = "cpu"
     """cpu, or auto: also keep the steps on the accelerator the trainer uses, and sample batches there."""
     task_balance: bool = True
     """Each batch holds as many sequences of each task (env.tasks) as the others; a remainder rotates over the tasks."""
 
+
+Rewarded = Callable[[], tuple[np.ndarray, np.ndarray]]
+"""() -> (offsets from the oldest stored row, streams) of the stored steps with a nonzero reward."""
 
 REPLAY_DEVICES = ("cpu", "auto")
 """The values of replay.device."""
@@ -70,9 +77,12 @@ class Sampler:
             raise ValueError(f"num_envs={num_envs} streams cannot be split evenly over num_tasks={num_tasks}")
         self.settings, self.num_envs, self.num_tasks = settings, num_envs, num_tasks
 
-    def draw(self, rng: np.random.Generator, batch_size: int, num_starts: int,
-             batch_number: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(starts, streams), each (batch_size,) int64; ``batch_number`` turns the rotation of task shares."""
+    def draw(self, rng: np.random.Generator, batch_size: int, num_starts: int, batch_number: int = 0,
+             rewarded: Rewarded | None = None, length: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, streams), each (batch_size,) int64; ``batch_number`` turns the rotation of task shares.
+
+        ``rewarded()`` gives the stored steps with a nonzero reward as (offsets from the oldest stored row,
+        streams), and ``length`` is the sequences' length; only the samplers that look at rewards use them."""
         starts = self.starts(rng, batch_size, num_starts)
         return starts, self.streams(rng, batch_size, batch_number)
 
@@ -106,7 +116,39 @@ class RecencySampler(Sampler):
         return num_starts - 1 - np.minimum(ages, num_starts - 1)
 
 
-SAMPLERS: dict[str, type[Sampler]] = {"uniform": UniformSampler, "recency": RecencySampler}
+class RewardSampler(UniformSampler):
+    """A share ``reward_fraction`` of each batch (rounded down, at least one while any exists) is drawn around
+    steps with a nonzero reward: a rewarded step chosen uniformly among all stored ones, and the sequence
+    placed so that the step sits at a uniform position in it (clamped to the stored rows). The rest of the
+    batch is uniform. While no rewarded step is stored, the whole batch is uniform.
+
+    Not in DreamerV3's recipe (uniform replay): it is for tasks whose reward is rare, where a uniform batch
+    holds a success too seldom for the reward head to learn it (docs/language.md). One task only: the
+    rewarded share would upset ``task_balance``.
+    """
+
+    def __init__(self, settings: ReplayConfig, num_envs: int, num_tasks: int = 1):
+        if num_tasks > 1:
+            raise ValueError("replay.sampling=reward draws around rewarded steps of any stream and would unbalance "
+                             "the tasks of env.tasks; use it with one task")
+        super().__init__(settings, num_envs, num_tasks)
+
+    def draw(self, rng: np.random.Generator, batch_size: int, num_starts: int, batch_number: int = 0,
+             rewarded: Rewarded | None = None, length: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        starts, streams = super().draw(rng, batch_size, num_starts, batch_number)
+        if rewarded is None:
+            raise ValueError("replay.sampling=reward needs the replay's rewarded steps")
+        offsets, columns = rewarded()
+        count = min(batch_size, max(1, int(batch_size * self.settings.reward_fraction))) if len(offsets) else 0
+        if count and self.settings.reward_fraction > 0:
+            pick = rng.integers(0, len(offsets), size=count)
+            before = rng.integers(0, length, size=count)  # the rewarded step's position in its sequence
+            starts[:count] = np.clip(offsets[pick] - before, 0, num_starts - 1)
+            streams[:count] = columns[pick]
+        return starts, streams
+
+
+SAMPLERS: dict[str, type[Sampler]] = {"uniform": UniformSampler, "recency": RecencySampler, "reward": RewardSampler}
 """replay.sampling name -> sampler class."""
 
 
@@ -118,4 +160,6 @@ def make_sampler(settings: ReplayConfig, num_envs: int, num_tasks: int = 1) -> S
         raise ValueError(f"unknown replay device {settings.device!r}; choose one of {', '.join(REPLAY_DEVICES)}")
     if settings.recency_half_life <= 0:
         raise ValueError(f"recency_half_life must be positive, got {settings.recency_half_life}")
+    if not 0 <= settings.reward_fraction <= 1:
+        raise ValueError(f"reward_fraction must be within [0, 1], got {settings.reward_fraction}")
     return SAMPLERS[settings.sampling](settings, num_envs, num_tasks)

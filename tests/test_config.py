@@ -286,7 +286,7 @@ def test_fit_from_a_script_checks_the_config_before_anything_runs(tmp_path, monk
 def test_replay_sampling_is_checked_against_the_sampler_table(monkeypatch):
     from lit_dreamer import sampling
 
-    with pytest.raises(ConfigError, match="unknown replay.sampling 'recent'; choose one of uniform, recency "
+    with pytest.raises(ConfigError, match="unknown replay.sampling 'recent'; choose one of uniform, recency, reward "
                                           r"\(did you mean recency\?\)"):
         load_config([], ["replay.sampling=recent"])
 
@@ -296,8 +296,16 @@ def test_replay_sampling_is_checked_against_the_sampler_table(monkeypatch):
     # A new sampler is one class and one table entry: the config accepts it with no other change.
     monkeypatch.setitem(sampling.SAMPLERS, "prioritized", Prioritized)
     assert load_config([], ["replay.sampling=prioritized"]).replay.sampling == "prioritized"
-    with pytest.raises(ConfigError, match="choose one of uniform, recency, prioritized"):
+    with pytest.raises(ConfigError, match="choose one of uniform, recency, reward, prioritized"):
         load_config([], ["replay.sampling=rank"])
+
+
+def test_reward_sampling_is_refused_with_several_tasks_and_its_fraction_checked():
+    with pytest.raises(ConfigError, match="replay.sampling=reward .* use it with one task"):
+        load_config([], ["replay.sampling=reward", "env.tasks=[CartPole-v1,Acrobot-v1]"])
+    with pytest.raises(ConfigError, match=r"replay.reward_fraction must be within \[0, 1\], got -0.5"):
+        load_config([], ["replay.reward_fraction=-0.5"])
+    assert load_config([], ["replay.sampling=reward", "replay.reward_fraction=0.5"]).replay.reward_fraction == 0.5
 
 
 RECIPE_KEYS = ("train_ratio", "batch_length", "prefill")

@@ -135,6 +135,55 @@ def test_recency_sampling_prefers_recent_data():
     assert ages["recency"].min() == 0 and ages["recency"].max() < 10_000
 
 
+def fill_rewarded(replay: Replay, steps: int, rewarded: dict[int, int]) -> None:
+    """`steps` steps of make_step, every reward 0 except stream s at step t for each {t: s} in `rewarded`."""
+    for step in range(steps):
+        data = make_step(step, replay.num_envs)
+        data["reward"] = np.zeros(replay.num_envs, np.float32)
+        if step in rewarded:
+            data["reward"][rewarded[step]] = 1.0
+        replay.add(data)
+
+
+def test_reward_sampling_puts_its_share_of_sequences_around_rewarded_steps():
+    replay = make(4000, 2, seed=5, sampling="reward", reward_fraction=0.25)
+    fill_rewarded(replay, 2000, {700: 1, 1500: 0})  # two rewarded steps among 4,000
+    hits, positions = 0, []
+    for _ in range(50):
+        batch = replay.sample(16, 8)
+        check_consecutive(batch)
+        rewarded = (batch["reward"] != 0).any(1)
+        # The first 4 of 16 sequences (a quarter) hold a rewarded step, at any position within the sequence.
+        assert rewarded[:4].all()
+        positions += [int(np.argmax(row)) for row in batch["reward"][:4] != 0]
+        hits += int(rewarded[4:].sum())
+    assert sorted(set(positions)) == list(range(8))
+    # The uniform rest: each of 600 sequences holds a rewarded step with probability 2 x 8/1993 x 1/2 = 0.008,
+    # about 4.8 in all (a Poisson count above 15 has probability below 1e-4).
+    assert hits <= 15
+
+
+def test_reward_sampling_is_uniform_without_rewards_and_clamps_near_the_edges():
+    replay = make(100, 1, seed=6, sampling="reward", reward_fraction=1.0)
+    fill_rewarded(replay, 50, {})
+    batch = replay.sample(8, 4)  # no rewarded step yet: all uniform, no error
+    check_consecutive(batch)
+    assert not batch["reward"].any()
+    replay = make(100, 1, seed=6, sampling="reward", reward_fraction=1.0)
+    fill_rewarded(replay, 50, {0: 0, 49: 0})  # rewarded steps at the first and the last stored row
+    batch = replay.sample(64, 4)
+    check_consecutive(batch)
+    assert (batch["reward"] != 0).any(1).all()
+    assert batch["step"].min() == 0 and batch["step"].max() == 49
+
+
+def test_reward_sampling_refuses_several_tasks_and_fractions_outside_0_1():
+    with pytest.raises(ValueError, match="one task"):
+        make_sampler(ReplayConfig(sampling="reward"), num_envs=2, num_tasks=2)
+    with pytest.raises(ValueError, match=r"reward_fraction must be within \[0, 1\]"):
+        make_sampler(ReplayConfig(sampling="reward", reward_fraction=1.5), num_envs=1)
+
+
 def test_recency_sampling_with_several_streams_stays_consecutive():
     replay = make(64, 4, seed=4, sampling="recency", recency_half_life=8)
     fill(replay, 0, 40)  # wrapped: steps 24..39 remain
@@ -355,7 +404,7 @@ def test_load_refuses_a_capacity_below_the_stored_steps(tmp_path):
 
 
 def test_samplers_come_from_the_table():
-    assert set(SAMPLERS) == {"uniform", "recency"}
+    assert set(SAMPLERS) == {"uniform", "recency", "reward"}
     assert isinstance(make_sampler(ReplayConfig(sampling="recency"), 1), RecencySampler)
-    with pytest.raises(ValueError, match="unknown replay sampling 'prioritised'; choose one of uniform, recency"):
+    with pytest.raises(ValueError, match="unknown replay sampling 'prioritised'; choose one of uniform, recency, reward"):
         make_sampler(ReplayConfig(sampling="prioritised"), 1)
