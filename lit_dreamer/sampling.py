@@ -139,12 +139,13 @@ class RewardSampler(UniformSampler):
         if rewarded is None:
             raise ValueError("replay.sampling=reward needs the replay's rewarded steps")
         offsets, columns = rewarded()
-        count = min(batch_size, max(1, int(batch_size * self.settings.reward_fraction))) if len(offsets) else 0
-        if count and self.settings.reward_fraction > 0:
-            pick = rng.integers(0, len(offsets), size=count)
-            before = rng.integers(0, length, size=count)  # the rewarded step's position in its sequence
-            starts[:count] = np.clip(offsets[pick] - before, 0, num_starts - 1)
-            streams[:count] = columns[pick]
+        if len(offsets) == 0 or self.settings.reward_fraction == 0:
+            return starts, streams
+        count = min(batch_size, max(1, int(batch_size * self.settings.reward_fraction)))
+        pick = rng.integers(0, len(offsets), size=count)
+        before = rng.integers(0, length, size=count)  # the rewarded step's position in its sequence
+        starts[:count] = np.clip(offsets[pick] - before, 0, num_starts - 1)
+        streams[:count] = columns[pick]
         return starts, streams
 
 

@@ -108,21 +108,29 @@ def summary(p_cont: torch.Tensor, terminal: torch.Tensor, sq: torch.Tensor | Non
 
 
 @torch.no_grad()
-def open_loop(wm, post: State, data: dict[str, torch.Tensor], terminals: torch.Tensor, k: int) -> dict[str, float]:
-    """Roll the prior k steps from the posterior at t-k to each terminal t, with the real actions."""
-    starts = terminals - k
+def roll_prior(wm, post: State, data: dict[str, torch.Tensor], ends: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, State]:
+    """The prior rolled k steps from the posterior at each end - k with the real actions, kept where no episode
+    starts inside the roll (is_first at start+1 .. end): (the ends kept, their rolled states)."""
+    starts = ends - k
     valid = starts >= 0
-    # No episode boundary may lie inside the rollout (is_first at start+1 .. t).
     for j in range(1, k + 1):
         valid &= ~data["is_first"][(starts + j).clamp(min=0)].bool()
-    starts, ends = starts[valid], terminals[valid]
-    if len(starts) == 0:
-        return {}
+    starts, ends = starts[valid], ends[valid]
     state = State(post.deter[starts], post.stoch[starts])
-    for j in range(1, k + 1):
+    for j in range(1, k + 1 if len(starts) else 1):
         state = wm.rssm.imagine_step(state, data["action"][starts + j].float())
+    return ends, state
+
+
+@torch.no_grad()
+def open_loop(wm, post: State, data: dict[str, torch.Tensor], terminals: torch.Tensor, k: int) -> dict[str, float]:
+    """Roll the prior k steps from the posterior at t-k to each terminal t, with the real actions."""
+    ends, state = roll_prior(wm, post, data, terminals, k)
+    if len(ends) == 0:
+        return {}
     feat = state.feat()
-    out = {"n": int(len(starts)), "p_continue": float(wm.cont(feat).mean().mean())}
+    out = {"n": int(len(ends)), "p_continue": float(wm.cont(feat).mean().mean())}
     if wm.vector_keys:
         error = vector_prediction(wm, feat) - vector_targets(wm, data)[ends]
         out["obs_rmse"] = rmse(error.pow(2))
