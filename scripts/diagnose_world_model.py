@@ -118,7 +118,9 @@ def roll_prior(wm, post: State, data: dict[str, torch.Tensor], ends: torch.Tenso
         valid &= ~data["is_first"][(starts + j).clamp(min=0)].bool()
     starts, ends = starts[valid], ends[valid]
     state = State(post.deter[starts], post.stoch[starts])
-    for j in range(1, k + 1 if len(starts) else 1):
+    if len(starts) == 0:  # nothing to roll (the RSSM's layers refuse an empty batch)
+        return ends, state
+    for j in range(1, k + 1):
         state = wm.rssm.imagine_step(state, data["action"][starts + j].float())
     return ends, state
 
