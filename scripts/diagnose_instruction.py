@@ -12,6 +12,13 @@ prints one JSON object. A *success* is a terminal step with a positive reward (B
   reward to the instruction predicts a lower reward with the wrong one; one that does not predicts the same.
   The actor learns from these rewards in imagination, so a model that ignores the text here gives the actor
   no reason to read it.
+- `value`: the mean reward predicted over all steps (posterior, own text) against the real one; the
+  critic's value over all steps, at the step before each success (where the episode has one),
+  and the one-step return that imagination gives the action that succeeded: the predicted reward plus
+  gamma x P(continue) x the critic's value at the success. Their difference, `success_one_step_advantage`,
+  is the sign the actor sees for that action (lambda and the return scale left out): where it is negative,
+  imagination pays less for reaching the goal (a small predicted reward, then an end) than for staying in a
+  state the critic values, and the actor learns to avoid the success it cannot yet predict.
 - `open_loop`: from the posterior k steps before each success, the prior rolled forward with the actions
   really taken (what imagination does): the predicted reward and P(continue) at the success step, and how
   much of the text the decoder still recovers from the rolled latent (token accuracy over the text's words,
@@ -64,6 +71,13 @@ def heads(wm, feat: torch.Tensor, data: dict[str, torch.Tensor]) -> tuple[torch.
 
 
 @torch.no_grad()
+def critic_values(module, feat: torch.Tensor, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The critic's value (T,) of features (T, F), with the data's conditioning vector as heads() adds it."""
+    vector = module.world_model.condition_vector({k: v[None] for k, v in data.items()})
+    return module.actor_critic.critic(with_vector(feat[None], vector), None).mean()[0]
+
+
+@torch.no_grad()
 def text_recovery(wm, feat: torch.Tensor, data: dict[str, torch.Tensor], steps: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per step (N,), from features (N, F) at `steps`: the fraction of the text's words (padding left out)
@@ -100,6 +114,7 @@ def main() -> None:
     keys = [*wm.decoded_keys, "action", "reward", "is_first", "is_terminal"]
 
     real, own, own_cont, other, other_cont = [], [], [], [], []
+    value_before, imagined, value_all, reward_all, real_all = [], [], [], [], []
     loops = {k: {"reward": [], "cont": [], "tokens": [], "whole": [], "n": 0} for k in HORIZONS}
     steps = successes = 0
     for env in range(replay.num_envs):
@@ -120,6 +135,11 @@ def main() -> None:
         real.append(data["reward"][compared].float())
         own.append(reward[compared]), own_cont.append(cont[compared])
         other.append(swapped_reward[compared]), other_cont.append(swapped_cont[compared])
+        value = critic_values(module, post.feat(), data)
+        value_all.append(value), reward_all.append(reward), real_all.append(data["reward"].float())
+        inside = ends[(ends > 0) & ~data["is_first"][ends].bool()]  # successes with a step before them
+        value_before.append(value[inside - 1])
+        imagined.append(reward[inside] + module.actor_critic.cfg.gamma * cont[inside] * value[inside])
         for k, loop in loops.items():
             kept, state = roll_prior(wm, post, data, ends, k)
             if not len(kept):
@@ -139,6 +159,14 @@ def main() -> None:
             "real_reward": mean(real),
             "own_text": {"reward": mean(own), "p_continue": mean(own_cont)},
             "other_text": {"reward": mean(other), "p_continue": mean(other_cont)},
+        },
+        "value": {
+            "reward_all_steps": mean(reward_all),
+            "real_reward_all_steps": mean(real_all),
+            "all_steps": mean(value_all),
+            "before_success": mean(value_before),
+            "success_one_step_return": mean(imagined),
+            "success_one_step_advantage": mean([i - v for i, v in zip(imagined, value_before)]),
         },
         "open_loop": {k: {"n": loop["n"], "reward": mean(loop["reward"]), "p_continue": mean(loop["cont"]),
                           "text_token_accuracy": mean(loop["tokens"]), "text_whole_accuracy": mean(loop["whole"])}

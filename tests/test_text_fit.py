@@ -186,9 +186,59 @@ def test_the_instruction_diagnostic_reads_the_checkpoint_and_its_replay(text_run
     # Every success compared has a neighbour with the other instruction: about half of them.
     assert 0 < report["success"]["compared"] < successes
     assert report["success"]["real_reward"] == 1.0
+    value = report["value"]
+    assert all(math.isfinite(value[k]) for k in ("all_steps", "before_success", "success_one_step_return"))
+    assert value["success_one_step_advantage"] == pytest.approx(
+        value["success_one_step_return"] - value["before_success"], abs=2e-4)
     # Episodes last 5 steps: rolls of up to 5 steps stay inside the episode, 10 and 15 would cross a reset.
     assert list(report["open_loop"]) == ["0", "1", "3", "5"]
     for entry in report["open_loop"].values():
         assert entry["n"] == successes
         assert 0 <= entry["text_token_accuracy"] <= 1 and 0 <= entry["text_whole_accuracy"] <= 1
         assert 0 <= entry["p_continue"] <= 1
+
+
+def action_share_script(monkeypatch):
+    from tests.test_examples import REPO, load_script
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    return load_script("action_shares.py")
+
+
+def test_action_shares_are_counted_per_window_of_rows(monkeypatch):
+    script = action_share_script(monkeypatch)
+    eye = torch.eye(3).numpy()
+    # 5 rows of 2 envs: rows 0-1 take actions (0, 1) and (0, 0), rows 2-3 (2, 2) and (1, 2), row 4 a zero
+    # action (an episode's first step) and action 1.
+    actions = [[eye[0], eye[1]], [eye[0], eye[0]], [eye[2], eye[2]], [eye[1], eye[2]], [eye[0] * 0, eye[1]]]
+    import numpy as np
+    shares = script.action_shares(np.array(actions), window_rows=2)
+    assert shares == [[0.75, 0.25, 0.0], [0.0, 0.25, 0.75], [0.0, 1.0, 0.0]]
+
+
+@pytest.mark.timeout(300)
+def test_action_shares_read_the_checkpoints_replay(text_run, capsys, monkeypatch):
+    import json
+    import sys
+
+    from lit_dreamer.replay import Replay
+    root, proc = text_run
+    assert proc.returncode == 0, explain(proc)
+    ckpt = last_checkpoint(root).resolve()
+    replay = Replay.load(str(ckpt.parent / "replay-rank0"))
+    rows = len(replay) // replay.num_envs
+    data = replay.storage
+    episodes = int(data["is_last"][:rows].sum())
+    successes = int((data["is_terminal"][:rows].astype(bool) & (data["reward"][:rows] > 0)).sum())
+    monkeypatch.setattr(sys, "argv", ["action_shares.py", str(ckpt), "--window", "100", "--names", "a,b"])
+    script = action_share_script(monkeypatch)
+    capsys.readouterr()
+    script.main()
+    report = json.loads(capsys.readouterr().out)
+    assert report["env_steps"] == len(replay) and report["actions"] == ["a", "b"]
+    windows = report["windows"]
+    assert [w["from"] for w in windows] == list(range(0, len(replay), report["window"]))
+    assert sum(w["env_steps"] for w in windows) == len(replay)
+    assert sum(w["episodes"] for w in windows) == episodes > 0
+    assert sum(w["successes"] for w in windows) == successes
+    for window in windows:
+        assert sum(window["share"].values()) == pytest.approx(1, abs=1e-3)
