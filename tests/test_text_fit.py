@@ -147,11 +147,35 @@ def test_the_blanked_instruction_ablation_trains_without_reading_or_predicting_t
     assert "this checkpoint reads none" in capsys.readouterr().err
 
 
-def instruction_diagnostic(monkeypatch):
-    """scripts/diagnose_instruction.py as a module (it imports diagnose_world_model beside it)."""
+def script_module(monkeypatch, name: str):
+    """A script under scripts/ as a module (the diagnostics import diagnose_world_model beside them)."""
     from tests.test_examples import REPO, load_script
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    return load_script("diagnose_instruction.py")
+    return load_script(name)
+
+
+def instruction_diagnostic(monkeypatch):
+    return script_module(monkeypatch, "diagnose_instruction.py")
+
+
+def fit_checkpoint_and_replay(text_run):
+    """The tiny text fit's last checkpoint, its saved replay and the replay's filled rows."""
+    from lit_dreamer.replay import Replay
+    root, proc = text_run
+    assert proc.returncode == 0, explain(proc)
+    ckpt = last_checkpoint(root).resolve()
+    replay = Replay.load(str(ckpt.parent / "replay-rank0"))
+    return ckpt, replay, len(replay) // replay.num_envs
+
+
+def script_report(module, argv: list[str], capsys, monkeypatch) -> dict:
+    """The JSON that a script's main() prints when run with argv."""
+    import json
+    import sys
+    monkeypatch.setattr(sys, "argv", argv)
+    capsys.readouterr()
+    module.main()
+    return json.loads(capsys.readouterr().out)
 
 
 def test_neighbour_texts_gives_each_episode_the_next_episodes_text(monkeypatch):
@@ -165,23 +189,12 @@ def test_neighbour_texts_gives_each_episode_the_next_episodes_text(monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_the_instruction_diagnostic_reads_the_checkpoint_and_its_replay(text_run, capsys, monkeypatch):
-    import json
-    import sys
-
-    from lit_dreamer.replay import Replay
-    root, proc = text_run
-    assert proc.returncode == 0, explain(proc)
-    ckpt = last_checkpoint(root).resolve()
-    replay = Replay.load(str(ckpt.parent / "replay-rank0"))
-    rows = len(replay) // replay.num_envs
+    ckpt, replay, rows = fit_checkpoint_and_replay(text_run)
     reward, terminal = replay._data["reward"][:rows], replay._data["is_terminal"][:rows]
     successes = int(((reward > 0) & terminal.astype(bool)).sum())
     assert successes > 0, "a random policy picks the named action at the last of 5 steps in about half the episodes"
-    monkeypatch.setattr(sys, "argv", ["diagnose_instruction.py", str(ckpt)])
-    diagnose = instruction_diagnostic(monkeypatch)
-    capsys.readouterr()
-    diagnose.main()
-    report = json.loads(capsys.readouterr().out)
+    report = script_report(instruction_diagnostic(monkeypatch), ["diagnose_instruction.py", str(ckpt)], capsys,
+                           monkeypatch)
     assert report["steps"] == len(replay) and report["successes"] == successes
     # Every success compared has a neighbour with the other instruction: about half of them.
     assert 0 < report["success"]["compared"] < successes
@@ -199,41 +212,28 @@ def test_the_instruction_diagnostic_reads_the_checkpoint_and_its_replay(text_run
 
 
 def action_share_script(monkeypatch):
-    from tests.test_examples import REPO, load_script
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    return load_script("action_shares.py")
+    return script_module(monkeypatch, "action_shares.py")
 
 
 def test_action_shares_are_counted_per_window_of_rows(monkeypatch):
+    import numpy as np
     script = action_share_script(monkeypatch)
     eye = torch.eye(3).numpy()
     # 5 rows of 2 envs: rows 0-1 take actions (0, 1) and (0, 0), rows 2-3 (2, 2) and (1, 2), row 4 a zero
     # action (an episode's first step) and action 1.
     actions = [[eye[0], eye[1]], [eye[0], eye[0]], [eye[2], eye[2]], [eye[1], eye[2]], [eye[0] * 0, eye[1]]]
-    import numpy as np
     shares = script.action_shares(np.array(actions), window_rows=2)
     assert shares == [[0.75, 0.25, 0.0], [0.0, 0.25, 0.75], [0.0, 1.0, 0.0]]
 
 
 @pytest.mark.timeout(300)
 def test_action_shares_read_the_checkpoints_replay(text_run, capsys, monkeypatch):
-    import json
-    import sys
-
-    from lit_dreamer.replay import Replay
-    root, proc = text_run
-    assert proc.returncode == 0, explain(proc)
-    ckpt = last_checkpoint(root).resolve()
-    replay = Replay.load(str(ckpt.parent / "replay-rank0"))
-    rows = len(replay) // replay.num_envs
+    ckpt, replay, rows = fit_checkpoint_and_replay(text_run)
     data = replay.storage
     episodes = int(data["is_last"][:rows].sum())
     successes = int((data["is_terminal"][:rows].astype(bool) & (data["reward"][:rows] > 0)).sum())
-    monkeypatch.setattr(sys, "argv", ["action_shares.py", str(ckpt), "--window", "100", "--names", "a,b"])
-    script = action_share_script(monkeypatch)
-    capsys.readouterr()
-    script.main()
-    report = json.loads(capsys.readouterr().out)
+    argv = ["action_shares.py", str(ckpt), "--window", "100", "--names", "a,b"]
+    report = script_report(action_share_script(monkeypatch), argv, capsys, monkeypatch)
     assert report["env_steps"] == len(replay) and report["actions"] == ["a", "b"]
     windows = report["windows"]
     assert [w["from"] for w in windows] == list(range(0, len(replay), report["window"]))
