@@ -55,10 +55,10 @@ def main() -> None:
     success = np.asarray(data["is_terminal"][:rows]) & (np.asarray(data["reward"][:rows]) > 0)
     for index, share in enumerate(action_shares(actions, window_rows)):
         part = slice(index * window_rows, min((index + 1) * window_rows, rows))
-        window = {"from": part.start * replay.num_envs, "env_steps": (part.stop - part.start) * replay.num_envs,
-                  "share": dict(zip(names, share))}
-        window["episodes"], window["successes"] = int(ends[part].sum()), int(success[part].sum())
-        out["windows"].append(window)
+        out["windows"].append({"from": part.start * replay.num_envs,
+                               "env_steps": (part.stop - part.start) * replay.num_envs,
+                               "share": dict(zip(names, share)),
+                               "episodes": int(ends[part].sum()), "successes": int(success[part].sum())})
     print(json.dumps(out, indent=1))
 
 

@@ -12,9 +12,10 @@ prints one JSON object. A *success* is a terminal step with a positive reward (B
   reward to the instruction predicts a lower reward with the wrong one; one that does not predicts the same.
   The actor learns from these rewards in imagination, so a model that ignores the text here gives the actor
   no reason to read it.
-- `value`: the mean reward predicted over all steps (posterior, own text) against the real one; the
-  critic's value over all steps, at the step before each success (where the episode has one),
-  and the one-step return that imagination gives the action that succeeded: the predicted reward plus
+- `value`: over every step of the env streams that hold a success (all of them, in a run that has
+  succeeded in each env), the mean reward predicted (posterior, own text) against the real one and the
+  critic's mean value; the critic's value at the step before each success (where the episode has one), and
+  the one-step return that imagination gives the action that succeeded: the predicted reward plus
   gamma x P(continue) x the critic's value at the success. Their difference, `success_one_step_advantage`,
   is the sign the actor sees for that action (lambda and the return scale left out): where it is negative,
   imagination pays less for reaching the goal (a small predicted reward, then an end) than for staying in a
@@ -61,20 +62,23 @@ def neighbour_texts(data: dict[str, torch.Tensor], keys: list[str]) -> tuple[dic
     return swapped, differs
 
 
+def head_features(wm, feat: torch.Tensor, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Features (T, F) as the heads read them (1, T, F'): with the data's conditioning vector appended when the
+    model takes one (model.text_condition)."""
+    return with_vector(feat[None], wm.condition_vector({k: v[None] for k, v in data.items()}))
+
+
 @torch.no_grad()
 def heads(wm, feat: torch.Tensor, data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The predicted reward and P(continue) (T,) of features (T, F), with the data's conditioning vector when
-    the model takes one (model.text_condition)."""
-    vector = wm.condition_vector({k: v[None] for k, v in data.items()})
-    head_feat = with_vector(feat[None], vector)
+    """The predicted reward and P(continue) (T,) of features (T, F)."""
+    head_feat = head_features(wm, feat, data)
     return wm.reward(head_feat).mean()[0], wm.cont(head_feat).mean()[0]
 
 
 @torch.no_grad()
 def critic_values(module, feat: torch.Tensor, data: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The critic's value (T,) of features (T, F), with the data's conditioning vector as heads() adds it."""
-    vector = module.world_model.condition_vector({k: v[None] for k, v in data.items()})
-    return module.actor_critic.critic(with_vector(feat[None], vector), None).mean()[0]
+    """The critic's value (T,) of features (T, F)."""
+    return module.actor_critic.critic(head_features(module.world_model, feat, data), None).mean()[0]
 
 
 @torch.no_grad()
