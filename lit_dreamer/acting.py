@@ -27,12 +27,13 @@ POLICY_PARTS = ("world_model.", "actor_critic.")
 
 
 def build_parts(obs_spec: dict, action_dim: int, discrete: bool, cfg: AgentConfig, num_tasks: int = 1,
-                text_words: Mapping[str, Sequence[str]] | None = None) -> tuple[WorldModel, ActorCritic]:
+                text_words: Mapping[str, Sequence[str]] | None = None,
+                one_hot: Mapping[str, Sequence[int]] | None = None) -> tuple[WorldModel, ActorCritic]:
     """The world model and actor-critic of an agent, as DreamerModule trains them and Policy acts with them. The
     world model's `cond` holds the task conditioning with the width of the text vector (model.text_condition)."""
     cond = Conditioning(num_tasks, cfg.multitask.conditioning, cfg.multitask.embed_dim)
     world_model = WorldModel(obs_spec, action_dim, cfg.model, free_nats=cfg.world_model.free_nats, cond=cond,
-                             text_words=text_words)
+                             text_words=text_words, one_hot=one_hot)
     actor_critic = ActorCritic(world_model.rssm.feat_dim, action_dim, discrete, cfg.model, cfg.behavior,
                                cond=world_model.cond)
     return world_model, actor_critic
@@ -84,7 +85,8 @@ class Policy(nn.Module):
                          for k, (shape, dtype) in hparams["obs_spec"].items()}
         self.action_dim, self.discrete = int(hparams["action_dim"]), bool(hparams["discrete"])
         self.world_model, self.actor_critic = build_parts(self.obs_spec, self.action_dim, self.discrete, cfg,
-                                                          hparams.get("num_tasks", 1), text_words)
+                                                          hparams.get("num_tasks", 1), text_words,
+                                                          hparams.get("one_hot"))
         self.cond = self.world_model.cond
 
     @classmethod

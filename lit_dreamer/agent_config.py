@@ -88,6 +88,10 @@ class ModelConfig:
     """Also append the text encoder's output (the instruction's embedding, stopped gradient for the actor and
     critics) to the latent features that the reward and continue heads, actor and critics read: the
     conditioning vector of lit_dreamer.conditioning, fed from text. Needs a text observation key."""
+    one_hot_decoder: str = "mse"
+    """Decoder loss of the vector keys an env declares one-hot (Discrete and MultiDiscrete observations,
+    MiniGrid's cells: lit_dreamer.envs.adapters.ONE_HOT_METADATA_KEY): mse, the symlog squared error of every
+    vector key (DreamerV3); or categorical, one softmax per one-hot group and its cross-entropy."""
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> "ModelConfig":
@@ -123,9 +127,11 @@ LEGACY_MODEL_DEFAULTS: dict[str, Any] = {
     "text_vocab": 256,
     "text_embed": 32,
     "text_condition": False,
+    "one_hot_decoder": "mse",
 }
 
 TEXT_ENCODERS = ("tokens", "minilm")
+ONE_HOT_DECODERS = ("mse", "categorical")
 
 
 @dataclass

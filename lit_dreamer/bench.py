@@ -122,7 +122,7 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     vocabularies = TextVocabularies(cfg.model.text_vocab)
     info, num_tasks = probe_env(cfg, vocabularies), len(task_names(cfg))
     module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile,
-                           num_tasks=num_tasks, text_words=vocabularies.words())
+                           num_tasks=num_tasks, text_words=vocabularies.words(), one_hot=info.one_hot)
     module.timer.enabled = True
     B, T = cfg.run.batch_size, cfg.run.batch_length
     # One stream per task (the collector's layout with one env each), batches balanced as in training.

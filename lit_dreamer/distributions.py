@@ -9,6 +9,8 @@ Shape letters: K latent variables, C classes per latent, n bins of the two-hot d
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -307,6 +309,59 @@ class Categorical(Output):
 
     def entropy(self) -> Tensor:
         return _sum_last(-(self.probs * self.log_probs).sum(-1), self.event_dims)
+
+
+class OneHotGroups(Output):
+    """Decoder output of a vector made of one-hot groups (a Discrete or MultiDiscrete observation, MiniGrid's
+    cells): one softmax per group over logits (..., D), D = sum(widths), the groups side by side in that order.
+
+    `loss` is the cross-entropy of each group summed over the groups: a log-likelihood in nats, as the KL it
+    is weighed against. The groups are gathered into a padded (..., G, max width) table once per call, the
+    padding at -inf, so one log_softmax covers every group whatever their widths.
+    """
+
+    def __init__(self, logits: Tensor, widths: tuple[int, ...]):
+        assert logits.shape[-1] == sum(widths), f"logits width {logits.shape[-1]} != sum of the widths {sum(widths)}"
+        self.logits, self.widths = logits.float(), tuple(widths)
+        self.index, self.valid = group_table(self.widths, logits.device)
+        padded = self.logits[..., self.index].masked_fill(~self.valid, float("-inf"))
+        self.log_probs = torch.log_softmax(padded, -1).masked_fill(~self.valid, 0.0)  # (..., G, W)
+
+    def mean(self) -> Tensor:
+        """The probability of each entry (..., D), as the one-hot vector lays them out."""
+        return self.ungroup(self.log_probs.exp() * self.valid)
+
+    def mode(self) -> Tensor:
+        """The one-hot vector (..., D) of each group's most likely entry."""
+        return self.ungroup(one_hot_of(self.log_probs.masked_fill(~self.valid, float("-inf")).argmax(-1),
+                                       self.index.shape[-1]) * self.valid)
+
+    def sample(self) -> Tensor:
+        draw = torch.distributions.Categorical(logits=self.log_probs.masked_fill(~self.valid, float("-inf"))).sample()
+        return self.ungroup(one_hot_of(draw, self.index.shape[-1]) * self.valid)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """x: the one-hot vector (..., D) (a soft target also works); returns (...), summed over the groups."""
+        assert x.shape == self.logits.shape, f"target {tuple(x.shape)} != logits {tuple(self.logits.shape)}"
+        return (x.float()[..., self.index] * self.valid * self.log_probs).sum((-2, -1))
+
+    def entropy(self) -> Tensor:
+        return -(self.log_probs.exp() * self.valid * self.log_probs).sum((-2, -1))
+
+    def ungroup(self, table: Tensor) -> Tensor:
+        """A padded table (..., G, W) back to the vector layout (..., D)."""
+        return table[..., self.valid]
+
+
+@functools.lru_cache(maxsize=16)
+def group_table(widths: tuple[int, ...], device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """For groups of `widths` laid side by side in a vector: the vector index of each group's entries, padded to
+    the widest group (G, W) (padding repeats index 0), and where the table holds a real entry (G, W) bool."""
+    width = max(widths)
+    starts = torch.tensor([0, *widths[:-1]], device=device).cumsum(0)
+    offsets = torch.arange(width, device=device)
+    valid = offsets < torch.tensor(widths, device=device)[:, None]
+    return torch.where(valid, starts[:, None] + offsets, 0), valid
 
 
 class Tokens(Output):

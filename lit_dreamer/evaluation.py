@@ -160,7 +160,7 @@ def module_of(info):
     hp = info.hparams
     obs_spec = {k: (tuple(shape), dtype) for k, (shape, dtype) in hp["obs_spec"].items()}
     module = DreamerModule(obs_spec, hp["action_dim"], hp["discrete"], hp["config"], num_tasks=hp.get("num_tasks", 1),
-                           text_words=info.text_vocabulary)
+                           text_words=info.text_vocabulary, one_hot=hp.get("one_hot"))
     module.load_state_dict(info.state_dict)
     module.eval()
     config, run_id = info.run_config, info.mlflow_run_id

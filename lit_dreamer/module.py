@@ -39,24 +39,28 @@ class DreamerModule(L.LightningModule):
     task_names (the env ids of the table, optional) name the per-task metrics; without them, task indices do.
     text_words ({text key: words in id order}, the run's vocabulary) is read by model.text_encoder=minilm, which
     embeds the words of the ids; it is not a hyperparameter (checkpoints keep the vocabulary beside it).
+    one_hot ({vector key: group widths}, what the env declares one-hot) is read by model.one_hot_decoder=categorical.
     """
 
     def __init__(self, obs_spec: SpecLike, action_dim: int, discrete: bool, config: AgentConfig | dict | None = None,
                  compile: bool = False, num_tasks: int = 1, task_names: Sequence[str] | None = None,
-                 text_words: Mapping[str, Sequence[str]] | None = None):
+                 text_words: Mapping[str, Sequence[str]] | None = None,
+                 one_hot: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
         cfg = agent_config_from(config)
         obs_spec = {k: (tuple(int(d) for d in shape), str(np.dtype(dtype))) for k, (shape, dtype) in obs_spec.items()}
         # Plain types only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({"obs_spec": {k: [list(s), d] for k, (s, d) in obs_spec.items()},
                                    "action_dim": action_dim, "discrete": discrete, "config": asdict(cfg),
-                                   "compile": compile, "num_tasks": num_tasks})
+                                   "compile": compile, "num_tasks": num_tasks,
+                                   "one_hot": {k: [int(w) for w in v] for k, v in (one_hot or {}).items()}})
         self.automatic_optimization = False
         self.cfg = cfg
         self.obs_spec, self.action_dim, self.discrete = obs_spec, action_dim, discrete
         # Not a hyperparameter: the checkpoint keeps the task table beside it (lit_dreamer.resume).
         self.task_labels = task_labels(num_tasks, task_names)
-        self.world_model, self.actor_critic = build_parts(obs_spec, action_dim, discrete, cfg, num_tasks, text_words)
+        self.world_model, self.actor_critic = build_parts(obs_spec, action_dim, discrete, cfg, num_tasks, text_words,
+                                                          one_hot)
         self.cond = self.world_model.cond  # with the width of the text conditioning vector (model.text_condition)
         # Every observation key's loss is rec/<key>; text keys take their own scale (loss_scales.text).
         self.scales = {f"rec/{k}": cfg.loss_scales.text if k in self.world_model.text_keys else cfg.loss_scales.rec

@@ -205,7 +205,8 @@ def build_offline(cfg: Config, run_dir: str) -> tuple[L.LightningModule, L.Light
     datamodule = ReplayDataModule(source.spec, offline_replay_settings(cfg, source), num_envs=source.num_envs,
                                   batch_size=cfg.run.batch_size, batch_length=cfg.run.batch_length,
                                   seed=cfg.run.seed)
-    return (offline_module(cfg, source, tasks), datamodule, offline_callbacks(cfg, source, run_dir, vocabularies),
+    module = offline_module(cfg, source, tasks, info.one_hot if info is not None else None)
+    return (module, datamodule, offline_callbacks(cfg, source, run_dir, vocabularies),
             info if info is not None else env_info_of(source))
 
 
@@ -221,12 +222,14 @@ def check_source(cfg: Config, source: ReplaySource, run_dir: str) -> None:
                           "run.batch_length")
 
 
-def offline_module(cfg: Config, source: ReplaySource, tasks: list[str]) -> L.LightningModule:
-    """A fresh agent for the replay's spaces."""
+def offline_module(cfg: Config, source: ReplaySource, tasks: list[str],
+                   one_hot: dict[str, list[int]] | None = None) -> L.LightningModule:
+    """A fresh agent for the replay's spaces; `one_hot`: the keys the named env declares one-hot (none without
+    an env: a replay does not record them)."""
     from lit_dreamer.module import DreamerModule
     try:
         return DreamerModule(source.obs_spec, source.action_dim, source.discrete, cfg.agent(),
-                             compile=cfg.run.compile, num_tasks=1, task_names=tasks or None)
+                             compile=cfg.run.compile, num_tasks=1, task_names=tasks or None, one_hot=one_hot)
     except ValueError as err:  # e.g. an observation the encoders cannot take
         raise ConfigError(f"offline.replay={cfg.offline.replay}: {err}") from None
 

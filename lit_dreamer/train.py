@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import lightning as L
 from lightning.pytorch.loggers import Logger
@@ -22,6 +22,7 @@ from lit_dreamer.checkpoint_files import check_checkpoint_folder
 from lit_dreamer.config import Config, ConfigError, task_names, validate
 from lit_dreamer.data import ReplayDataModule
 from lit_dreamer.envs import action_dim, action_kind, check_same_spaces, make_env, space_spec
+from lit_dreamer.envs.adapters import ONE_HOT_METADATA_KEY
 from lit_dreamer.envs.described import describe_spaces
 from lit_dreamer.envs.text import TextVocabularies, check_text_growth
 from lit_dreamer.module import DreamerModule
@@ -43,13 +44,17 @@ class EnvInfo:
     discrete: bool
     spaces: dict | None = None
     """The env's own spaces and lit_dreamer's conversions (envs.described), saved in checkpoints for Agent.load."""
+    one_hot: dict = field(default_factory=dict)
+    """The observation keys the env declares one-hot: {key: group widths} (model.one_hot_decoder)."""
 
 
 def env_info(env) -> EnvInfo:
     """The replay spec, observation spec, action size and action kind of an env."""
     spec = space_spec(env)
     obs_spec = {k: v for k, v in spec.items() if k not in NON_OBS_KEYS}
-    return EnvInfo(spec, obs_spec, action_dim(env), action_kind(env) == "discrete")
+    declared = env.metadata.get(ONE_HOT_METADATA_KEY, {})
+    one_hot = {k: [int(w) for w in widths] for k, widths in declared.items() if k in obs_spec}
+    return EnvInfo(spec, obs_spec, action_dim(env), action_kind(env) == "discrete", one_hot=one_hot)
 
 
 def probe_env(cfg: Config, vocabularies: TextVocabularies | None = None) -> EnvInfo:
@@ -234,7 +239,8 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     env_kwargs = {**cfg.env.make_kwargs(), "vocabularies": vocabularies}
     try:
         module = DreamerModule(info.obs_spec, info.action_dim, info.discrete, cfg.agent(), compile=cfg.run.compile,
-                               num_tasks=len(tasks), task_names=tasks, text_words=vocabularies.words())
+                               num_tasks=len(tasks), task_names=tasks, text_words=vocabularies.words(),
+                               one_hot=info.one_hot)
     except ValueError as err:  # e.g. an observation the encoders cannot take
         raise ConfigError(f"{task_key(cfg, tasks[0])}: {err}") from None
     # Every replay row holds the envs of all tasks side by side (num_envs per task).

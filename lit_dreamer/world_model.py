@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lit_dreamer.agent_config import ModelConfig
 from lit_dreamer.conditioning import Conditioning, ConditionedHead, with_vector
-from lit_dreamer.distributions import MSE, Bernoulli, SymlogMSE, Tokens, TwoHot, kl_divergence
+from lit_dreamer.distributions import MSE, Bernoulli, OneHotGroups, SymlogMSE, Tokens, TwoHot, kl_divergence
 from lit_dreamer.losses import kl_losses
 from lit_dreamer.minilm import MINILM_DIM, SentenceTable, require_minilm
 from lit_dreamer.nets import (MLP, ImageDecoder, ImageEncoder, SentenceEncoder, TextDecoder, TextEncoder, VectorEncoder,
@@ -65,6 +65,9 @@ class WorldModel(nn.Module):
     features (..., F) to a two-hot reward and a Bernoulli continue; `loss(batch)` returns (losses (B, T) by
     name, posterior State (B, T), scalar metrics). Shapes: B batch, T time, E embedding, F = rssm.feat_dim.
 
+    Vector keys are predicted in symlog space (squared error), except, with model.one_hot_decoder=categorical,
+    the keys that `one_hot` declares one-hot groups ({key: widths}, from the env): one softmax per group.
+
     Only the reward and continue heads depend on the task (`cond`, lit_dreamer.conditioning): they take the
     task of each input beside its features. Encoder, RSSM and decoder are shared by all tasks and see none.
     With `model.text_condition` the text encoders' output is also the conditioning vector (`condition_vector`):
@@ -73,12 +76,14 @@ class WorldModel(nn.Module):
 
     def __init__(self, obs_spec: SpecLike, action_dim: int, cfg: ModelConfig,
                  free_nats: float = 1.0, cond: Conditioning = Conditioning(),
-                 text_words: Mapping[str, Sequence[str]] | None = None):
+                 text_words: Mapping[str, Sequence[str]] | None = None,
+                 one_hot: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
         cfg = cfg.resolved()
         self.image_keys, self.vector_keys, self.text_keys = split_obs_keys(obs_spec, cfg.cnn_keys, cfg.mlp_keys)
         self.image_channels = [obs_spec[k][0][-1] for k in self.image_keys]
         self.vector_dims = [obs_spec[k][0][0] for k in self.vector_keys]
+        self.one_hot = self.categorical_keys(one_hot or {}) if cfg.one_hot_decoder == "categorical" else {}
         embed_dim = 0
         cnn = dict(mults=tuple(cfg.cnn_mults), kernel=cfg.cnn_kernel, strided=cfg.cnn_strided)
         if self.image_keys:
@@ -122,6 +127,19 @@ class WorldModel(nn.Module):
                                            bias=cfg.dense_bias, cond=self.cond)
         self.cont_head = ConditionedHead(feat, 1, cfg.units, cfg.cont_layers, bias=cfg.dense_bias, cond=self.cond)
         self.free_nats = free_nats
+
+    def categorical_keys(self, one_hot: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+        """{vector key: group widths} of the declared one-hot keys that the vector decoder predicts, each checked
+        against the key's width."""
+        groups = {}
+        for key, dim in zip(self.vector_keys, self.vector_dims):
+            if key in one_hot:
+                widths = tuple(int(w) for w in one_hot[key])
+                if sum(widths) != dim or min(widths, default=0) < 1:
+                    raise ValueError(f"observation {key!r} is declared one-hot with groups {list(widths)}, which do "
+                                     f"not add up to its width {dim}; fix the env's metadata entry for it")
+                groups[key] = widths
+        return groups
 
     @staticmethod
     def make_text_encoder(key: str, cfg: ModelConfig, text_words: Mapping[str, Sequence[str]] | None) -> nn.Module:
@@ -172,7 +190,7 @@ class WorldModel(nn.Module):
         """Each text key's encoding (B, T, units), in text_keys order."""
         return [encoder(obs[key]) for key, encoder in zip(self.text_keys, self.text_encoders)]
 
-    def decode(self, feat: Tensor) -> dict[str, MSE | SymlogMSE | Tokens]:
+    def decode(self, feat: Tensor) -> dict[str, MSE | SymlogMSE | OneHotGroups | Tokens]:
         """feat (B, T, F) -> one output distribution per decoded key."""
         outs = {}
         if self.image_keys:
@@ -182,7 +200,10 @@ class WorldModel(nn.Module):
         if self.vector_keys:
             vector = self.vector_decoder(feat)
             for key, part in zip(self.vector_keys, vector.split(self.vector_dims, -1)):
-                outs[key] = SymlogMSE(part, event_dims=1)
+                if key in self.one_hot:  # model.one_hot_decoder=categorical: a softmax per one-hot group
+                    outs[key] = OneHotGroups(part, self.one_hot[key])
+                else:
+                    outs[key] = SymlogMSE(part, event_dims=1)
         for key, decoder in zip(self.text_keys, self.text_decoders):
             if self.text_encoder == "minilm":
                 outs[key] = MSE(decoder(feat), event_dims=1)  # (B, T, 384): the text's sentence embedding

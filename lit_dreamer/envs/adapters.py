@@ -24,6 +24,27 @@ ACCEPTED_OBSERVATIONS = (
 )
 CATEGORICAL = (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 
+ONE_HOT_METADATA_KEY = "lit_dreamer_one_hot"
+"""env.metadata entry where an env declares which float32 vector keys are one-hot groups: {key: [width, ...]},
+the groups side by side in that order (model.one_hot_decoder=categorical decodes each with a softmax)."""
+
+
+def one_hot_widths(space: spaces.Space) -> list[int] | None:
+    """The one-hot group widths that a Discrete (one group) or MultiDiscrete (one per entry) entry becomes; None
+    for a MultiBinary entry, whose 0/1 values are not one-hot."""
+    if isinstance(space, spaces.Discrete):
+        return [int(space.n)]
+    if isinstance(space, spaces.MultiDiscrete):
+        return [int(n) for n in space.nvec]
+    return None
+
+
+def declare_one_hot(env: gym.Env, widths: dict[str, list[int]]) -> None:
+    """Adds `widths` ({key: group widths}) to the one-hot keys the env declares in its metadata."""
+    if widths:
+        declared = {**env.metadata.get(ONE_HOT_METADATA_KEY, {}), **widths}
+        env.metadata = {**env.metadata, ONE_HOT_METADATA_KEY: declared}
+
 
 def _is_image(space: spaces.Box) -> bool:
     return space.dtype == np.uint8 and len(space.shape) == 3 and space.shape[-1] in (1, 3)
@@ -123,6 +144,8 @@ class FlatObservations:
         # `keep`: top-level keys whose boxes pass unchanged, the int64 token ids of text observations.
         converted = {key: space if key in keep else _convert_box(key, space) for key, space in flat.items()}
         self.categorical = {key: space for key, space in flat.items() if isinstance(space, CATEGORICAL)}
+        self.one_hot = {key: widths for key, space in self.categorical.items()
+                        if (widths := one_hot_widths(space)) is not None}
         self.top_level_key = None if isinstance(source, spaces.Dict) else next(iter(converted))
         self.keep = tuple(keep)
         self.space = spaces.Dict(converted)
@@ -153,6 +176,7 @@ class DictObservation(gym.ObservationWrapper):
         super().__init__(env)
         self.converter = FlatObservations(env.observation_space, keep)
         self.observation_space = self.converter.space
+        declare_one_hot(self, self.converter.one_hot)
 
     def observation(self, observation: Any) -> dict[str, np.ndarray]:
         return self.converter(observation)

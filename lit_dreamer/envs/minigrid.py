@@ -26,6 +26,7 @@ from gymnasium import spaces
 
 # The key under which envs declare their words, and the tokenizer that splits texts into them (the comma of
 # ", then" is no word): the text module's own, so declared words and token ids always agree.
+from lit_dreamer.envs.adapters import declare_one_hot
 from lit_dreamer.envs.text import VOCABULARY_METADATA_KEY, tokenize
 
 
@@ -99,6 +100,7 @@ class OneHotGrid(gym.ObservationWrapper):
         others = {key: space for key, space in env.observation_space.spaces.items() if key != "image"}
         grid = spaces.Box(0.0, 1.0, (height * width * sum(self.widths),), np.float32)
         self.observation_space = spaces.Dict({"grid": grid, **others})
+        declare_one_hot(self, {"grid": list(self.widths) * (height * width)})
 
     def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
         return one_hot_grid(observation, self.widths)
