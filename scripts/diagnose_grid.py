@@ -50,6 +50,7 @@ def accuracy(right: torch.Tensor) -> float | None:
     return round(float(right.float().mean()), 4) if len(right) else None
 
 
+@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")

@@ -2,6 +2,7 @@
 group (lit_dreamer.distributions.OneHotGroups) instead of DreamerV3's symlog squared error."""
 
 import math
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -19,6 +20,7 @@ from lit_dreamer.envs.adapters import ONE_HOT_METADATA_KEY
 from lit_dreamer.module import DreamerModule
 from lit_dreamer.train import env_info
 from lit_dreamer.world_model import WorldModel
+from tests.test_text_fit import script_module
 
 LN2 = math.log(2.0)
 
@@ -149,7 +151,7 @@ def test_an_unknown_one_hot_decoder_is_a_config_error_naming_the_choices():
         load_config([], ["model.one_hot_decoder=softmax"])
 
 
-def test_a_tiny_babyai_fit_with_the_categorical_decoder_through_the_cli(tmp_path, monkeypatch):
+def test_a_tiny_babyai_fit_with_the_categorical_decoder_through_the_cli(tmp_path, monkeypatch, capsys):
     import csv
 
     from lit_dreamer.__main__ import main
@@ -158,9 +160,10 @@ def test_a_tiny_babyai_fit_with_the_categorical_decoder_through_the_cli(tmp_path
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     code = main(["fit", "-c", "debug", "env.id=babyai/GoToObj", "model.one_hot_decoder=categorical",
-                 f"run.dir={tmp_path}/run", "logger.backend=csv", "run.eval_every=0"])
+                 f"run.dir={tmp_path}/run", "logger.backend=csv", "logger.log_checkpoints=none", "run.eval_every=0"])
     assert code == 0
-    module, _ = load_module(find_checkpoint(str(tmp_path / "run")))
+    checkpoint = find_checkpoint(str(tmp_path / "run"))
+    module, _ = load_module(checkpoint)
     assert module.world_model.one_hot == {"grid": (11, 6, 3) * 49, "direction": (4,)}
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
         grid_losses = [float(row["loss/rec/grid"]) for row in csv.DictReader(f) if row.get("loss/rec/grid")]
@@ -168,3 +171,37 @@ def test_a_tiny_babyai_fit_with_the_categorical_decoder_through_the_cli(tmp_path
     # cells; a freshly initialized one is not quite uniform, and 60 train steps hardly move it.
     uniform = 49 * math.log(11 * 6 * 3)
     assert grid_losses and all(0.5 * uniform < loss < 2 * uniform for loss in grid_losses)
+
+    # scripts/diagnose_grid.py on the run's checkpoint and replay: every cell of every replayed step is counted.
+    from lit_dreamer.replay import Replay
+    from tests.test_text_fit import script_report
+    replay = Replay.load(str(Path(checkpoint).parent / "replay-rank0"))
+    report = script_report(script_module(monkeypatch, "diagnose_grid.py"), ["diagnose_grid.py", checkpoint],
+                           capsys, monkeypatch)
+    assert report["steps"] == len(replay)
+    assert sum(block["cells"] for block in report["by_type"].values()) == 49 * len(replay)
+    assert {"wall", "empty"} <= set(report["by_type"]) and report["objects"]["cells"] > 0
+    for block in [*report["by_type"].values(), report["objects"], report["front"]]:
+        assert block["cells"] == 0 or 0.0 <= block["type_accuracy"] <= 1.0
+
+
+def test_the_grid_diagnostic_reads_each_cells_type_and_colour_and_finds_the_cell_in_front(monkeypatch):
+    diagnose = script_module(monkeypatch, "diagnose_grid.py")
+    from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
+    env, seen, rng = make_env("babyai/GoToLocal", seed=0), set(), np.random.default_rng(0)
+    observation, _ = env.reset(seed=0)
+    for step in range(300):  # turning and walking at random, as the replay's early policy does
+        types, colours = diagnose.cells(torch.as_tensor(observation["grid"])[None], (11, 6, 3))
+        inner = env.unwrapped
+        cell = inner.grid.get(*inner.front_pos)  # what minigrid itself says stands in front of the agent
+        expected = ("empty", "red") if cell is None else (cell.type, cell.color)
+        assert (int(types[0, diagnose.FRONT]), int(colours[0, diagnose.FRONT])) == (
+            OBJECT_TO_IDX[expected[0]], COLOR_TO_IDX[expected[1]]), f"step {step}"
+        seen.add(expected[0])
+        observation, _, terminated, truncated, _ = env.step(int(rng.integers(3)))  # left, right, forward
+        if terminated or truncated:
+            observation, _ = env.reset()
+    assert seen & {"key", "ball", "box"}, f"no object in front of the agent in 300 steps: {seen}"
+    # Golden values: a cell of widths (2, 3, 1) holding entries (1, 2, 0), decoded or one-hot alike.
+    decoded = torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.5, 1.0]])
+    assert [t.tolist() for t in diagnose.cells(decoded, (2, 3, 1))] == [[[1]], [[2]]]
