@@ -346,12 +346,13 @@ def log_eval_run(ckpt_path: str, cfg, options: EvalOptions, stats: EpisodeStats,
     import mlflow
 
     from lit_dreamer.config import task_metric_name
+    from lit_dreamer.tracking import KIND_TAG, ready_store
     uri = options.tracking_uri or cfg.logger.tracking_uri
+    ready_store(uri)
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.logger.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.logger.experiment)
     parent = training_run_id if training_run_id and run_exists(client, training_run_id) else None
-    from lit_dreamer.tracking import KIND_TAG
     tags = {KIND_TAG: "eval"}  # compare leaves eval runs out unless asked (kinds=eval)
     if parent:
         tags["mlflow.parentRunId"] = parent  # shows the eval run under its training run in the MLflow UI

@@ -56,7 +56,8 @@ def register_policy(ckpt_path: str, name: str, tracking_uri: str, experiment: st
     import mlflow
 
     from lit_dreamer.pyfunc_policy import CHECKPOINT_ARTIFACT, DreamerPolicy
-    from lit_dreamer.tracking import KIND_TAG
+    from lit_dreamer.tracking import KIND_TAG, ready_store
+    ready_store(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     status = existing_status(client, run_id)
     # log_model logs through MLflow's fluent API, which reads the process-wide tracking URI: set it for this call

@@ -9,6 +9,7 @@ The logger logger.backend names (make_logger), the run folder's config.yaml, par
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -299,6 +300,26 @@ def mark_orphaned_run(directory: str) -> str | None:
     return None
 
 
+def ready_store(uri: str) -> None:
+    """Create or upgrade a SQLite tracking store in one process at a time; other stores are left alone.
+
+    MLflow creates and migrates a new SQLite database when a client first opens it, without a lock: two
+    processes opening the same new file at once (two seeds started side by side) both run the migrations, and
+    the file can be left half-migrated ("duplicate column name: step"), refused by every later run. An
+    exclusive flock on the database file makes the others wait until the first has built the tables; they
+    then find them in place. (SQLite locks byte ranges with fcntl, which flock does not touch.)
+    """
+    if not uri.startswith("sqlite:///") or "?" in uri:
+        return
+    from mlflow.tracking import MlflowClient
+    with open(uri[len("sqlite:///"):], "ab") as database:  # an empty file is an empty SQLite database
+        fcntl.flock(database, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri)  # opening the store creates or upgrades its tables
+        finally:
+            fcntl.flock(database, fcntl.LOCK_UN)
+
+
 def end_killed_run(uri: str, run_id: str) -> None:
     """Set the run KILLED, ending at its last logged metric (its last sign of life), not now."""
     from mlflow.tracking import MlflowClient
@@ -339,6 +360,7 @@ def make_logger(cfg: Config, directory: str, resuming: bool) -> tuple[Logger | N
         return CSVLogger(directory, name="", version="csv"), resuming
     if backend == "tensorboard":
         return TensorBoardLogger(directory, name="", version="tensorboard", default_hp_metric=False), resuming
+    ready_store(cfg.logger.tracking_uri)
     run_id = continued_run_id(directory, cfg.logger.tracking_uri) if resuming else None
     logger = ResilientMLFlowLogger(experiment_name=cfg.logger.experiment, run_name=cfg.logger.run_name,
                                    tracking_uri=cfg.logger.tracking_uri, run_id=run_id, tags={KIND_TAG: "train"})

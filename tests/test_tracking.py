@@ -242,3 +242,33 @@ def test_start_up_prints_only_lit_dreamers_lines(tmp_path):
     output = proc.stdout + proc.stderr
     assert [word for word in NOISE if word in output] == [], output
     assert "Ctrl+C (or SIGTERM) ends the run" in output and "=== lit_dreamer run summary ===" in proc.stdout
+
+
+RACER = """
+import os, sys, time
+from mlflow.tracking import MlflowClient
+from lit_dreamer.tracking import ready_store
+uri, folder, name = sys.argv[1:]
+open(os.path.join(folder, name + ".ready"), "w").close()
+while not os.path.exists(os.path.join(folder, "go")):
+    time.sleep(0.005)
+ready_store(uri)
+client = MlflowClient(tracking_uri=uri)
+client.create_run(client.create_experiment(name)).info.run_id
+"""
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_get_a_working_store(tmp_path):
+    # Without the lock, four processes that open a new database together break it in almost every try (measured:
+    # one of four survives, or none, and the file is refused afterwards): MLflow migrates it from each of them.
+    uri, names = f"sqlite:///{tmp_path}/mlflow.db", [f"racer{i}" for i in range(4)]
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, uri, str(tmp_path), name], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for name in names]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"{name}.ready").exists() for name in names) and time.time() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()  # all imported: they open the store within milliseconds of each other
+    outputs = [racer.communicate(timeout=120)[0] for racer in racers]
+    assert [racer.returncode for racer in racers] == [0] * 4, "\n".join(outputs)
+    experiments = mlflow.MlflowClient(uri).search_experiments()
+    assert set(names) <= {experiment.name for experiment in experiments}
