@@ -309,10 +309,11 @@ def ready_store(uri: str) -> None:
     exclusive flock on the database file makes the others wait until the first has built the tables; they
     then find them in place. (SQLite locks byte ranges with fcntl, which flock does not touch.)
     """
-    if not uri.startswith("sqlite:///") or "?" in uri:
+    path = uri[len("sqlite:///"):]
+    if not uri.startswith("sqlite:///") or "?" in uri or path in ("", ":memory:"):
         return
     from mlflow.tracking import MlflowClient
-    with open(uri[len("sqlite:///"):], "ab") as database:  # an empty file is an empty SQLite database
+    with open(path, "ab") as database:  # an empty file is an empty SQLite database
         fcntl.flock(database, fcntl.LOCK_EX)
         try:
             MlflowClient(tracking_uri=uri)  # opening the store creates or upgrades its tables
