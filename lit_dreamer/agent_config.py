@@ -92,6 +92,11 @@ class ModelConfig:
     """Decoder loss of the vector keys an env declares one-hot (Discrete and MultiDiscrete observations,
     MiniGrid's cells: lit_dreamer.envs.adapters.ONE_HOT_METADATA_KEY): mse, the symlog squared error of every
     vector key (DreamerV3); or categorical, one softmax per one-hot group and its cross-entropy."""
+    grid_encoder: str = "mlp"
+    """Network of the vector keys an env declares a square grid of one-hot cells (MiniGrid's view: the same
+    group widths repeated over 7 x 7 cells): mlp, the vector MLP, which reads every cell through weights of its
+    own; or conv, two 3x3 convolutions over the cells (model.units channels) whose weights every cell shares,
+    encoding and decoding (lit_dreamer.nets.GridEncoder, GridDecoder)."""
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> "ModelConfig":
@@ -128,10 +133,12 @@ LEGACY_MODEL_DEFAULTS: dict[str, Any] = {
     "text_embed": 32,
     "text_condition": False,
     "one_hot_decoder": "mse",
+    "grid_encoder": "mlp",
 }
 
 TEXT_ENCODERS = ("tokens", "minilm")
 ONE_HOT_DECODERS = ("mse", "categorical")
+GRID_ENCODERS = ("mlp", "conv")
 
 
 @dataclass

@@ -609,11 +609,15 @@ def check_offline(cfg: Config) -> None:
 
 
 def check_text(cfg: Config) -> None:
-    """The text-observation settings (used only when an env has a text observation) and the one-hot decoder's."""
-    from lit_dreamer.agent_config import ONE_HOT_DECODERS, TEXT_ENCODERS
+    """The text-observation settings (used only when an env has a text observation), the one-hot decoder's and
+    the grid encoder's."""
+    from lit_dreamer.agent_config import GRID_ENCODERS, ONE_HOT_DECODERS, TEXT_ENCODERS
     if cfg.model.one_hot_decoder not in ONE_HOT_DECODERS:
         raise ConfigError(f"unknown model.one_hot_decoder {cfg.model.one_hot_decoder!r}; choose one of "
                           f"{', '.join(ONE_HOT_DECODERS)}")
+    if cfg.model.grid_encoder not in GRID_ENCODERS:
+        raise ConfigError(f"unknown model.grid_encoder {cfg.model.grid_encoder!r}; choose one of "
+                          f"{', '.join(GRID_ENCODERS)}")
     if cfg.model.text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"unknown model.text_encoder {cfg.model.text_encoder!r}; choose one of "
                           f"{', '.join(TEXT_ENCODERS)}")

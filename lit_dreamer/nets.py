@@ -345,6 +345,63 @@ class VectorEncoder(nn.Module):
         return self.mlp(symlog(x))
 
 
+def grid_side(widths: tuple[int, ...]) -> tuple[int, int] | None:
+    """One-hot group widths -> (side, cell): the grid of side x side cells of `cell` entries each that they
+    repeat (the shortest repeating pattern whose count is a square of side >= 3), or None."""
+    for period in range(1, len(widths) // 9 + 1):
+        count, rest = divmod(len(widths), period)
+        side = math.isqrt(count)
+        if not rest and side >= 3 and side * side == count and widths == widths[:period] * count:
+            return side, sum(widths[:period])
+    return None
+
+
+class GridEncoder(nn.Module):
+    """A square grid of one-hot cells, flattened (N, side * side * cell) cell by cell, -> (N, channels * side *
+    side): two 3x3 convolutions ('same' padding), each with RMSNorm over channels and SiLU.
+
+    Every cell is read through the same weights, where the vector MLP learns each cell's own: an object seen at
+    one place of MiniGrid's view is encoded as at any other, so what is learned of a red ball in one cell holds
+    in all 49 (the CNN of the BabyAI baselines reads the symbolic view the same way).
+    """
+
+    def __init__(self, side: int, cell: int, channels: int):
+        super().__init__()
+        self.side, self.cell = side, cell
+        self.convs = nn.ModuleList([conv(cell, channels, 3, bias=False), conv(channels, channels, 3, bias=False)])
+        self.norms = nn.ModuleList(ChannelRMSNorm(channels) for _ in self.convs)
+        self.out_dim = channels * side * side
+
+    def forward(self, grid: Tensor) -> Tensor:
+        """grid (..., side * side * cell) -> (..., out_dim)."""
+        lead = grid.shape[:-1]
+        x = grid.float().reshape(-1, self.side, self.side, self.cell).permute(0, 3, 1, 2)
+        for conv_layer, norm in zip(self.convs, self.norms):
+            x = F.silu(norm(conv_layer(x)))
+        return x.flatten(1).reshape(*lead, self.out_dim)
+
+
+class GridDecoder(nn.Module):
+    """Features (..., F) -> a grid's values (..., side * side * cell), in the encoder's layout: a linear map to
+    (channels, side, side) with RMSNorm and SiLU, a 3x3 convolution with RMSNorm and SiLU, and a 3x3
+    convolution to each cell's `cell` outputs (logits or values, per model.one_hot_decoder)."""
+
+    def __init__(self, feat_dim: int, side: int, cell: int, channels: int, bias: bool = False):
+        super().__init__()
+        self.side, self.cell, self.channels = side, cell, channels
+        self.project = linear(feat_dim, channels * side * side, bias=bias)
+        self.project_norm = ChannelRMSNorm(channels)
+        self.hidden, self.hidden_norm = conv(channels, channels, 3, bias=False), ChannelRMSNorm(channels)
+        self.out = conv(channels, cell, 3, bias=True)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        lead = feat.shape[:-1]
+        x = self.project(feat.reshape(-1, feat.shape[-1])).view(-1, self.channels, self.side, self.side)
+        x = F.silu(self.project_norm(x))
+        x = F.silu(self.hidden_norm(self.hidden(x)))
+        return self.out(x).permute(0, 2, 3, 1).reshape(*lead, self.side * self.side * self.cell)
+
+
 class TextEncoder(nn.Module):
     """Token ids (..., L) -> (..., units): a learned word embedding, mean-pooled over the words, then an MLP.
 

@@ -15,8 +15,8 @@ from lit_dreamer.conditioning import Conditioning, ConditionedHead, with_vector
 from lit_dreamer.distributions import MSE, Bernoulli, OneHotGroups, SymlogMSE, Tokens, TwoHot, kl_divergence
 from lit_dreamer.losses import kl_losses
 from lit_dreamer.minilm import MINILM_DIM, SentenceTable, require_minilm
-from lit_dreamer.nets import (MLP, ImageDecoder, ImageEncoder, SentenceEncoder, TextDecoder, TextEncoder, VectorEncoder,
-                              linear)
+from lit_dreamer.nets import (MLP, GridDecoder, GridEncoder, ImageDecoder, ImageEncoder, SentenceEncoder, TextDecoder,
+                              TextEncoder, VectorEncoder, grid_side, linear)
 from lit_dreamer.rssm import RSSM, State
 from lit_dreamer.steps import NON_OBS_KEYS, SpecLike, is_model_input
 
@@ -67,6 +67,9 @@ class WorldModel(nn.Module):
 
     Vector keys are predicted in symlog space (squared error), except, with model.one_hot_decoder=categorical,
     the keys that `one_hot` declares one-hot groups ({key: widths}, from the env): one softmax per group.
+    With model.grid_encoder=conv the vector keys whose groups form a square grid of cells (`grid_keys`) have a
+    convolutional encoder and decoder of their own (GridEncoder, GridDecoder); the other vector keys
+    (`flat_keys`) share the vector MLPs.
 
     Only the reward and continue heads depend on the task (`cond`, lit_dreamer.conditioning): they take the
     task of each input beside its features. Encoder, RSSM and decoder are shared by all tasks and see none.
@@ -84,6 +87,9 @@ class WorldModel(nn.Module):
         self.image_channels = [obs_spec[k][0][-1] for k in self.image_keys]
         self.vector_dims = [obs_spec[k][0][0] for k in self.vector_keys]
         self.one_hot = self.categorical_keys(one_hot or {}) if cfg.one_hot_decoder == "categorical" else {}
+        self.grids = self.grid_layouts(one_hot or {}) if cfg.grid_encoder == "conv" else {}
+        self.flat_keys = [k for k in self.vector_keys if k not in self.grids]
+        self.flat_dims = [d for k, d in zip(self.vector_keys, self.vector_dims) if k not in self.grids]
         embed_dim = 0
         cnn = dict(mults=tuple(cfg.cnn_mults), kernel=cfg.cnn_kernel, strided=cfg.cnn_strided)
         if self.image_keys:
@@ -93,9 +99,12 @@ class WorldModel(nn.Module):
             size = next(iter(sizes))[0]
             self.image_encoder = ImageEncoder(sum(self.image_channels), size, cfg.depth, **cnn)
             embed_dim += self.image_encoder.out_dim
-        if self.vector_keys:
-            self.vector_encoder = VectorEncoder(sum(self.vector_dims), cfg.units, cfg.encoder_layers, cfg.dense_bias)
+        if self.flat_keys:
+            self.vector_encoder = VectorEncoder(sum(self.flat_dims), cfg.units, cfg.encoder_layers, cfg.dense_bias)
             embed_dim += self.vector_encoder.out_dim
+        # In grid_keys order, as the text encoders (keys may hold '/').
+        self.grid_encoders = nn.ModuleList(GridEncoder(*self.grids[k], cfg.units) for k in self.grid_keys)
+        embed_dim += sum(encoder.out_dim for encoder in self.grid_encoders)
         # One encoder and decoder per text key, in text_keys order (keys may hold '/', which ModuleDict refuses).
         self.text_encoder = cfg.text_encoder
         self.text_encoders = nn.ModuleList(self.make_text_encoder(key, cfg, text_words) for key in self.text_keys)
@@ -112,9 +121,11 @@ class WorldModel(nn.Module):
         if self.image_keys:
             self.image_decoder = ImageDecoder(feat, sum(self.image_channels), size, cfg.depth, **cnn,
                                               projection_norm=cfg.decoder_projection_norm, bias=cfg.dense_bias)
-        if self.vector_keys:
+        if self.flat_keys:
             self.vector_decoder = nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers, cfg.dense_bias),
-                                                linear(cfg.units, sum(self.vector_dims)))
+                                                linear(cfg.units, sum(self.flat_dims)))
+        self.grid_decoders = nn.ModuleList(GridDecoder(feat, *self.grids[k], cfg.units, cfg.dense_bias)
+                                           for k in self.grid_keys)
         if cfg.text_encoder == "minilm":  # predicts the text's fixed sentence embedding
             self.text_decoders = nn.ModuleList(
                 nn.Sequential(MLP(feat, cfg.units, cfg.encoder_layers, cfg.dense_bias), linear(cfg.units, MINILM_DIM))
@@ -140,6 +151,23 @@ class WorldModel(nn.Module):
                                      f"not add up to its width {dim}; fix the env's metadata entry for it")
                 groups[key] = widths
         return groups
+
+    def grid_layouts(self, one_hot: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int]]:
+        """model.grid_encoder=conv: {vector key: (side, cell)} of the declared one-hot keys that form a square
+        grid of cells; an error when none does (the option would change nothing)."""
+        grids = {}
+        for key in self.vector_keys:
+            if key in one_hot and (layout := grid_side(tuple(int(w) for w in one_hot[key]))) is not None:
+                grids[key] = layout
+        if not grids:
+            raise ValueError("model.grid_encoder=conv needs an observation the env declares a square grid of one-hot "
+                             f"cells (as MiniGrid's view), and none of {self.vector_keys or 'its keys'} is one; "
+                             "set model.grid_encoder=mlp")
+        return grids
+
+    @property
+    def grid_keys(self) -> list[str]:
+        return list(self.grids)
 
     @staticmethod
     def make_text_encoder(key: str, cfg: ModelConfig, text_words: Mapping[str, Sequence[str]] | None) -> nn.Module:
@@ -175,8 +203,9 @@ class WorldModel(nn.Module):
         if self.image_keys:
             image = torch.cat([obs[k] for k in self.image_keys], -1)
             parts.append(self.image_encoder(image.flatten(0, 1)).unflatten(0, image.shape[:2]))
-        if self.vector_keys:
-            parts.append(self.vector_encoder(torch.cat([obs[k].float() for k in self.vector_keys], -1)))
+        if self.flat_keys:
+            parts.append(self.vector_encoder(torch.cat([obs[k].float() for k in self.flat_keys], -1)))
+        parts += [encoder(obs[key]) for key, encoder in zip(self.grid_keys, self.grid_encoders)]
         texts = self.encode_texts(obs)
         embed = torch.cat(parts + texts, -1)
         return embed, torch.cat(texts, -1) if self.text_condition else None
@@ -197,13 +226,15 @@ class WorldModel(nn.Module):
             image = self.image_decoder(feat.flatten(0, 1)).unflatten(0, feat.shape[:2])
             for key, part in zip(self.image_keys, image.split(self.image_channels, -1)):
                 outs[key] = MSE(part, event_dims=3)
-        if self.vector_keys:
-            vector = self.vector_decoder(feat)
-            for key, part in zip(self.vector_keys, vector.split(self.vector_dims, -1)):
-                if key in self.one_hot:  # model.one_hot_decoder=categorical: a softmax per one-hot group
-                    outs[key] = OneHotGroups(part, self.one_hot[key])
-                else:
-                    outs[key] = SymlogMSE(part, event_dims=1)
+        vectors = {}
+        if self.flat_keys:
+            vectors.update(zip(self.flat_keys, self.vector_decoder(feat).split(self.flat_dims, -1)))
+        vectors.update((key, decoder(feat)) for key, decoder in zip(self.grid_keys, self.grid_decoders))
+        for key in self.vector_keys:
+            if key in self.one_hot:  # model.one_hot_decoder=categorical: a softmax per one-hot group
+                outs[key] = OneHotGroups(vectors[key], self.one_hot[key])
+            else:
+                outs[key] = SymlogMSE(vectors[key], event_dims=1)
         for key, decoder in zip(self.text_keys, self.text_decoders):
             if self.text_encoder == "minilm":
                 outs[key] = MSE(decoder(feat), event_dims=1)  # (B, T, 384): the text's sentence embedding

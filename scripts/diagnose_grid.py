@@ -12,7 +12,10 @@ a symlog squared error predicts each entry's value, a softmax its probability. P
   cells hold it, how often the decoded type is right, how often the decoded colour is right, and the mean
   decoded value of the right type's entry.
 - `objects`: the same over every cell holding something other than unseen, empty, wall or floor (the things
-  an instruction names), and `front` over the cell in front of the agent when it holds one.
+  an instruction names), `front` over the cell in front of the agent when it holds one, and `carried` over
+  the agent's own cell when it holds one: minigrid draws what the agent carries there. In a Pickup level the
+  episode ends at the pickup, so `carried` counts the last steps of pickups, where the reward is paid: a
+  reward head can tell a right pickup from a wrong one only from what the latent keeps of that cell.
 
 A world model whose latent carries no object decodes each cell's most common content (empty or wall): its
 type accuracy on object cells is near 0 and its colour accuracy near chance (1/6), even when its grid loss
@@ -35,6 +38,8 @@ VIEW = 7
 FRONT = (VIEW // 2) * VIEW + VIEW - 2
 """The cell in front of the agent: minigrid's view is indexed [x][y] with the agent at x = 3, y = 6 facing up,
 and the grid flattens it row-major, so cell (3, 5) is 3 * 7 + 5."""
+CARRIED = (VIEW // 2) * VIEW + VIEW - 1
+"""The agent's own cell (3, 6), where the view shows what the agent carries (empty when it carries nothing)."""
 BACKGROUND = ("unseen", "empty", "wall", "floor")
 
 
@@ -89,14 +94,16 @@ def main() -> None:
     objects = torch.ones_like(truth_obj, dtype=torch.bool)
     for name in BACKGROUND:
         objects &= truth_obj != object_table[name]
-    front = torch.zeros_like(objects)
+    front, carried = torch.zeros_like(objects), torch.zeros_like(objects)
     front[:, FRONT] = True
+    carried[:, CARRIED] = True
     report = {
         "checkpoint": args.checkpoint,
         "steps": int(truth_obj.shape[0]),
         "by_type": {names[int(t)]: block(truth_obj == t) for t in truth_obj.unique()},
         "objects": block(objects),
         "front": block(objects & front),
+        "carried": block(objects & carried),
     }
     print(json.dumps(report, indent=1))
 

@@ -181,7 +181,7 @@ def test_a_tiny_babyai_fit_with_the_categorical_decoder_through_the_cli(tmp_path
     assert report["steps"] == len(replay)
     assert sum(block["cells"] for block in report["by_type"].values()) == 49 * len(replay)
     assert {"wall", "empty"} <= set(report["by_type"]) and report["objects"]["cells"] > 0
-    for block in [*report["by_type"].values(), report["objects"], report["front"]]:
+    for block in [*report["by_type"].values(), report["objects"], report["front"], report["carried"]]:
         assert block["cells"] == 0 or 0.0 <= block["type_accuracy"] <= 1.0
 
 
@@ -205,3 +205,22 @@ def test_the_grid_diagnostic_reads_each_cells_type_and_colour_and_finds_the_cell
     # Golden values: a cell of widths (2, 3, 1) holding entries (1, 2, 0), decoded or one-hot alike.
     decoded = torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.5, 1.0]])
     assert [t.tolist() for t in diagnose.cells(decoded, (2, 3, 1))] == [[[1]], [[2]]]
+
+
+def test_the_grid_diagnostic_finds_what_the_agent_carries_in_its_own_cell(monkeypatch):
+    diagnose = script_module(monkeypatch, "diagnose_grid.py")
+    from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
+    env, carried, rng = make_env("babyai/GoToLocal", seed=0), set(), np.random.default_rng(1)
+    observation, _ = env.reset(seed=0)
+    for step in range(600):  # left, right, forward, pick up, drop: GoToLocal does not end at a pickup
+        types, colours = diagnose.cells(torch.as_tensor(observation["grid"])[None], (11, 6, 3))
+        held = env.unwrapped.carrying  # what minigrid itself says the agent carries
+        expected = (OBJECT_TO_IDX["empty"], None) if held is None else (OBJECT_TO_IDX[held.type], COLOR_TO_IDX[held.color])
+        assert int(types[0, diagnose.CARRIED]) == expected[0], f"step {step}"
+        if held is not None:
+            assert int(colours[0, diagnose.CARRIED]) == expected[1], f"step {step}"
+            carried.add(held.type)
+        observation, _, terminated, truncated, _ = env.step(int(rng.integers(5)))
+        if terminated or truncated:
+            observation, _ = env.reset()
+    assert carried, "the agent carried nothing in 600 random steps"
