@@ -215,7 +215,8 @@ def test_the_grid_diagnostic_finds_what_the_agent_carries_in_its_own_cell(monkey
     for step in range(600):  # left, right, forward, pick up, drop: GoToLocal does not end at a pickup
         types, colours = diagnose.cells(torch.as_tensor(observation["grid"])[None], (11, 6, 3))
         held = env.unwrapped.carrying  # what minigrid itself says the agent carries
-        expected = (OBJECT_TO_IDX["empty"], None) if held is None else (OBJECT_TO_IDX[held.type], COLOR_TO_IDX[held.color])
+        expected = ((OBJECT_TO_IDX["empty"], None) if held is None
+                    else (OBJECT_TO_IDX[held.type], COLOR_TO_IDX[held.color]))
         assert int(types[0, diagnose.CARRIED]) == expected[0], f"step {step}"
         if held is not None:
             assert int(colours[0, diagnose.CARRIED]) == expected[1], f"step {step}"
