@@ -1,7 +1,9 @@
 """A stand-in for an OpenAI-compatible chat-completions server on 127.0.0.1, answering by a rule.
 
-The rule: "yes" when the description names the instruction's object (its last two words, e.g. "green
-ball"), else "no". `mode` makes it slow (past the client's timeout), malformed, or failing (5xx or 401),
+The loose rule (`rule`, the tests' default): "yes" when the description names the instruction's object (its
+last two words, e.g. "green ball"), else "no". The strict one (`babyai_rule`, for the language-model reward
+benchmark): "yes" exactly when BabyAI's verifier would count a GoTo or PickUp instruction achieved from the
+final view the built-in describer phrases. Run as a server: `python tests/llm_stub.py --rule babyai --port 8765`. `mode` makes it slow (past the client's timeout), malformed, or failing (5xx or 401),
 for every request or only the first `fail_first` ones. It records every request's Authorization header
 and prompt, and the most requests it ever had in flight at once (each is held for `hold` seconds, so that
 concurrent ones overlap).
@@ -9,6 +11,7 @@ concurrent ones overlap).
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import threading
@@ -22,9 +25,37 @@ def rule(prompt: str) -> str:
     return "yes" if target in description else "no"
 
 
+COLOURS = ("red", "green", "blue", "purple", "yellow", "grey")
+# an instruction's object: "the red ball", "a ball", "a purple object" (minigrid's ObjDesc.surface)
+TARGET = re.compile(r"^(go to|pick up) (?:the|a) (?:(%s) )?(\w+)$" % "|".join(COLOURS))
+# an object phrase of the describer: "a red key", "an open blue door"
+PHRASE = r"an? (?:open |closed |locked )?(?:(%s) )?(\w+)" % "|".join(COLOURS)
+
+
+def babyai_rule(prompt: str) -> str:
+    """"yes" when the final view meets the instruction as BabyAI's verifier does: for "go to X", the object
+    right in front of the agent ("... 1 step forward.", nothing lateral) matches X; for "pick up X", the
+    carried object matches X. X's colour and type each match anything when the instruction leaves them out."""
+    instruction = re.search(r"Instruction: (.*?)\. What", prompt).group(1).strip()
+    description = re.search(r"observes: (.*) Was the", prompt).group(1)
+    target = TARGET.match(instruction)
+    if target is None:
+        raise ValueError(f"babyai_rule judges GoTo and PickUp instructions only, got {instruction!r}")
+    verb, colour, kind = target.groups()
+    where = rf"You see {PHRASE} 1 step forward\." if verb == "go to" else rf"You carry {PHRASE}\."
+    for seen_colour, seen_kind in re.findall(where, description):
+        if (colour is None or colour == seen_colour) and kind in ("object", seen_kind):
+            return "yes"
+    return "no"
+
+
+RULES = {"loose": rule, "babyai": babyai_rule}
+
+
 class StubLLM:
-    def __init__(self, mode: str = "rule", hold: float = 0.0, fail_first: int | None = None):
-        self.mode, self.hold, self.fail_first = mode, hold, fail_first
+    def __init__(self, mode: str = "rule", hold: float = 0.0, fail_first: int | None = None, port: int = 0,
+                 judge=rule):
+        self.mode, self.hold, self.fail_first, self.judge = mode, hold, fail_first, judge
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -38,7 +69,7 @@ class StubLLM:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -73,7 +104,7 @@ class StubLLM:
             self.release.wait(5.0)  # far past the client's timeout
         if mode in ("error500", "unauthorized"):
             return (500 if mode == "error500" else 401), None
-        text = {"rule": rule(prompt), "slow": rule(prompt), "malformed": "I think the agent did it"}.get(mode)
+        text = "I think the agent did it" if mode == "malformed" else self.judge(prompt)
         payload = b"<html>not json</html>" if mode == "not_json" else json.dumps(
             {"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
         return 200, payload
@@ -82,3 +113,20 @@ class StubLLM:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the stub judge on 127.0.0.1 until interrupted.")
+    parser.add_argument("--rule", choices=sorted(RULES), default="babyai")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    server = StubLLM(port=args.port, judge=RULES[args.rule])
+    print(f"stub judge ({args.rule} rule) at {server.url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()

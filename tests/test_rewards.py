@@ -18,7 +18,8 @@ from lit_dreamer.config import ConfigError, load_config
 from lit_dreamer.rewards import (JudgedRewards, LanguageReward, LLMConfig, LLMJudge, RewardConfig, describe_view,
                                  parse_answer)
 from lit_dreamer.rewards.llm import MalformedAnswer
-from tests.llm_stub import StubLLM
+from lit_dreamer.rewards.settings import DEFAULT_PROMPT
+from tests.llm_stub import StubLLM, babyai_rule
 from tests.reward_helpers import Instructed
 
 TESTS = Path(__file__).resolve().parent
@@ -286,6 +287,50 @@ def test_babyai_with_pixel_observations_still_gets_its_mission_and_description()
     base = env.unwrapped
     assert info["reward/query"] == (base.mission, describe_view(base.gen_obs()["image"]))
     assert base.mission.startswith("go to")
+
+
+# --------------------------------------------------------------------------------------------------
+# The stub's strict BabyAI rule (the language-model reward benchmark's judge)
+
+
+def strict(instruction: str, description: str) -> str:
+    return babyai_rule(DEFAULT_PROMPT.format(instruction=instruction, description=description))
+
+
+@pytest.mark.parametrize("instruction, description, answer", [
+    ("go to the red ball", "You see a red ball 1 step forward. You see a blue key 2 steps forward.", "yes"),
+    ("go to the red ball", "You see a red ball 1 step forward and 1 step left.", "no"),
+    ("go to the red ball", "You see a red box 1 step forward. You see a red ball 2 steps forward.", "no"),
+    ("go to a ball", "You see a grey ball 1 step forward.", "yes"),
+    ("go to the green door", "You see a locked green door 1 step forward.", "yes"),
+    ("pick up a purple object", "You carry a purple box. You see a red key 1 step forward.", "yes"),
+    ("pick up the red key", "You carry a red ball. You see a red key 1 step forward.", "no"),
+    ("pick up a key", "You see a red key 1 step forward.", "no"),
+])
+def test_the_strict_rule_on_golden_descriptions(instruction, description, answer):
+    assert strict(instruction, description) == answer
+
+
+@pytest.mark.parametrize("env_id", ["BabyAI-GoToLocal-v0", "BabyAI-PickupDist-v0"])
+def test_the_strict_rule_agrees_with_babyai_success_on_random_episodes(env_id):
+    """The judge the benchmark trains on says "yes" exactly when the env pays its success reward."""
+    import minigrid  # noqa: F401 - registers the BabyAI ids
+    # mix=add: the wrapper passes the env's reward on (the judge's part is added later, by the vector wrapper)
+    config = RewardConfig(source="llm", when="episode", mix="add",
+                          llm=LLMConfig(url="http://127.0.0.1:9/v1", model="stub"))
+    env = LanguageReward(gym.make(env_id), config)
+    env.action_space.seed(0)
+    outcomes = []
+    for episode in range(150):
+        env.reset(seed=episode)
+        reward, info, done = 0.0, {}, False
+        while not done:
+            _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+            done = terminated or truncated
+        outcomes.append((reward > 0, strict(*info["reward/query"]) == "yes"))
+    successes = sum(success for success, _ in outcomes)
+    assert 5 <= successes <= 145  # both outcomes occur, so agreement means something
+    assert all(success == judged for success, judged in outcomes)
 
 
 # --------------------------------------------------------------------------------------------------
