@@ -3,10 +3,11 @@
 The loose rule (`rule`, the tests' default): "yes" when the description names the instruction's object (its
 last two words, e.g. "green ball"), else "no". The strict one (`babyai_rule`, for the language-model reward
 benchmark): "yes" exactly when BabyAI's verifier would count a GoTo or PickUp instruction achieved from the
-final view the built-in describer phrases. Run as a server: `python tests/llm_stub.py --rule babyai --port 8765`. `mode` makes it slow (past the client's timeout), malformed, or failing (5xx or 401),
-for every request or only the first `fail_first` ones. It records every request's Authorization header
-and prompt, and the most requests it ever had in flight at once (each is held for `hold` seconds, so that
-concurrent ones overlap).
+final view the built-in describer phrases. Run as a server: `python tests/llm_stub.py --rule babyai --port 8765`.
+
+`mode` makes it slow (past the client's timeout), malformed, or failing (5xx or 401), for every request or
+only the first `fail_first` ones. It records every request's Authorization header and prompt, and the most
+requests it ever had in flight at once (each is held for `hold` seconds, so that concurrent ones overlap).
 """
 
 from __future__ import annotations
