@@ -12,6 +12,16 @@ prints one JSON object. A *success* is a terminal step with a positive reward (B
   reward to the instruction predicts a lower reward with the wrong one; one that does not predicts the same.
   The actor learns from these rewards in imagination, so a model that ignores the text here gives the actor
   no reason to read it.
+- `failure`: at the terminal steps without a reward (an episode that ended in failure, e.g. a wrong pickup
+  in BabyAI's Pickup levels), the reward head's prediction and P(continue) on the posterior with the
+  episode's own text. Next to `success.own_text`, it is what imagination pays for ending the episode the
+  wrong way against the right one: a model that predicts about the same for both gives the actor no reason
+  to search for the named object. `one_step_imagined_reward`: the same from the prior rolled one step from
+  the posterior before it with the action taken (what imagination pays for that action). Counted over the
+  env streams that hold a success, as `value` is.
+- `actor`: the actor's probability, one step before each success and each failure, of the action that then
+  ended the episode (e.g. `pickup`; discrete actions only). An actor that has learned which ending pays takes that action more
+  readily before a success than before a failure; one blind to it takes it about as readily before both.
 - `value`: over every step of the env streams that hold a success (all of them, in a run that has
   succeeded in each env), the mean reward predicted (posterior, own text) against the real one and the
   critic's mean value; the critic's value at the step before each success (where the episode has one), and
@@ -82,6 +92,20 @@ def critic_values(module, feat: torch.Tensor, data: dict[str, torch.Tensor]) -> 
 
 
 @torch.no_grad()
+def last_action_probability(module, feat: torch.Tensor, data: dict[str, torch.Tensor], ends: torch.Tensor
+                            ) -> torch.Tensor:
+    """Per episode end (N,) inside its episode: the actor's probability, on the posterior one step before, of
+    the action taken at the end. Empty for a continuous action space (a density is not a probability)."""
+    actor = module.actor_critic.actor
+    ends = ends[(ends > 0) & ~data["is_first"][ends].bool()]
+    if not actor.discrete or not len(ends):
+        return torch.zeros(0)
+    before = {key: v[ends - 1] for key, v in data.items()}
+    dist = actor.dist(actor(head_features(module.world_model, feat[ends - 1], before), None)[0])
+    return dist.log_prob(data["action"][ends].float()).exp()
+
+
+@torch.no_grad()
 def text_recovery(wm, feat: torch.Tensor, data: dict[str, torch.Tensor], steps: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per step (N,), from features (N, F) at `steps`: the fraction of the text's words (padding left out)
@@ -119,8 +143,9 @@ def main() -> None:
 
     real, own, own_cont, other, other_cont = [], [], [], [], []
     value_before, imagined, value_all, reward_all, real_all = [], [], [], [], []
+    failure_reward, failure_cont, failure_imagined, p_last = [], [], [], {"success": [], "failure": []}
     loops = {k: {"reward": [], "cont": [], "tokens": [], "whole": [], "n": 0} for k in HORIZONS}
-    steps = successes = 0
+    steps = successes = failures = 0
     for env in range(replay.num_envs):
         data = stream(replay, env, keys)
         steps += len(data["reward"])
@@ -135,6 +160,14 @@ def main() -> None:
         swapped = {**data, **swapped_texts}
         swapped_post, _ = observe_stream(wm, swapped)
         swapped_reward, swapped_cont = heads(wm, swapped_post.feat(), swapped)
+        failure = data["is_terminal"].bool() & (data["reward"] <= 0)
+        failures += int(failure.sum())
+        failure_reward.append(reward[failure]), failure_cont.append(cont[failure])
+        kept, state = roll_prior(wm, post, data, torch.nonzero(failure)[:, 0], 1)
+        if len(kept):
+            failure_imagined.append(heads(wm, state.feat(), {key: v[kept] for key, v in data.items()})[0])
+        for name, ending in (("success", success), ("failure", failure)):
+            p_last[name].append(last_action_probability(module, post.feat(), data, torch.nonzero(ending)[:, 0]))
         compared = success & differs
         real.append(data["reward"][compared].float())
         own.append(reward[compared]), own_cont.append(cont[compared])
@@ -164,6 +197,9 @@ def main() -> None:
             "own_text": {"reward": mean(own), "p_continue": mean(own_cont)},
             "other_text": {"reward": mean(other), "p_continue": mean(other_cont)},
         },
+        "failure": {"count": failures, "reward": mean(failure_reward), "p_continue": mean(failure_cont),
+                    "one_step_imagined_reward": mean(failure_imagined)},
+        "actor": {f"p_last_action_before_{name}": mean(values) for name, values in p_last.items()},
         "value": {
             "reward_all_steps": mean(reward_all),
             "real_reward_all_steps": mean(real_all),

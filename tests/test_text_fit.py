@@ -199,6 +199,14 @@ def test_the_instruction_diagnostic_reads_the_checkpoint_and_its_replay(text_run
     # Every success compared has a neighbour with the other instruction: about half of them.
     assert 0 < report["success"]["compared"] < successes
     assert report["success"]["real_reward"] == 1.0
+    # The other episodes end on a wrong action: terminal, no reward.
+    failures = int(((reward <= 0) & terminal.astype(bool)).sum())
+    assert failures > 0 and report["failure"]["count"] == failures
+    assert 0 <= report["failure"]["p_continue"] <= 1 and math.isfinite(report["failure"]["reward"])
+    assert math.isfinite(report["failure"]["one_step_imagined_reward"])
+    # TextChoice has 2 actions: the actor's probability of either lies within unimix's floor and 1.
+    for name in ("success", "failure"):
+        assert 0.005 <= report["actor"][f"p_last_action_before_{name}"] <= 1
     value = report["value"]
     assert all(math.isfinite(value[k]) for k in ("all_steps", "before_success", "success_one_step_return"))
     assert value["success_one_step_advantage"] == pytest.approx(
