@@ -20,8 +20,10 @@ prints one JSON object. A *success* is a terminal step with a positive reward (B
   the posterior before it with the action taken (what imagination pays for that action). Counted over the
   env streams that hold a success, as `value` is.
 - `actor`: the actor's probability, one step before each success and each failure, of the action that then
-  ended the episode (e.g. `pickup`; discrete actions only). An actor that has learned which ending pays takes that action more
-  readily before a success than before a failure; one blind to it takes it about as readily before both.
+  ended the episode (e.g. `pickup`; discrete actions only). An actor that has learned which ending pays
+  takes that action more readily before a success than before a failure; one blind to it takes it about as
+  readily before both. (Only the steps where that action was then taken are counted, so both figures lean
+  high; read their difference.)
 - `value`: over every step of the env streams that hold a success (all of them, in a run that has
   succeeded in each env), the mean reward predicted (posterior, own text) against the real one and the
   critic's mean value; the critic's value at the step before each success (where the episode has one), and
