@@ -233,6 +233,16 @@ def test_the_episode_ends_of_several_envs_overlap_within_the_limit(stub):
 # The BabyAI describer
 
 
+def random_episode(env: gym.Env, seed: int) -> tuple[dict, float, dict]:
+    """One episode of random actions from reset(seed): the last step's observation, reward and info."""
+    env.reset(seed=seed)
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        done = terminated or truncated
+    return obs, reward, info
+
+
 def babyai_with(objects: dict[tuple[int, int], object], carrying=None):
     """A BabyAI room emptied, the agent at (3, 3) facing east (+x), the given objects placed by grid position."""
     env = gym.make("BabyAI-GoToLocal-v0").unwrapped
@@ -265,11 +275,7 @@ def test_a_babyai_episode_end_is_described_for_the_judge(stub):
     server = stub()
     config = RewardConfig(source="llm", when="episode", llm=LLMConfig(url=server.url, model="stub"))
     env = LanguageReward(gym.make("BabyAI-GoToObj-v0"), config)
-    obs, _ = env.reset(seed=1)
-    info, done = {}, False
-    while not done:
-        obs, _, terminated, truncated, info = env.step(env.action_space.sample())
-        done = terminated or truncated
+    obs, _, info = random_episode(env, seed=1)
     instruction, description = info["reward/query"]
     assert instruction == obs["mission"] and description == describe_view(obs["image"])
 
@@ -279,11 +285,7 @@ def test_babyai_with_pixel_observations_still_gets_its_mission_and_description()
     config = RewardConfig(source="llm", when="episode", llm=LLMConfig(url="http://127.0.0.1:9/v1", model="stub"))
     env = LanguageReward(AddRenderObservation(gym.make("BabyAI-GoToObj-v0", render_mode="rgb_array"),
                                               render_only=True), config)
-    env.reset(seed=1)
-    info, done = {}, False
-    while not done:
-        _, _, terminated, truncated, info = env.step(env.action_space.sample())
-        done = terminated or truncated
+    _, _, info = random_episode(env, seed=1)
     base = env.unwrapped
     assert info["reward/query"] == (base.mission, describe_view(base.gen_obs()["image"]))
     assert base.mission.startswith("go to")
@@ -322,11 +324,7 @@ def test_the_strict_rule_agrees_with_babyai_success_on_random_episodes(env_id):
     env.action_space.seed(0)
     outcomes = []
     for episode in range(150):
-        env.reset(seed=episode)
-        reward, info, done = 0.0, {}, False
-        while not done:
-            _, reward, terminated, truncated, info = env.step(env.action_space.sample())
-            done = terminated or truncated
+        _, reward, info = random_episode(env, seed=episode)
         outcomes.append((reward > 0, strict(*info["reward/query"]) == "yes"))
     successes = sum(success for success, _ in outcomes)
     assert 5 <= successes <= 145  # both outcomes occur, so agreement means something
