@@ -17,6 +17,16 @@ a symlog squared error predicts each entry's value, a softmax its probability. P
   episode ends at the pickup, so `carried` counts the last steps of pickups, where the reward is paid: a
   reward head can tell a right pickup from a wrong one only from what the latent keeps of that cell.
 
+- `facing` (a run that reads an instruction, `--text-key`, with minigrid's discrete actions): over the steps
+  where the agent carries nothing and faces an object (key, ball or box), split into `named` (the object the
+  instruction names: every colour and object word of the instruction is the object's, as in "pick up the red
+  key" or "pick up a ball"; meant for one-object instructions) and `other`: the actor's mean probability of
+  `pickup` and its quartiles, the critic's value, and what imagination returns for a pickup there (the prior
+  rolled one step with it: predicted reward + gamma x P(continue) x the critic's value after) with its
+  advantage over the value. In a Pickup level a wrong pickup ends the episode unpaid: an actor that reads the
+  instruction picks up the named object and passes the others by; the advantage says whether imagination
+  teaches it to (a wrong pickup's advantage near 0 means turning away is valued no better).
+
 A world model whose latent carries no object decodes each cell's most common content (empty or wall): its
 type accuracy on object cells is near 0 and its colour accuracy near chance (1/6), even when its grid loss
 is low. Instruction following needs that information in the latent: the reward head, critic and actor read
@@ -30,9 +40,13 @@ import json
 
 import torch
 
+from diagnose_instruction import critic_values, head_features, heads
 from diagnose_world_model import checkpoint_replay, observe_stream, stream
+from lit_dreamer.checkpoint_files import read_checkpoint
 from lit_dreamer.envs.minigrid import cell_tables
+from lit_dreamer.envs.text import FIRST_WORD
 from lit_dreamer.evaluation import load_module
+from lit_dreamer.rssm import State
 
 VIEW = 7
 FRONT = (VIEW // 2) * VIEW + VIEW - 2
@@ -41,6 +55,9 @@ and the grid flattens it row-major, so cell (3, 5) is 3 * 7 + 5."""
 CARRIED = (VIEW // 2) * VIEW + VIEW - 1
 """The agent's own cell (3, 6), where the view shows what the agent carries (empty when it carries nothing)."""
 BACKGROUND = ("unseen", "empty", "wall", "floor")
+PICKABLE = ("key", "ball", "box")
+PICKUP = 3
+"""minigrid's `pickup` action (minigrid.core.actions.Actions.pickup)."""
 
 
 def cells(grid: torch.Tensor, widths: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +68,43 @@ def cells(grid: torch.Tensor, widths: tuple[int, ...]) -> tuple[torch.Tensor, to
     return objects.argmax(-1), colours.argmax(-1)
 
 
-def accuracy(right: torch.Tensor) -> float | None:
-    return round(float(right.float().mean()), 4) if len(right) else None
+def names_object(words: list[str], kind: str, colour: str, colours: list[str]) -> bool:
+    """Whether a one-object instruction's words name an object of this kind and colour: every colour word and
+    every object word in it must be the object's ("pick up a ball" names every ball)."""
+    said_colours = [word for word in words if word in colours]
+    said_kinds = [word for word in words if word in PICKABLE]
+    return all(word == colour for word in said_colours) and all(word == kind for word in said_kinds)
+
+
+@torch.no_grad()
+def facing_steps(module, feat: torch.Tensor, deter: torch.Tensor, stoch: torch.Tensor, data: dict,
+                 at: torch.Tensor, pickup: int) -> dict[str, torch.Tensor]:
+    """At steps `at` (N,): the actor's P(pickup), the critic's value, and imagination's one-step return of a
+    pickup (predicted reward + gamma x P(continue) x the critic's value after)."""
+    wm, actor = module.world_model, module.actor_critic.actor
+    sub = {key: v[at] for key, v in data.items()}
+    action = torch.zeros(len(at), data["action"].shape[-1])
+    action[:, pickup] = 1.0
+    p_pickup = actor.dist(actor(head_features(wm, feat[at], sub), None)[0]).log_prob(action).exp()
+    after = wm.rssm.imagine_step(State(deter[at], stoch[at]), action).feat()
+    reward, cont = heads(wm, after, sub)
+    returned = reward + module.actor_critic.cfg.gamma * cont * critic_values(module, after, sub)
+    return {"p_pickup": p_pickup, "value": critic_values(module, feat[at], sub), "pickup_return": returned}
+
+
+def facing_block(rows: list[dict[str, torch.Tensor]]) -> dict:
+    """Means over the steps of one side of `facing` (and the quartiles of P(pickup))."""
+    if not rows:
+        return {"steps": 0}
+    p, value, returned = (torch.stack([row[k] for row in rows]) for k in ("p_pickup", "value", "pickup_return"))
+    return {"steps": len(rows), "p_pickup": rounded_mean(p),
+            "p_pickup_quartiles": [round(float(q), 4) for q in torch.quantile(p, torch.tensor([0.25, 0.5, 0.75]))],
+            "value": rounded_mean(value), "pickup_return": rounded_mean(returned),
+            "pickup_advantage": rounded_mean(returned - value)}
+
+
+def rounded_mean(values: torch.Tensor) -> float | None:
+    return round(float(values.float().mean()), 4) if len(values) else None
 
 
 @torch.no_grad()
@@ -61,6 +113,7 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--key", default="grid", help="the one-hot grid's observation key")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled latents")
+    parser.add_argument("--text-key", default="mission", help="the instruction's observation key (for `facing`)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     module, _ = load_module(args.checkpoint)
@@ -71,6 +124,11 @@ def main() -> None:
         raise SystemExit(f"{args.checkpoint}: no vector observation {args.key!r} (it has {wm.vector_keys})")
     replay = checkpoint_replay(args.checkpoint)
     keys = [*wm.decoded_keys, "action", "is_first"]
+    words = read_checkpoint(args.checkpoint).text_vocabulary.get(args.text_key)
+    with_facing = args.text_key in wm.text_keys and words is not None and module.actor_critic.actor.discrete
+    names = {index: name for name, index in object_table.items()}
+    colour_names = {index: name for name, index in colour_table.items()}
+    facing = {"named": [], "other": []}
 
     truth_obj, truth_col, guess_obj, guess_col, value_at_truth = [], [], [], [], []
     for env in range(replay.num_envs):
@@ -78,6 +136,18 @@ def main() -> None:
         post, _ = observe_stream(wm, data)
         decoded = wm.decode(post.feat()[None])[args.key].mean()[0]  # (T, cells * 20)
         true_obj, true_col = cells(data[args.key].float(), widths)
+        if with_facing:
+            free = true_obj[:, CARRIED] == object_table["empty"]
+            faced = sum(true_obj[:, FRONT] == object_table[kind] for kind in PICKABLE).bool()
+            at = torch.nonzero(free & faced)[:, 0]
+            if len(at):
+                found = facing_steps(module, post.feat(), post.deter, post.stoch, data, at, PICKUP)
+                for i, t in enumerate(at.tolist()):
+                    said = [words[j - FIRST_WORD] for j in data[args.text_key][t].tolist()
+                            if FIRST_WORD <= j < FIRST_WORD + len(words)]
+                    named = names_object(said, names[int(true_obj[t, FRONT])], colour_names[int(true_col[t, FRONT])],
+                                         list(colour_table))
+                    facing["named" if named else "other"].append({k: v[i] for k, v in found.items()})
         obj, col = cells(decoded, widths)
         truth_obj.append(true_obj), truth_col.append(true_col), guess_obj.append(obj), guess_col.append(col)
         per_cell = decoded.reshape(decoded.shape[0], -1, sum(widths))[..., :widths[0]]
@@ -86,11 +156,10 @@ def main() -> None:
     guess_obj, guess_col, value_at_truth = torch.cat(guess_obj), torch.cat(guess_col), torch.cat(value_at_truth)
 
     def block(where: torch.Tensor) -> dict:
-        return {"cells": int(where.sum()), "type_accuracy": accuracy((guess_obj == truth_obj)[where]),
-                "colour_accuracy": accuracy((guess_col == truth_col)[where]),
-                "value_at_true_type": accuracy(value_at_truth[where])}
+        return {"cells": int(where.sum()), "type_accuracy": rounded_mean((guess_obj == truth_obj)[where]),
+                "colour_accuracy": rounded_mean((guess_col == truth_col)[where]),
+                "value_at_true_type": rounded_mean(value_at_truth[where])}
 
-    names = {index: name for name, index in object_table.items()}
     objects = torch.ones_like(truth_obj, dtype=torch.bool)
     for name in BACKGROUND:
         objects &= truth_obj != object_table[name]
@@ -105,6 +174,8 @@ def main() -> None:
         "front": block(objects & front),
         "carried": block(objects & carried),
     }
+    if with_facing:
+        report["facing"] = {side: facing_block(rows) for side, rows in facing.items()}
     print(json.dumps(report, indent=1))
 
 

@@ -183,6 +183,17 @@ def test_a_tiny_babyai_fit_with_the_categorical_decoder_through_the_cli(tmp_path
     assert {"wall", "empty"} <= set(report["by_type"]) and report["objects"]["cells"] > 0
     for block in [*report["by_type"].values(), report["objects"], report["front"], report["carried"]]:
         assert block["cells"] == 0 or 0.0 <= block["type_accuracy"] <= 1.0
+    # `facing`: every replayed step where the agent carries nothing and faces a key, ball or box, on one side.
+    from minigrid.core.constants import OBJECT_TO_IDX
+    diagnose = script_module(monkeypatch, "diagnose_grid.py")
+    grids = torch.as_tensor(replay._data["grid"][:len(replay) // replay.num_envs]).flatten(0, 1).float()
+    types, _ = diagnose.cells(grids, (11, 6, 3))
+    faced = ((types[:, diagnose.CARRIED] == OBJECT_TO_IDX["empty"])
+             & sum(types[:, diagnose.FRONT] == OBJECT_TO_IDX[kind] for kind in ("key", "ball", "box")).bool())
+    assert report["facing"]["named"]["steps"] + report["facing"]["other"]["steps"] == int(faced.sum())
+    for side in report["facing"].values():
+        if side["steps"]:
+            assert 0.0 <= side["p_pickup"] <= 1.0 and side["p_pickup_quartiles"] == sorted(side["p_pickup_quartiles"])
 
 
 def test_the_grid_diagnostic_reads_each_cells_type_and_colour_and_finds_the_cell_in_front(monkeypatch):
@@ -225,3 +236,34 @@ def test_the_grid_diagnostic_finds_what_the_agent_carries_in_its_own_cell(monkey
         if terminated or truncated:
             observation, _ = env.reset()
     assert carried, "the agent carried nothing in 600 random steps"
+
+
+def test_the_grid_diagnostic_names_the_object_a_pickup_level_pays_for(monkeypatch):
+    # The `facing` block's rule against BabyAI's own verifier: in PickupDist a pickup succeeds exactly when the
+    # object in front is the one the instruction names (any other ends the episode unpaid).
+    diagnose = script_module(monkeypatch, "diagnose_grid.py")
+    from minigrid.core.actions import Actions
+    from minigrid.core.constants import COLOR_TO_IDX
+    from lit_dreamer.envs.text import tokenize
+    assert diagnose.PICKUP == int(Actions.pickup)
+    env, rng, outcomes = make_env("babyai/PickupDistDebug", seed=0), np.random.default_rng(2), []
+    observation, _ = env.reset(seed=0)
+    while len(outcomes) < 60:
+        inner = env.unwrapped
+        cell = inner.grid.get(*inner.front_pos)
+        facing = cell is not None and cell.type in diagnose.PICKABLE
+        action = int(Actions.pickup) if facing and rng.random() < 0.5 else int(rng.integers(3))
+        named = facing and diagnose.names_object(tokenize(inner.mission), cell.type, cell.color, list(COLOR_TO_IDX))
+        observation, reward, terminated, truncated, _ = env.step(action)
+        if action == int(Actions.pickup):
+            outcomes.append((named, reward > 0))
+            assert terminated and named == (reward > 0), f"{inner.mission!r}, picked up a {cell.color} {cell.type}"
+        if terminated or truncated:
+            observation, _ = env.reset()
+    assert {named for named, _ in outcomes} == {True, False}, "the random pickups met only one kind of object"
+    # Golden values: colour and kind words both count; "object" names any kind.
+    colours = list(COLOR_TO_IDX)
+    assert diagnose.names_object(["pick", "up", "a", "ball"], "ball", "red", colours)
+    assert not diagnose.names_object(["pick", "up", "the", "green", "ball"], "ball", "red", colours)
+    assert diagnose.names_object(["pick", "up", "a", "purple", "object"], "key", "purple", colours)
+    assert not diagnose.names_object(["pick", "up", "the", "red", "key"], "box", "red", colours)
