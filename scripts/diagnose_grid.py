@@ -25,7 +25,10 @@ a symlog squared error predicts each entry's value, a softmax its probability. P
   rolled one step with it: predicted reward + gamma x P(continue) x the critic's value after) with its
   advantage over the value. In a Pickup level a wrong pickup ends the episode unpaid: an actor that reads the
   instruction picks up the named object and passes the others by; the advantage says whether imagination
-  teaches it to (a wrong pickup's advantage near 0 means turning away is valued no better).
+  teaches it to (a wrong pickup's advantage near 0 means turning away is valued no better). Against it, what
+  the replay really returned from those steps (the discounted sum of the real rewards to the episode's end, at
+  the run's gamma), split by whether the agent then picked up (`real_return_pickup`) or not
+  (`real_return_pass`): the critic's value is an estimate of their mix.
 
 A world model whose latent carries no object decodes each cell's most common content (empty or wall): its
 type accuracy on object cells is near 0 and its colour accuracy near chance (1/6), even when its grid loss
@@ -92,15 +95,31 @@ def facing_steps(module, feat: torch.Tensor, deter: torch.Tensor, stoch: torch.T
     return {"p_pickup": p_pickup, "value": critic_values(module, feat[at], sub), "pickup_return": returned}
 
 
+def discounted_returns(reward: torch.Tensor, is_first: torch.Tensor, is_terminal: torch.Tensor, gamma: float
+                       ) -> torch.Tensor:
+    """(T,) per step t of one env stream: sum_k gamma^k reward[t + 1 + k] over the steps after t in t's episode
+    (a stream stores at each step the reward of the action that led to it; 0 after an episode's last step)."""
+    returns, following = torch.zeros(len(reward)), 0.0
+    for t in range(len(reward) - 2, -1, -1):
+        if is_first[t + 1]:
+            following = 0.0  # step t ended its episode (a time-out: nothing more is paid)
+        else:
+            following = float(reward[t + 1]) + (0.0 if is_terminal[t + 1] else gamma * following)
+        returns[t] = following
+    return returns
+
+
 def facing_block(rows: list[dict[str, torch.Tensor]]) -> dict:
     """Means over the steps of one side of `facing` (and the quartiles of P(pickup))."""
     if not rows:
         return {"steps": 0}
-    p, value, returned = (torch.stack([row[k] for row in rows]) for k in ("p_pickup", "value", "pickup_return"))
+    p, value, returned, real, picked = (torch.stack([row[k] for row in rows]) for k in
+                                        ("p_pickup", "value", "pickup_return", "real_return", "picked"))
     return {"steps": len(rows), "p_pickup": rounded_mean(p),
             "p_pickup_quartiles": [round(float(q), 4) for q in torch.quantile(p, torch.tensor([0.25, 0.5, 0.75]))],
             "value": rounded_mean(value), "pickup_return": rounded_mean(returned),
-            "pickup_advantage": rounded_mean(returned - value)}
+            "pickup_advantage": rounded_mean(returned - value), "picked_up": rounded_mean(picked),
+            "real_return_pickup": rounded_mean(real[picked]), "real_return_pass": rounded_mean(real[~picked])}
 
 
 def rounded_mean(values: torch.Tensor) -> float | None:
@@ -123,7 +142,7 @@ def main() -> None:
     if args.key not in wm.vector_keys:
         raise SystemExit(f"{args.checkpoint}: no vector observation {args.key!r} (it has {wm.vector_keys})")
     replay = checkpoint_replay(args.checkpoint)
-    keys = [*wm.decoded_keys, "action", "is_first"]
+    keys = [*wm.decoded_keys, "action", "is_first", "reward", "is_terminal"]
     words = read_checkpoint(args.checkpoint).text_vocabulary.get(args.text_key)
     with_facing = args.text_key in wm.text_keys and words is not None and module.actor_critic.actor.discrete
     names = {index: name for name, index in object_table.items()}
@@ -142,6 +161,11 @@ def main() -> None:
             at = torch.nonzero(free & faced)[:, 0]
             if len(at):
                 found = facing_steps(module, post.feat(), post.deter, post.stoch, data, at, PICKUP)
+                found["real_return"] = discounted_returns(data["reward"], data["is_first"], data["is_terminal"],
+                                                          module.actor_critic.cfg.gamma)[at]
+                following = data["action"][(at + 1).clamp(max=len(data["action"]) - 1)].argmax(-1) == PICKUP
+                found["picked"] = following & (at + 1 < len(data["action"])) & ~data["is_first"][
+                    (at + 1).clamp(max=len(data["action"]) - 1)].bool()
                 for i, t in enumerate(at.tolist()):
                     said = [words[j - FIRST_WORD] for j in data[args.text_key][t].tolist()
                             if FIRST_WORD <= j < FIRST_WORD + len(words)]

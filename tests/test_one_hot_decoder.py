@@ -194,6 +194,7 @@ def test_a_tiny_babyai_fit_with_the_categorical_decoder_through_the_cli(tmp_path
     for side in report["facing"].values():
         if side["steps"]:
             assert 0.0 <= side["p_pickup"] <= 1.0 and side["p_pickup_quartiles"] == sorted(side["p_pickup_quartiles"])
+            assert 0.0 <= side["picked_up"] <= 1.0
 
 
 def test_the_grid_diagnostic_reads_each_cells_type_and_colour_and_finds_the_cell_in_front(monkeypatch):
@@ -261,6 +262,11 @@ def test_the_grid_diagnostic_names_the_object_a_pickup_level_pays_for(monkeypatc
         if terminated or truncated:
             observation, _ = env.reset()
     assert {named for named, _ in outcomes} == {True, False}, "the random pickups met only one kind of object"
+    # Golden values of the real return: an episode that ends (terminal, paid 1 at step 2), then one cut at the
+    # stream's end; gamma 0.5; each step stores the reward of the action that led to it.
+    returns = diagnose.discounted_returns(torch.tensor([0.0, 0.0, 1.0, 0.0, 2.0, 4.0]),
+                                          torch.tensor([1, 0, 0, 1, 0, 0]), torch.tensor([0, 0, 1, 0, 0, 0]), 0.5)
+    assert returns.tolist() == [0.5, 1.0, 0.0, 4.0, 4.0, 0.0]
     # Golden values: colour and kind words both count; "object" names any kind.
     colours = list(COLOR_TO_IDX)
     assert diagnose.names_object(["pick", "up", "a", "ball"], "ball", "red", colours)
