@@ -98,7 +98,8 @@ def facing_steps(module, feat: torch.Tensor, deter: torch.Tensor, stoch: torch.T
 def discounted_returns(reward: torch.Tensor, is_first: torch.Tensor, is_terminal: torch.Tensor, gamma: float
                        ) -> torch.Tensor:
     """(T,) per step t of one env stream: sum_k gamma^k reward[t + 1 + k] over the steps after t in t's episode
-    (a stream stores at each step the reward of the action that led to it; 0 after an episode's last step)."""
+    (a stream stores at each step the reward of the action that led to it; 0 after an episode's last step; the
+    stream's unfinished last episode counts what it has so far)."""
     returns, following = torch.zeros(len(reward)), 0.0
     for t in range(len(reward) - 2, -1, -1):
         if is_first[t + 1]:
@@ -163,9 +164,10 @@ def main() -> None:
                 found = facing_steps(module, post.feat(), post.deter, post.stoch, data, at, PICKUP)
                 found["real_return"] = discounted_returns(data["reward"], data["is_first"], data["is_terminal"],
                                                           module.actor_critic.cfg.gamma)[at]
-                following = data["action"][(at + 1).clamp(max=len(data["action"]) - 1)].argmax(-1) == PICKUP
-                found["picked"] = following & (at + 1 < len(data["action"])) & ~data["is_first"][
-                    (at + 1).clamp(max=len(data["action"]) - 1)].bool()
+                length = len(data["action"])
+                after = (at + 1).clamp(max=length - 1)  # the next step, which stores the action taken at `at`
+                found["picked"] = ((at + 1 < length) & ~data["is_first"][after].bool()
+                                   & (data["action"][after].argmax(-1) == PICKUP))
                 for i, t in enumerate(at.tolist()):
                     said = [words[j - FIRST_WORD] for j in data[args.text_key][t].tolist()
                             if FIRST_WORD <= j < FIRST_WORD + len(words)]
