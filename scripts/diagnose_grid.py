@@ -43,6 +43,7 @@ import json
 
 import torch
 
+from diagnose_critic import discounted_returns
 from diagnose_instruction import critic_values, head_features, heads
 from diagnose_world_model import checkpoint_replay, observe_stream, stream
 from lit_dreamer.checkpoint_files import read_checkpoint
@@ -95,18 +96,17 @@ def facing_steps(module, feat: torch.Tensor, deter: torch.Tensor, stoch: torch.T
     return {"p_pickup": p_pickup, "value": critic_values(module, feat[at], sub), "pickup_return": returned}
 
 
-def discounted_returns(reward: torch.Tensor, is_first: torch.Tensor, is_terminal: torch.Tensor, gamma: float
-                       ) -> torch.Tensor:
+def stream_returns(reward: torch.Tensor, is_first: torch.Tensor, gamma: float) -> torch.Tensor:
     """(T,) per step t of one env stream: sum_k gamma^k reward[t + 1 + k] over the steps after t in t's episode
-    (a stream stores at each step the reward of the action that led to it; 0 after an episode's last step; the
+    (a stream stores at each step the reward of the action that led to it; 0 at an episode's last step; the
     stream's unfinished last episode counts what it has so far)."""
-    returns, following = torch.zeros(len(reward)), 0.0
-    for t in range(len(reward) - 2, -1, -1):
-        if is_first[t + 1]:
-            following = 0.0  # step t ended its episode (a time-out: nothing more is paid)
-        else:
-            following = float(reward[t + 1]) + (0.0 if is_terminal[t + 1] else gamma * following)
-        returns[t] = following
+    returns = torch.zeros(len(reward))
+    starts = [*torch.nonzero(is_first.bool())[:, 0].tolist(), len(reward)]
+    if starts[0] != 0:
+        starts.insert(0, 0)
+    for start, end in zip(starts, starts[1:]):
+        returns[start:end - 1] = torch.as_tensor(discounted_returns(reward[start + 1:end].double().numpy(), gamma),
+                                                 dtype=returns.dtype)
     return returns
 
 
@@ -143,7 +143,7 @@ def main() -> None:
     if args.key not in wm.vector_keys:
         raise SystemExit(f"{args.checkpoint}: no vector observation {args.key!r} (it has {wm.vector_keys})")
     replay = checkpoint_replay(args.checkpoint)
-    keys = [*wm.decoded_keys, "action", "is_first", "reward", "is_terminal"]
+    keys = [*wm.decoded_keys, "action", "is_first", "reward"]
     words = read_checkpoint(args.checkpoint).text_vocabulary.get(args.text_key)
     with_facing = args.text_key in wm.text_keys and words is not None and module.actor_critic.actor.discrete
     names = {index: name for name, index in object_table.items()}
@@ -162,8 +162,8 @@ def main() -> None:
             at = torch.nonzero(free & faced)[:, 0]
             if len(at):
                 found = facing_steps(module, post.feat(), post.deter, post.stoch, data, at, PICKUP)
-                found["real_return"] = discounted_returns(data["reward"], data["is_first"], data["is_terminal"],
-                                                          module.actor_critic.cfg.gamma)[at]
+                gamma = module.actor_critic.cfg.gamma
+                found["real_return"] = stream_returns(data["reward"], data["is_first"], gamma)[at]
                 length = len(data["action"])
                 after = (at + 1).clamp(max=length - 1)  # the next step, which stores the action taken at `at`
                 found["picked"] = ((at + 1 < length) & ~data["is_first"][after].bool()

@@ -262,10 +262,10 @@ def test_the_grid_diagnostic_names_the_object_a_pickup_level_pays_for(monkeypatc
         if terminated or truncated:
             observation, _ = env.reset()
     assert {named for named, _ in outcomes} == {True, False}, "the random pickups met only one kind of object"
-    # Golden values of the real return: an episode that ends (terminal, paid 1 at step 2), then one cut at the
+    # Golden values of the real return: an episode that ends (paid 1 at step 2), then one cut at the
     # stream's end; gamma 0.5; each step stores the reward of the action that led to it.
-    returns = diagnose.discounted_returns(torch.tensor([0.0, 0.0, 1.0, 0.0, 2.0, 4.0]),
-                                          torch.tensor([1, 0, 0, 1, 0, 0]), torch.tensor([0, 0, 1, 0, 0, 0]), 0.5)
+    returns = diagnose.stream_returns(torch.tensor([0.0, 0.0, 1.0, 0.0, 2.0, 4.0]), torch.tensor([1, 0, 0, 1, 0, 0]),
+                                      0.5)
     assert returns.tolist() == [0.5, 1.0, 0.0, 4.0, 4.0, 0.0]
     # Golden values: colour and kind words both count; "object" names any kind.
     colours = list(COLOR_TO_IDX)
