@@ -48,7 +48,7 @@ from diagnose_instruction import critic_values, head_features, heads
 from diagnose_world_model import checkpoint_replay, observe_stream, stream
 from lit_dreamer.checkpoint_files import read_checkpoint
 from lit_dreamer.envs.minigrid import cell_tables
-from lit_dreamer.envs.text import FIRST_WORD
+from lit_dreamer.envs.text import FIRST_WORD, Vocabulary
 from lit_dreamer.evaluation import load_module
 from lit_dreamer.rssm import State
 
@@ -146,6 +146,7 @@ def main() -> None:
     keys = [*wm.decoded_keys, "action", "is_first", "reward"]
     words = read_checkpoint(args.checkpoint).text_vocabulary.get(args.text_key)
     with_facing = args.text_key in wm.text_keys and words is not None and module.actor_critic.actor.discrete
+    vocabulary = Vocabulary(words or (), len(words or ()) + FIRST_WORD, grow=False, key=args.text_key)
     names = {index: name for name, index in object_table.items()}
     colour_names = {index: name for name, index in colour_table.items()}
     facing = {"named": [], "other": []}
@@ -169,8 +170,7 @@ def main() -> None:
                 found["picked"] = ((at + 1 < length) & ~data["is_first"][after].bool()
                                    & (data["action"][after].argmax(-1) == PICKUP))
                 for i, t in enumerate(at.tolist()):
-                    said = [words[j - FIRST_WORD] for j in data[args.text_key][t].tolist()
-                            if FIRST_WORD <= j < FIRST_WORD + len(words)]
+                    said = vocabulary.decode(data[args.text_key][t].numpy()).split()
                     named = names_object(said, names[int(true_obj[t, FRONT])], colour_names[int(true_col[t, FRONT])],
                                          list(colour_table))
                     facing["named" if named else "other"].append({k: v[i] for k, v in found.items()})
