@@ -150,6 +150,7 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
     phases["collector_per_env_step"] = collector_time
     step_time = float(np.mean(timer.durations))
     ac = module.actor_critic
+    # The strategy's device, not the module's: Lightning moves the module back to the CPU when fit ends.
     result = {
         "train_steps_per_s": 1.0 / step_time,
         "seconds_per_train_step": step_time,
@@ -163,7 +164,8 @@ def bench(cfg: Config, options: BenchConfig) -> dict[str, Any]:
             "env": ",".join(task_names(cfg)),
             "obs": cfg.env.obs, "size": cfg.model.size, "model": vars(cfg.model.resolved()),
             "batch": B, "length": T, "horizon": cfg.behavior.horizon,
-            "device": str(module.device), "precision": str(trainer.precision), "threads": torch.get_num_threads(),
+            "device": str(trainer.strategy.root_device), "precision": str(trainer.precision),
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
     }

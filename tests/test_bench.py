@@ -32,6 +32,7 @@ def test_bench_prints_json_with_timings_flops_and_params(tmp_path):
     assert result["achieved_gflops"] == pytest.approx(result["flops_per_step"] / result["seconds_per_train_step"] / 1e9)
     assert result["config"]["model"]["units"] == 24 and result["config"]["batch"] == 4
     assert result["config"]["precision"] == "32-true" and result["config"]["threads"] == 1
+    assert result["config"]["device"] == "cpu"  # the trainer's device (the module is back on the CPU after fit)
     assert set(result["params"]) == {"world_model", "actor", "critic"} and all(result["params"].values())
     # bench.profile_steps: a per-op table of one more step, heaviest first, matrix products among the ops.
     profile = result["profile"]
@@ -96,3 +97,24 @@ def test_bench_runs_on_an_env_with_a_text_observation():
     result = bench(load_config(["debug"], ["env.id=tests.text_envs:lit_dreamer_tests/TextChoice-v0",
                                            "model.text_vocab=16"]), BenchConfig(steps=1, warmup=1, collector_steps=4))
     assert result["seconds_per_train_step"] > 0 and result["params"]["world_model"] > 0
+
+
+def test_sync_check_names_a_sync_by_its_innermost_frames_and_the_project_code_above_them(monkeypatch):
+    """scripts/sync_check.py groups CUDA syncs by site: torch's own frames and the project's installed copies are
+    left out, the two innermost other frames (here Lightning's) come first, then the project's frames."""
+    import traceback
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+    import sync_check
+
+    frame = traceback.FrameSummary
+    stack = [frame("/repo/lit_dreamer/__main__.py", 105, "main"), frame("/repo/lit_dreamer/bench.py", 145, "bench"),
+             frame("/venv/site-packages/lightning/pytorch/trainer/trainer.py", 10, "fit"),
+             frame("/repo/callbacks/stop.py", 7, "on_train_batch_end"),
+             frame("/venv/site-packages/lit_dreamer/other.py", 3, "installed_copy"),
+             frame("/venv/site-packages/lightning/pytorch/loops/loop.py", 20, "advance"),
+             frame("/venv/site-packages/lightning/pytorch/core/module.py", 30, "log"),
+             frame("/venv/site-packages/torch/_tensor.py", 5, "item")]
+    assert sync_check.site(stack) == ("lightning/pytorch/core/module.py:30:log <- lightning/pytorch/loops/loop.py:20:"
+                                      "advance <- callbacks/stop.py:7:on_train_batch_end <- lit_dreamer/bench.py:145:"
+                                      "bench <- lit_dreamer/__main__.py:105:main")
