@@ -25,10 +25,12 @@ bench s12m_fp32 model.size=size12m run.batch_length=64
 bench s12m_bf16 model.size=size12m run.batch_length=64 trainer.precision=bf16-mixed
 bench s12m_bf16_pix model.size=size12m run.batch_length=64 trainer.precision=bf16-mixed env.obs=pixels
 BTIME=150 bench s12m_fp32_compile model.size=size12m run.batch_length=64 run.compile=true
-el "sync check"
-PYTHONPATH=. timeout -k 10 75 python3 scripts/sync_check.py bench -c configs/cartpole.yaml logger.backend=none \
-  bench.warmup=2 bench.steps=3 bench.collector_steps=20 > $OUT/sync.txt 2>&1
-grep -A40 "distinct sync" $OUT/sync.txt | cut -c1-400
+el "sync check"  # at 3 and at 8 timed steps: the difference is what each step adds, the rest is once per run
+for n in 3 8; do
+  PYTHONPATH=. timeout -k 10 75 python3 scripts/sync_check.py bench -c configs/cartpole.yaml logger.backend=none \
+    bench.warmup=2 bench.steps=$n bench.collector_steps=20 > $OUT/sync$n.txt 2>&1
+  grep -A30 "distinct sync" $OUT/sync$n.txt | cut -c1-400
+done
 el "fits"
 F="python3 -m lit_dreamer fit -c configs/cartpole.yaml logger.backend=csv run.steps=${FSTEPS:-10000} run.eval_every=2500
   run.eval_episodes=5 run.video_every=0 run.checkpoint_every=100000"
