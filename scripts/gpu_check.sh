@@ -4,7 +4,9 @@
 # --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: -d .devwhl gymnasium==1.4.0
 # farama-notifications omegaconf==2.4.0 pygame-ce==2.5.8`), bench on CUDA, the sync check, then three CartPole
 # fits side by side (32-true, bf16-mixed, bf16-mixed with replay.device=auto) until BUDGET seconds.
-#   device run: BUDGET=555 bash scripts/gpu_check.sh   (carry .devwhl; figures under $OUT)
+#   device run: bash scripts/gpu_check.sh   (carry .devwhl; figures under $OUT; about 560 s of a 600 s call)
+# Knobs for a dry run on a CPU: DRY=1 (no pip, no nvidia-smi), SKIPBENCH=1, BSTEPS (timed bench steps), BTIME
+# (seconds per bench), FSTEPS (env steps per fit), BUDGET (seconds from the start until the fits are stopped).
 set -u
 T0=$(date +%s); el() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
 export SDL_VIDEODRIVER=dummy PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -34,7 +36,7 @@ done
 el "fits"
 F="python3 -m lit_dreamer fit -c configs/cartpole.yaml logger.backend=csv run.steps=${FSTEPS:-10000} run.eval_every=2500
   run.eval_episodes=5 run.video_every=0 run.checkpoint_every=100000"
-LEFT=$(( ${BUDGET:-585} - ($(date +%s) - T0) )); [ $LEFT -lt 60 ] && LEFT=60; el "fits get ${LEFT}s"
+LEFT=$(( ${BUDGET:-555} - ($(date +%s) - T0) )); [ $LEFT -lt 60 ] && LEFT=60; el "fits get ${LEFT}s"
 for v in "fp32:" "bf16:trainer.precision=bf16-mixed" "bf16auto:trainer.precision=bf16-mixed replay.device=auto"; do
   name=${v%%:*}; over=${v#*:}
   OMP_NUM_THREADS=4 timeout -s INT -k 25 $LEFT $F run.dir=/tmp/fit_$name $over > /tmp/fit_$name.log 2>&1 &
