@@ -34,10 +34,13 @@ def site(stack: list[traceback.FrameSummary], inner: int = 2, outer: int = 5) ->
 
 
 def short(path: str) -> str:
-    """A path from its package folder on (lit_dreamer/..., callbacks/..., lightning/...)."""
-    for root in ("lit_dreamer/", "callbacks/", "lightning/", "site-packages/"):
+    """A path from its package folder on: an installed package's below site-packages (lightning/...), the
+    project's from lit_dreamer/ or callbacks/."""
+    if "site-packages/" in path:
+        return path[path.rindex("site-packages/") + len("site-packages/"):]
+    for root in ("lit_dreamer/", "callbacks/"):
         if root in path:
-            return path[path.rindex(root):].removeprefix("site-packages/")
+            return path[path.rindex(root):]
     return path
 
 
