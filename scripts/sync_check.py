@@ -49,9 +49,13 @@ def main(argv: list[str]) -> int:
 
     counts: collections.Counter[str] = collections.Counter()
 
+    shown = warnings.showwarning
+
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" in str(message):
             counts[site(traceback.extract_stack())] += 1
+        else:  # the command's other warnings are shown as usual
+            shown(message, category, filename, lineno, file, line)
 
     if not torch.cuda.is_available():
         print("no CUDA device: running the command without the check")
