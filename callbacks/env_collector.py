@@ -40,6 +40,7 @@ from lit_dreamer.envs import action_dim, action_kind, close_by_force, env_action
 from lit_dreamer.envs.faults import ERROR_KEY, NONFINITE_KEY, NonFiniteEnvError
 from lit_dreamer.envs.text import check_text_growth
 from lit_dreamer.evaluation import final_successes
+from lit_dreamer.relabel import REWARD_KEY, VALID_KEY, is_hindsight_key
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class EnvCollector(StepSource):
         self.env_restarts = 0
         self.cut_episodes = 0
         self.nonfinite_env_values = 0
+        self.hindsight_episodes = 0  # episodes given a hindsight label (reward.hindsight)
+        self.label_blank: dict[str, np.ndarray] = {}  # the replay's hindsight keys, zero (set at fit start)
+        self.labels: dict[int, dict[str, np.ndarray]] = {}  # hindsight labels of episodes ending at this step
         self.warned_nonfinite = False
         self.best_return = -math.inf
         self.last_return = math.nan
@@ -132,6 +136,11 @@ class EnvCollector(StepSource):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not on_train_start: Lightning draws the first batch between the two.
         self.restore_replay(trainer)
+        # Hindsight label keys (reward.hindsight): zero in each step as it is recorded, written over an episode's
+        # steps once its last step is in (lit_dreamer.relabel).
+        spec = trainer.datamodule.replay.spec
+        self.label_blank = {key: np.zeros((self.num_envs, *shape), dtype) for key, (shape, dtype) in spec.items()
+                            if is_hindsight_key(key)}
         self.reset_envs(pl_module)
         prefill_per_rank = math.ceil(self.prefill / self.world_size)
         batch_length = trainer.datamodule.batch_length
@@ -176,6 +185,7 @@ class EnvCollector(StepSource):
                    "train/nonfinite_actions": float(self.nonfinite_actions),
                    "train/env_restarts": float(self.env_restarts), "train/cut_episodes": float(self.cut_episodes),
                    "train/nonfinite_env_values": float(self.nonfinite_env_values),
+                   **({"train/hindsight_episodes": float(self.hindsight_episodes)} if self.label_blank else {}),
                    "replay/steps": float(len(trainer.datamodule.replay)),
                    "replay/capacity_mb": trainer.datamodule.replay.nbytes / 2**20}
         if self.collect_time > 0:
@@ -243,7 +253,7 @@ class EnvCollector(StepSource):
     # callback state); what differs per rank is saved by DreamerCheckpoint beside the replay shard.
     SHARED_STATE = ("env_steps", "credit", "train_steps_seen")
     RANK_STATE = ("episodes", "nonfinite_actions", "best_return", "last_return", "env_restarts", "cut_episodes",
-                  "nonfinite_env_values")
+                  "nonfinite_env_values", "hindsight_episodes")
 
     def rank_state(self) -> dict[str, Any]:
         """This rank's own counters and RNG state (JSON-able)."""
@@ -289,6 +299,7 @@ class EnvCollector(StepSource):
         self.running_length = np.zeros(n, np.int64)
         self.cut = np.zeros(n, bool)
         self.success_reported, self.success = np.zeros(n, bool), np.zeros(n, bool)
+        self.labels = {}
         self.check_nonfinite(infos, np.zeros(n, bool))  # a first observation CutNonFinite had to reset again for
 
     def random_actions(self) -> np.ndarray:
@@ -328,9 +339,10 @@ class EnvCollector(StepSource):
             self.cut[:] = True
         keep = (~self.is_first)[:, None]
         record = {**self.obs, "action": self.prev_action * keep, "reward": self.reward, "is_first": self.is_first,
-                  "is_last": self.is_last, "is_terminal": self.is_terminal, "task": self.task_of_env}
+                  "is_last": self.is_last, "is_terminal": self.is_terminal, "task": self.task_of_env,
+                  **self.label_blank}
         trainer.datamodule.replay.add(record, context=context)
-        self.track_episodes()
+        self.track_episodes(trainer.datamodule.replay)
         self.env_steps += self.num_envs
         self.session_env_steps += self.num_envs
         if result is None:
@@ -350,6 +362,7 @@ class EnvCollector(StepSource):
         self.is_last = (np.asarray(terminated, bool) | np.asarray(truncated, bool)) & ~self.is_first
         self.prev_action = action.astype(np.float32)
         self.success_reported, self.success = final_successes(infos, self.is_last)
+        self.labels = self.take_labels(infos)
         self.check_nonfinite(infos, self.is_last)
         crashed = np.asarray(infos.get(f"_{ERROR_KEY}", np.zeros(self.num_envs, bool)), bool)
         if crashed.any():
@@ -390,8 +403,17 @@ class EnvCollector(StepSource):
             log.warning("the environment returned a NaN or infinite value %s; its episode ends there as truncated "
                         "(warned once; counted in train/nonfinite_env_values; env.nonfinite=error stops instead)", at)
 
-    def track_episodes(self) -> None:
-        """Count the step just recorded; close the episodes whose last step it was.
+    def take_labels(self, infos: dict) -> dict[int, dict[str, np.ndarray]]:
+        """{env: its hindsight label's step keys} for the envs whose episode ended with one at this step."""
+        if not self.label_blank:
+            return {}
+        labelled = np.asarray(infos.get(f"_{REWARD_KEY}", np.zeros(self.num_envs, bool)), bool) & self.is_last
+        keys = [key for key in self.label_blank if key != VALID_KEY]
+        return {int(i): {key: np.asarray(infos[key][i]) for key in keys} for i in np.flatnonzero(labelled)}
+
+    def track_episodes(self, replay: Any) -> None:
+        """Count the step just recorded; close the episodes whose last step it was, and write the hindsight
+        label of those that have one over their steps in `replay`.
 
         Episodes cut short by an env crash are counted in train/cut_episodes, not in the returns.
         """
@@ -402,6 +424,8 @@ class EnvCollector(StepSource):
                 self.cut_episodes += 1
                 continue
             ret, length = float(self.running_return[i]), int(self.running_length[i])
+            if i in self.labels:
+                self.write_label(replay, i, length, self.labels.pop(i))
             self.episode_returns[self.task_of_env[i]].update(ret)
             self.episode_lengths[self.task_of_env[i]].update(length)
             if self.success_reported[i]:
@@ -412,6 +436,14 @@ class EnvCollector(StepSource):
         self.running_return[self.is_last] = 0.0
         self.running_length[self.is_last] = 0
         self.cut[self.is_last] = False
+
+    def write_label(self, replay: Any, env: int, length: int, label: dict[str, np.ndarray]) -> None:
+        """An episode's hindsight label over its `length` steps in the replay: its instruction's token ids at every
+        step, its reward on the last step only (lit_dreamer.relabel)."""
+        rewards = np.zeros(length, np.float32)
+        rewards[-1] = label.pop(REWARD_KEY)
+        replay.write_recent(env, length, {**label, REWARD_KEY: rewards, VALID_KEY: True})
+        self.hindsight_episodes += 1
 
 
 def take_mean(metric: MeanMetric) -> float:

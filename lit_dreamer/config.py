@@ -576,6 +576,9 @@ def validate(cfg: Config) -> None:
     if cfg.replay.device not in REPLAY_DEVICES:
         raise ConfigError(f"replay.device must be one of {', '.join(REPLAY_DEVICES)} (auto: on the trainer's "
                           f"accelerator), got {cfg.replay.device!r}")
+    if cfg.reward.hindsight is not None and cfg.replay.device != "cpu":
+        raise ConfigError("reward.hindsight writes each episode's label into the host replay once the episode ends, "
+                          "which the accelerator's copy of replay.device=auto does not follow; set replay.device=cpu")
     for key, value in (("run.steps", cfg.run.steps), ("run.batch_size", cfg.run.batch_size),
                        ("run.batch_length", cfg.run.batch_length), ("env.num_envs", cfg.env.num_envs),
                        ("run.train_ratio", cfg.run.train_ratio), ("behavior.horizon", cfg.behavior.horizon),

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lit_dreamer.config import ConfigError
+from lit_dreamer.relabel import is_hindsight_key
 from lit_dreamer.replay import Replay, ReplayCapacityError
 from lit_dreamer.sampling import ReplayConfig
 from lit_dreamer.steps import Spec
@@ -93,12 +94,14 @@ class ReplayDataModule(L.LightningDataModule):
     rank. num_envs counts the env streams of all tasks; num_tasks of them lie side by side (see
     `Replay`), and every batch carries each sequence's `task` (B, T) int64. With
     `settings.directory`, the replay lives in memory-mapped files there (rank subfolders under DDP), so capacity is not limited by RAM. A replay restored on resume takes
-    these settings, not the saved run's.
+    these settings, not the saved run's. `hindsight_fraction`: see ``Replay.hindsight_fraction``.
     """
 
     def __init__(self, spec: Spec, settings: ReplayConfig | None = None, *, num_envs: int = 1,
-                 batch_size: int = 16, batch_length: int = 64, seed: int = 0, num_tasks: int = 1):
+                 batch_size: int = 16, batch_length: int = 64, seed: int = 0, num_tasks: int = 1,
+                 hindsight_fraction: float = 0.0):
         super().__init__()
+        self.hindsight_fraction = hindsight_fraction
         self.spec, self.num_envs, self.seed, self.num_tasks = spec, num_envs, seed, num_tasks
         self.settings = ReplayConfig() if settings is None else settings
         self.batch_size, self.batch_length = batch_size, batch_length
@@ -120,8 +123,10 @@ class ReplayDataModule(L.LightningDataModule):
         return dataclasses.replace(self.settings, directory=os.path.join(self.settings.directory, f"rank{self.rank}"))
 
     def new_replay(self) -> Replay:
-        return Replay(self.spec, self.rank_settings(), self.num_envs, seed=self.seed + 7919 * self.rank,
-                      num_tasks=self.num_tasks)
+        replay = Replay(self.spec, self.rank_settings(), self.num_envs, seed=self.seed + 7919 * self.rank,
+                        num_tasks=self.num_tasks)
+        replay.hindsight_fraction = self.hindsight_fraction
+        return replay
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ReplayStream(self), batch_size=None, num_workers=0)
@@ -169,3 +174,7 @@ class ReplayDataModule(L.LightningDataModule):
         if "task" in self.spec and "task" not in self.replay.spec and self.replay.num_tasks == 1:
             # Saved before replays stored the task index: all its steps are of the one task, index 0.
             self.replay.add_step_key("task", *self.spec["task"])
+        for key in self.spec.keys() - self.replay.spec.keys():
+            if is_hindsight_key(key):  # saved by a run without reward.hindsight: no episode has a label yet
+                self.replay.add_step_key(key, *self.spec[key])
+        self.replay.hindsight_fraction = self.hindsight_fraction

@@ -27,6 +27,7 @@ import numpy as np
 
 from lit_dreamer.config import Config, ConfigError, task_names
 from lit_dreamer.replay import ReplaySnapshotError, check_snapshot
+from lit_dreamer.relabel import is_hindsight_key
 from lit_dreamer.steps import NON_OBS_KEYS, Spec
 
 ACTION_KINDS = ("discrete", "continuous")
@@ -52,7 +53,8 @@ class ReplaySource:
 
     @property
     def obs_spec(self) -> Spec:
-        return {key: value for key, value in self.spec.items() if key not in NON_OBS_KEYS}
+        # A run with reward.hindsight stored its episodes' labels beside the steps: not observations.
+        return {key: value for key, value in self.spec.items() if key not in NON_OBS_KEYS and not is_hindsight_key(key)}
 
     @property
     def action_dim(self) -> int:

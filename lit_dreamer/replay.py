@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from lit_dreamer.relabel import REWARD_KEY, relabel_batch
 from lit_dreamer.sampling import ReplayConfig, make_sampler
 from lit_dreamer.steps import CONTEXT_PREFIX, SpecLike, clashes_with_a_batch_key
 
@@ -101,6 +102,9 @@ class Replay:
         }
         self._has_context = self._allocate("has_context.npy", (self._rows, num_envs), np.bool_)
         self._context: dict[str, np.ndarray] = {}
+        self.hindsight_fraction = 0.0
+        """Share of the sequences holding a relabelled episode that ``sample`` swaps to its second label
+        (``lit_dreamer.relabel``; only where the spec has the ``hindsight_*`` keys)."""
 
     # ----------------------------------------------------------------------------- storage
     def _allocate(self, file_name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -171,6 +175,18 @@ class Replay:
             self._has_context[row] = True
         self._rows_added += 1
 
+    def write_recent(self, stream: int, length: int, values: Mapping[str, Any]) -> None:
+        """Overwrite keys of the last ``length`` steps of one env stream (the newest ``add`` included; clipped to
+        the rows still stored): e.g. an episode's hindsight label, known once its last step is in. Each value is
+        one step's (broadcast to every step) or ``length`` steps', oldest first."""
+        count = min(length, self._filled)
+        rows = np.arange(self._rows_added - count, self._rows_added) % self._rows
+        for key, value in values.items():
+            value = np.asarray(value)
+            if value.shape[:1] == (length,) and value.ndim == len(self.spec[key][0]) + 1:
+                value = value[length - count:]
+            self._data[key][rows, stream] = value
+
     def _check_context_names(self, latents: Mapping[str, Any]) -> None:
         # One has_context flag covers all latents of a slot, so every write must bring all of them.
         if self._context and latents.keys() != self._context.keys():
@@ -179,14 +195,15 @@ class Replay:
     def update_context(self, index: np.ndarray, latents: Mapping[str, np.ndarray]) -> None:
         """Store latents (B, T, ...) for the slots ``index`` (B, T) that ``sample`` returned.
 
-        Slots overwritten by ``add`` since they were sampled are skipped.
+        Slots overwritten by ``add`` since they were sampled are skipped, and so are ids of -1 (a sequence
+        ``sample`` swapped to its hindsight label, whose latents read another instruction than the stored steps).
         """
         index = np.asarray(index, dtype=np.int64)
-        if index.size and (index.min() < 0 or index.max() >= self._rows_added * self.num_envs):
+        if index.size and (index.min() < -1 or index.max() >= self._rows_added * self.num_envs):
             raise ValueError("index holds ids that this replay never returned from sample()")
         self._check_context_names(latents)
         absolute, streams = np.divmod(index, self.num_envs)
-        live = absolute >= self._rows_added - self._filled
+        live = (index >= 0) & (absolute >= self._rows_added - self._filled)
         rows, streams = absolute[live] % self._rows, streams[live]
         for name, value in latents.items():
             value = np.asarray(value)
@@ -204,7 +221,8 @@ class Replay:
         (zeros where ``context_valid`` is False).
         """
         draw = self.draw(batch_size, length)
-        return {**{key: array[draw.rows, draw.columns] for key, array in self._data.items()}, **draw.extras}
+        batch = {**{key: array[draw.rows, draw.columns] for key, array in self._data.items()}, **draw.extras}
+        return relabel_batch(batch, self._rng, self.hindsight_fraction)
 
     def draw(self, batch_size: int, length: int) -> Draw:
         """Where the sequences of one ``sample`` lie, and its small keys; ``sample`` gathers the step keys.
@@ -230,14 +248,19 @@ class Replay:
         return Draw(rows, columns, extras)
 
     def _rewarded(self) -> tuple[np.ndarray, np.ndarray]:
-        """The stored steps with a nonzero reward: (offsets from the oldest stored row, streams)."""
+        """The stored steps with a nonzero reward, or a nonzero reward under a hindsight label: (offsets from the
+        oldest stored row, streams)."""
         rows = (self._rows_added - self._filled + np.arange(self._filled)) % self._rows
-        offsets, streams = np.nonzero(self._data["reward"][rows] != 0)
+        rewarded = self._data["reward"][rows] != 0
+        if REWARD_KEY in self._data:
+            rewarded |= self._data[REWARD_KEY][rows] != 0
+        offsets, streams = np.nonzero(rewarded)
         return offsets, streams
 
     @property
     def storage(self) -> Mapping[str, np.ndarray]:
-        """The step buffers, (rows, num_envs, *shape) per key: read them, write only through ``add``."""
+        """The step buffers, (rows, num_envs, *shape) per key: read them, write only through ``add`` (and
+        ``write_recent``, which a copy elsewhere does not follow: ``replay.device=auto`` refuses hindsight)."""
         return self._data
 
     @property

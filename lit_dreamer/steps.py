@@ -15,6 +15,9 @@ observation keys    o_t, written by the env through ``envs.adapters.DictObservat
 ``is_terminal``     o_t is a true end of the MDP (no bootstrap); written by the collector.
 ``task``            index of the env's task in the run's task table (``config.task_names``), int64; written
                     by the collector. Not an observation: the world model never sees it.
+``hindsight_*``     with ``reward.hindsight``: an episode's second label (instruction tokens, reward, flag;
+                    ``lit_dreamer.relabel``), written by the collector over the episode once it ended. Not
+                    observations: ``Replay.sample`` swaps them in for a share of the sequences and drops them.
 ==================  ====================================================================================
 
 ``Replay.sample`` adds to a batch (``SAMPLE_KEYS`` and ``CONTEXT_PREFIX``; no step may use them):

@@ -33,6 +33,8 @@ from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_d
 # git_commit moved to tracking with the rest of the run record; scripts and tests import it from here too
 from lit_dreamer.tracking import (ResilientMLFlowLogger, TrackingError, check_tracking_uri, git_commit,  # noqa: F401
                                   logs_location, make_logger, mark_orphaned_run, record_run)
+from lit_dreamer.relabel import hindsight_spec
+from lit_dreamer.rewards.wrappers import INSTRUCTION_KEYS
 from lit_dreamer.steps import NON_OBS_KEYS
 
 
@@ -244,9 +246,9 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
     except ValueError as err:  # e.g. an observation the encoders cannot take
         raise ConfigError(f"{task_key(cfg, tasks[0])}: {err}") from None
     # Every replay row holds the envs of all tasks side by side (num_envs per task).
-    datamodule = ReplayDataModule(info.spec, cfg.replay, num_envs=cfg.env.num_envs * len(tasks),
+    datamodule = ReplayDataModule(replay_spec(cfg, info), cfg.replay, num_envs=cfg.env.num_envs * len(tasks),
                                   batch_size=cfg.run.batch_size, batch_length=cfg.run.batch_length, seed=cfg.run.seed,
-                                  num_tasks=len(tasks))
+                                  num_tasks=len(tasks), hindsight_fraction=cfg.reward.hindsight_fraction)
     collector = EnvCollector(tasks, num_envs=cfg.env.num_envs, seed=cfg.run.seed,
                              train_ratio=cfg.run.train_ratio, prefill=cfg.run.prefill, total_steps=cfg.run.steps,
                              asynchronous=cfg.env.asynchronous, nonfinite=cfg.env.nonfinite, reward=cfg.reward,
@@ -268,6 +270,19 @@ def build(cfg: Config) -> tuple[DreamerModule, ReplayDataModule, list[L.Callback
         callbacks.append(VideoCallback(tasks, os.path.join(run_dir(cfg), "videos"),
                                        every_env_steps=cfg.run.video_every, **env_kwargs))
     return module, datamodule, callbacks, info
+
+
+def replay_spec(cfg: Config, info: EnvInfo) -> dict:
+    """What a replay step holds: the env's step keys, and with reward.hindsight the keys of an episode's second
+    label (lit_dreamer.relabel) for the instruction observation the labeller reads."""
+    if cfg.reward.hindsight is None:
+        return info.spec
+    return {**info.spec, **hindsight_spec(info.spec, [instruction_key_of(info.obs_spec)])}
+
+
+def instruction_key_of(obs_spec: dict) -> str:
+    # make_env's HindsightLabel already refused an env without one; the token key keeps the raw key's name.
+    return next(key for key in INSTRUCTION_KEYS if key in obs_spec)
 
 
 def checkpoint_artifacts(cfg: Config, checkpoint: DreamerCheckpoint) -> list[L.Callback]:

@@ -45,6 +45,11 @@ def episode_length(instruction: str, episode: Episode, info) -> float:
     return float(len(episode.actions))
 
 
+def blue_ball(instruction: str, episode: Episode) -> tuple[str, float]:
+    """A hindsight labeller: every episode went to the blue ball, worth its number of steps."""
+    return "go to the blue ball", float(len(episode.actions))
+
+
 def cartpole_length(instruction: str, episode: Episode) -> str:
     """A describer for CartPole (no instruction): how long the pole stayed up."""
     return f"The pole stayed up for {len(episode.actions)} steps."

@@ -27,6 +27,7 @@ import numpy as np
 from gymnasium import spaces
 
 from lit_dreamer.config import ConfigError
+from lit_dreamer.relabel import text_label_key
 
 VOCABULARY_METADATA_KEY = "lit_dreamer_text_vocabulary"
 """env.metadata entry where an env declares its words: {observation key: [word, ...]}."""
@@ -204,6 +205,13 @@ class TextTokens(gym.ObservationWrapper):
 
     def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
         return encode_texts(observation, self.vocabularies, self.length)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        observation, reward, terminated, truncated, info = super().step(action)
+        # A hindsight label of a text key (lit_dreamer.rewards.hindsight) becomes token ids as the key does.
+        labels = {label: self.vocabularies[key].encode(info[label], self.length)
+                  for key in self.keys if (label := text_label_key(key)) in info}
+        return observation, reward, terminated, truncated, {**info, **labels} if labels else info
 
 
 def encode_texts(observation: dict[str, Any], vocabularies: dict[str, Vocabulary], length: int) -> dict[str, Any]:

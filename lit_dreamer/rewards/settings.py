@@ -62,6 +62,13 @@ class RewardConfig:
     """module:callable describe(instruction, episode) -> str for source=llm (None: the built-in BabyAI/MiniGrid
     describer, else the env's info['description'])."""
     llm: LLMConfig = field(default_factory=LLMConfig)
+    hindsight: Optional[str] = None
+    """Hindsight relabelling of the instruction (a deviation from DreamerV3, docs/deviations.md): babyai (the
+    built-in labeller of BabyAI pickups) or module:callable label(instruction, episode) -> (instruction, reward)
+    | None, asked at each episode's end what it achieved; needs source=env and replay.device=cpu."""
+    hindsight_fraction: float = 0.5
+    """With reward.hindsight: the share of the replayed sequences holding a relabelled episode that train on
+    its label (the instruction observation and the reward swapped); the rest keep the episode's own."""
 
 
 def check_reward(reward: RewardConfig) -> None:
@@ -80,6 +87,14 @@ def check_reward(reward: RewardConfig) -> None:
             split_callable(spec, f"reward.{key}")
     if reward.source == "llm":
         check_llm(reward.llm)
+    if reward.hindsight is not None:
+        if reward.source != "env":
+            raise ValueError(f"reward.hindsight relabels episodes with the reward its labeller gives, which would mix "
+                             f"into the reward of reward.source={reward.source}; use it with reward.source=env")
+        if reward.hindsight != "babyai":
+            split_callable(reward.hindsight, "reward.hindsight")
+    if not 0 <= reward.hindsight_fraction <= 1:
+        raise ValueError(f"reward.hindsight_fraction must be within [0, 1], got {reward.hindsight_fraction}")
 
 
 def check_llm(llm: LLMConfig) -> None:

@@ -124,8 +124,16 @@ class JudgedRewards(gym.vector.VectorWrapper):
 
 
 def wrap_env(env: gym.Env, reward: Optional[RewardConfig]) -> gym.Env:
-    """`LanguageReward` around a freshly built env, or the env itself when the env's reward is kept."""
-    return env if reward is None or reward.source == "env" else LanguageReward(env, reward)
+    """`LanguageReward` around a freshly built env (the env itself when the env's reward is kept), and
+    `HindsightLabel` around that with reward.hindsight."""
+    if reward is None:
+        return env
+    if reward.source != "env":
+        env = LanguageReward(env, reward)
+    if reward.hindsight is not None:
+        from lit_dreamer.rewards.hindsight import HindsightLabel  # it imports this module
+        env = HindsightLabel(env, reward.hindsight)
+    return env
 
 
 def wrap_vector_env(envs: gym.vector.VectorEnv, reward: Optional[RewardConfig]) -> gym.vector.VectorEnv:
