@@ -36,6 +36,15 @@ class Episode:
     terminated: bool = False
     truncated: bool = False
 
+    def record(self, action: Any, observation: Any, reward: float, terminated: bool, truncated: bool,
+               info: dict) -> None:
+        """One env step, appended."""
+        self.observations.append(observation)
+        self.actions.append(action)
+        self.rewards.append(float(reward))
+        self.infos.append(info)
+        self.terminated, self.truncated = bool(terminated), bool(truncated)
+
 
 def steps(count: int, word: str) -> str:
     return f"{count} step{'s' if count != 1 else ''} {word}"

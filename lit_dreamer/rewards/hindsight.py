@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import gymnasium as gym
 
+from lit_dreamer.envs.text import tokenize
 from lit_dreamer.relabel import REWARD_KEY, text_label_key
 from lit_dreamer.rewards.describe import Episode
 from lit_dreamer.rewards.settings import load_callable
@@ -33,10 +34,6 @@ def instruction_key(space: gym.spaces.Space) -> str | None:
     """The observation key that holds the instruction (`mission` or `instruction`), or None."""
     keys = space.spaces if isinstance(space, gym.spaces.Dict) else {}
     return next((key for key in INSTRUCTION_KEYS if key in keys), None)
-
-
-def same_words(first: str, second: str) -> bool:
-    return first.lower().split() == second.lower().split()
 
 
 class HindsightLabel(gym.Wrapper):
@@ -61,17 +58,13 @@ class HindsightLabel(gym.Wrapper):
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
         observation, reward, terminated, truncated, info = self.env.step(action)
         episode = self.episode
-        episode.observations.append(observation)
-        episode.actions.append(action)
-        episode.rewards.append(float(reward))
-        episode.infos.append(info)
-        episode.terminated, episode.truncated = bool(terminated), bool(truncated)
+        episode.record(action, observation, reward, terminated, truncated, info)
         if terminated or truncated:
             answer = self.label(episode.instruction, episode)
             if answer is not None:
                 text, label_reward = self.check(answer)
                 # A label holding a held-out phrase (env.held_out) would train on what the run holds out.
-                if not same_words(text, episode.instruction) and (self.held_out is None or self.held_out.wanted(text)):
+                if tokenize(text) != tokenize(episode.instruction) and (self.held_out is None or self.held_out.wanted(text)):
                     info = {**info, text_label_key(self.key): text, REWARD_KEY: label_reward}
         return observation, reward, terminated, truncated, info
 

@@ -81,11 +81,7 @@ class LanguageReward(gym.Wrapper):
         observation, env_reward, terminated, truncated, info = self.env.step(action)
         episode = self.episode
         if self.keep_episode:
-            episode.observations.append(observation)
-            episode.actions.append(action)
-            episode.rewards.append(float(env_reward))
-            episode.infos.append(info)
-            episode.terminated, episode.truncated = bool(terminated), bool(truncated)
+            episode.record(action, observation, env_reward, terminated, truncated, info)
         reward = float(env_reward) if self.reward_config.mix == "add" else 0.0
         if self.reward_config.when == "step" or terminated or truncated:
             if self.fn is not None:
