@@ -64,7 +64,8 @@ class HindsightLabel(gym.Wrapper):
             if answer is not None:
                 text, label_reward = self.check(answer)
                 # A label holding a held-out phrase (env.held_out) would train on what the run holds out.
-                if tokenize(text) != tokenize(episode.instruction) and (self.held_out is None or self.held_out.wanted(text)):
+                held_out = self.held_out is not None and not self.held_out.wanted(text)
+                if tokenize(text) != tokenize(episode.instruction) and not held_out:
                     info = {**info, text_label_key(self.key): text, REWARD_KEY: label_reward}
         return observation, reward, terminated, truncated, info
 
