@@ -34,7 +34,7 @@ from lit_dreamer.resume import (CheckpointInfo, check_replay_beside, check_run_d
 from lit_dreamer.tracking import (ResilientMLFlowLogger, TrackingError, check_tracking_uri, git_commit,  # noqa: F401
                                   logs_location, make_logger, mark_orphaned_run, record_run)
 from lit_dreamer.relabel import hindsight_spec
-from lit_dreamer.rewards.wrappers import INSTRUCTION_KEYS
+from lit_dreamer.rewards.wrappers import instruction_key
 from lit_dreamer.steps import NON_OBS_KEYS
 
 
@@ -277,12 +277,8 @@ def replay_spec(cfg: Config, info: EnvInfo) -> dict:
     label (lit_dreamer.relabel) for the instruction observation the labeller reads."""
     if cfg.reward.hindsight is None:
         return info.spec
-    return {**info.spec, **hindsight_spec(info.spec, [instruction_key_of(info.obs_spec)])}
-
-
-def instruction_key_of(obs_spec: dict) -> str:
-    # make_env's HindsightLabel already refused an env without one; the token key keeps the raw key's name.
-    return next(key for key in INSTRUCTION_KEYS if key in obs_spec)
+    # make_env's HindsightLabel already refused an env without an instruction; its token key keeps the raw name.
+    return {**info.spec, **hindsight_spec(info.spec, [instruction_key(info.obs_spec)])}
 
 
 def checkpoint_artifacts(cfg: Config, checkpoint: DreamerCheckpoint) -> list[L.Callback]:

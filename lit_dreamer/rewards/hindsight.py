@@ -22,7 +22,7 @@ from lit_dreamer.envs.text import tokenize
 from lit_dreamer.relabel import REWARD_KEY, text_label_key
 from lit_dreamer.rewards.describe import Episode
 from lit_dreamer.rewards.settings import load_callable
-from lit_dreamer.rewards.wrappers import INSTRUCTION_KEYS, is_minigrid
+from lit_dreamer.rewards.wrappers import INSTRUCTION_KEYS, instruction_key, is_minigrid
 
 BUILT_IN = "babyai"
 """reward.hindsight's built-in labeller: BabyAI pickups (`babyai_pickups`)."""
@@ -30,18 +30,13 @@ BUILT_IN = "babyai"
 Label = Callable[[str, Episode], Optional[tuple[str, float]]]
 
 
-def instruction_key(space: gym.spaces.Space) -> str | None:
-    """The observation key that holds the instruction (`mission` or `instruction`), or None."""
-    keys = space.spaces if isinstance(space, gym.spaces.Dict) else {}
-    return next((key for key in INSTRUCTION_KEYS if key in keys), None)
-
-
 class HindsightLabel(gym.Wrapper):
     """Adds the label of what an episode achieved to the info of its last step (see the module's docstring)."""
 
     def __init__(self, env: gym.Env, spec: str):
         super().__init__(env)
-        self.key = instruction_key(env.observation_space)
+        space = env.observation_space
+        self.key = instruction_key(space.spaces if isinstance(space, gym.spaces.Dict) else {})
         if self.key is None:
             raise ValueError(f"reward.hindsight={spec!r} relabels an episode's instruction, but this env has no "
                              f"{' or '.join(INSTRUCTION_KEYS)} observation; drop reward.hindsight")

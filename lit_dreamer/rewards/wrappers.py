@@ -29,13 +29,17 @@ INSTRUCTION_KEYS = ("mission", "instruction")
 """Raw observation keys read as the instruction, first found wins (minigrid's `mission`, or `instruction`)."""
 
 
+def instruction_key(keys: Any) -> str | None:
+    """The first of INSTRUCTION_KEYS among `keys` (an observation dict, a Dict space's spaces, a spec), or None."""
+    return next((key for key in INSTRUCTION_KEYS if key in keys), None)
+
+
 def instruction_of(observation: Any, env: gym.Env) -> str:
     """The instruction in a raw observation, else the env's own `mission` attribute (minigrid with pixel
     observations), else '' (e.g. CartPole)."""
-    if isinstance(observation, dict):
-        for key in INSTRUCTION_KEYS:
-            if key in observation:
-                return str(observation[key])
+    key = instruction_key(observation) if isinstance(observation, dict) else None
+    if key is not None:
+        return str(observation[key])
     mission = getattr(env.unwrapped, "mission", None)
     return mission if isinstance(mission, str) else ""
 
