@@ -195,6 +195,24 @@ def test_a_tiny_babyai_fit_with_the_categorical_decoder_through_the_cli(tmp_path
         if side["steps"]:
             assert 0.0 <= side["p_pickup"] <= 1.0 and side["p_pickup_quartiles"] == sorted(side["p_pickup_quartiles"])
             assert 0.0 <= side["picked_up"] <= 1.0
+    # scripts/probe_pickups.py: one row per terminal step of the replay, the true cell the replay's own.
+    probe = script_module(monkeypatch, "probe_pickups.py")
+    rows = probe.terminal_rows(module, replay)
+    filled = len(replay) // replay.num_envs
+    terminal = torch.as_tensor(replay._data["is_terminal"][:filled]).bool()
+    assert int(terminal.sum()) > 0, "no episode ended in the tiny run: the probe's rows go unchecked"
+    carried = torch.as_tensor(replay._data["grid"][:filled]).float().reshape(filled, replay.num_envs, 49, 20)
+    reward = torch.as_tensor(replay._data["reward"][:filled])
+    by_env = [int(terminal[:, env].sum()) for env in range(replay.num_envs)]
+    torch.testing.assert_close(rows["true_cell"], torch.cat([carried[terminal[:, env], env, diagnose.CARRIED]
+                                                             for env in range(replay.num_envs)]))
+    torch.testing.assert_close(rows["right"], torch.cat([(reward[terminal[:, env], env] > 0).float()
+                                                         for env in range(replay.num_envs)]))
+    n, wm = sum(by_env), module.world_model
+    assert rows["deter"].shape == (n, wm.rssm.deter_dim) and rows["decoded_grid"].shape == (n, 49 * 20)
+    assert rows["probs"].shape == rows["sample"].shape and torch.allclose(
+        rows["probs"].reshape(n, wm.rssm.stoch_dim, -1).sum(-1), torch.ones(n, wm.rssm.stoch_dim))
+    assert rows["instruction"].shape[0] == n and rows["instruction"].shape[1] > 0  # the mission's encoding
 
 
 def test_the_grid_diagnostic_reads_each_cells_type_and_colour_and_finds_the_cell_in_front(monkeypatch):
