@@ -2,6 +2,7 @@
 
     python scripts/multitask_curves.py --multi RUN [RUN ...] --single RUN [RUN ...] [--tracking-uri URI]
         [--out multitask_curves.png] [--csv CSV] [--at STEPS] [--target 0.9] [--label-multi L] [--label-single L]
+    python scripts/multitask_curves.py --multi-csv FILE [FILE ...] --single-csv TASK=FILE [TASK=FILE ...] [...]
 
 RUN is a run id, a unique id prefix or a unique run name, in any experiment of the MLflow store (default:
 $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db). The --multi runs are the seeds of one multi-task config: they
@@ -9,6 +10,12 @@ log the param env.tasks (K tasks) and eval/<task>/return, where <task> is config
 against env steps over all K tasks; every task runs env.num_envs envs, so a task's own env steps are the
 MLflow step / K. Each --single run trains one task (its env.id param, or an env.tasks of one) and logs
 eval/return against its env steps, which are that task's env steps.
+
+Runs can also come from curves exported by scripts/export_results.py (docs/results/*.csv, each run_id of a file
+one run; for runs whose MLflow stores are gone, or lie in several): --multi-csv files hold multi-task runs'
+eval/<task>/return at env steps over all tasks (their tasks are the metrics' <task> segments, in sorted order);
+--single-csv TASK=FILE holds single-task runs of TASK (an env id or its metric segment) with eval/return. Either
+kind may come from either source; a single-task run's task matches a multi-task one by id or by metric segment.
 
 Per task, both kinds are compared at one per-task env step: --at if given, else the last step that every run of
 the task (both kinds) has logged, so that no run is extrapolated (the table says which kind ended first). Each
@@ -38,6 +45,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 from typing import NamedTuple, Sequence
 
@@ -146,26 +154,118 @@ def single_curves(client, runs: list, tasks: Sequence[str]) -> list[Curve]:
         if len(own) != 1:
             raise CompareError(f"--single run {run.info.run_id[:8]} ({run.info.run_name}) trains {len(own)} tasks: "
                                "pass it to --multi")
-        if own[0] not in tasks:
+        task = matching_task(own[0], tasks)
+        if task is None:
             raise CompareError(f"--single run {run.info.run_id[:8]} ({run.info.run_name}) trains {own[0]}, which is "
                                f"not a task of the --multi runs: {', '.join(tasks)}")
         steps, values = metric_arrays(client, run, "eval/return")
-        curves.append(Curve(own[0], SINGLE, run.info.run_id, run.info.run_name, steps, values))
+        curves.append(Curve(task, SINGLE, run.info.run_id, run.info.run_name, steps, values))
     return curves
 
 
-def load_curves(uri: str, multi: Sequence[str], single: Sequence[str]) -> tuple[list[str], list[Curve]]:
-    """The multi-task task list and the curves of every named run (each named once)."""
-    client = open_client(uri)
-    runs = all_runs(client)
-    named = list(multi) + list(single)
-    resolved = [resolve_run(runs, wanted) for wanted in named]
-    ids = [r.info.run_id for r in resolved]
-    for index, run_id in enumerate(ids):
-        if run_id in ids[:index]:
-            raise CompareError(f"run {named[index]!r} is {run_id[:8]}, named already as {named[ids.index(run_id)]!r}")
-    tasks, curves = multi_curves(client, resolved[:len(multi)])
-    return tasks, curves + single_curves(client, resolved[len(multi):], tasks)
+def matching_task(task: str, tasks: Sequence[str]) -> str | None:
+    """The entry of the multi-task runs' tasks that is this task: the same id, or the same metric segment (the
+    tasks of runs read from exported CSVs are segments)."""
+    return next((t for t in tasks if t == task or task_metric_name(t) == task_metric_name(task)), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs from exported CSVs (scripts/export_results.py)
+
+EVAL_TASK_METRIC = re.compile(r"^eval/([^/]+)/return$")
+
+
+def csv_runs(path: str) -> dict[str, tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """An exported CSV: run_id -> (run_name, metric -> [(env_steps, value)] in step order)."""
+    runs: dict[str, tuple[str, dict[str, list[tuple[float, float]]]]] = {}
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"run_name", "run_id", "metric", "env_steps", "value"} - set(reader.fieldnames or ())
+            if missing:
+                raise CompareError(f"{path} is not a CSV of scripts/export_results.py: no column "
+                                   f"{', '.join(sorted(missing))}")
+            for row in reader:
+                _, metrics = runs.setdefault(row["run_id"], (row["run_name"], {}))
+                metrics.setdefault(row["metric"], []).append((float(row["env_steps"]), float(row["value"])))
+    except FileNotFoundError:
+        raise CompareError(f"no such CSV file: {path}") from None
+    return {run_id: (name, {m: sorted(points) for m, points in metrics.items()})
+            for run_id, (name, metrics) in runs.items()}
+
+
+def as_curve(task: str, kind: str, run_id: str, name: str, points: list[tuple[float, float]], k: int = 1) -> Curve:
+    steps, values = (np.array(column, dtype=float) for column in zip(*points))
+    return Curve(task, kind, run_id, name, steps / k, values)
+
+
+def multi_csv_curves(paths: Sequence[str]) -> tuple[list[str], list[Curve]]:
+    """The exported multi-task runs' common task list (metric segments, sorted) and each (run, task) curve."""
+    tasks, curves = None, []
+    for path in paths:
+        for run_id, (name, metrics) in csv_runs(path).items():
+            own = sorted(m.group(1) for m in map(EVAL_TASK_METRIC.match, metrics) if m)
+            if len(own) < 2:
+                raise CompareError(f"{path}: run {run_id[:8]} ({name}) has eval/<task>/return for "
+                                   f"{len(own)} task(s): export a multi-task run's per-task evals, or pass it to "
+                                   "--single-csv")
+            if tasks is not None and own != tasks:
+                raise CompareError(f"--multi-csv runs must share one task list: {tasks} against {own} of "
+                                   f"{run_id[:8]} in {path}")
+            tasks = own
+            curves.extend(as_curve(task, MULTI, run_id, name, metrics[f"eval/{task}/return"], len(own))
+                          for task in own)
+    return tasks or [], curves
+
+
+def single_csv_curves(specs: Sequence[str], tasks: Sequence[str]) -> list[Curve]:
+    """TASK=FILE: every run of the exported FILE is a single-task run of TASK, its eval/return."""
+    curves = []
+    for spec in specs:
+        given, sep, path = spec.partition("=")
+        if not sep or not given or not path:
+            raise CompareError(f"--single-csv takes TASK=FILE (e.g. dmc/cartpole-balance=balance.csv), got {spec!r}")
+        task = matching_task(given, tasks)
+        if task is None:
+            raise CompareError(f"--single-csv {spec}: {given} is not a task of the multi-task runs: "
+                               f"{', '.join(tasks)}")
+        for run_id, (name, metrics) in csv_runs(path).items():
+            if "eval/return" not in metrics:
+                raise CompareError(f"{path}: run {run_id[:8]} ({name}) has no eval/return")
+            curves.append(as_curve(task, SINGLE, run_id, name, metrics["eval/return"]))
+    return curves
+
+
+def load_curves(uri: str, multi: Sequence[str], single: Sequence[str], multi_csv: Sequence[str] = (),
+                single_csv: Sequence[str] = ()) -> tuple[list[str], list[Curve]]:
+    """The multi-task task list and the curves of every named run (each named once), from the MLflow store
+    and the exported CSVs."""
+    if bool(multi) == bool(multi_csv):
+        raise CompareError("name the multi-task runs with --multi (MLflow) or --multi-csv (exported), one of them")
+    tasks, curves = multi_csv_curves(multi_csv) if multi_csv else ([], [])
+    if multi or single:
+        client = open_client(uri)
+        runs = all_runs(client)
+        named = list(multi) + list(single)
+        resolved = [resolve_run(runs, wanted) for wanted in named]
+        ids = [r.info.run_id for r in resolved]
+        for index, run_id in enumerate(ids):
+            if run_id in ids[:index]:
+                raise CompareError(f"run {named[index]!r} is {run_id[:8]}, named already as "
+                                   f"{named[ids.index(run_id)]!r}")
+        if multi:
+            tasks, curves = multi_curves(client, resolved[:len(multi)])
+        curves += single_curves(client, resolved[len(multi):], tasks)
+    curves += single_csv_curves(single_csv, tasks)
+    # A multi-task run has one curve per task; a run named twice has two of one task, or curves of both kinds.
+    pairs = [(c.run_id, c.task) for c in curves]
+    kinds: dict[str, set[str]] = {}
+    for curve in curves:
+        kinds.setdefault(curve.run_id, set()).add(curve.kind)
+    twice = next((c for c in curves if pairs.count((c.run_id, c.task)) > 1 or len(kinds[c.run_id]) > 1), None)
+    if twice is not None:
+        raise CompareError(f"run {twice.run_id[:8]} ({twice.run_name}) is named twice")
+    return tasks, curves
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,8 +430,11 @@ EXPLANATION = ("diff = multi IQM - single IQM; ratio = (multi IQM - baseline) / 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--multi", nargs="+", required=True, help="multi-task runs (ids, id prefixes or names)")
+    parser.add_argument("--multi", nargs="+", default=[], help="multi-task runs (ids, id prefixes or names)")
     parser.add_argument("--single", nargs="*", default=[], help="single-task runs, any of the multi-task tasks")
+    parser.add_argument("--multi-csv", nargs="+", default=[], help="exported CSVs of multi-task runs")
+    parser.add_argument("--single-csv", nargs="*", default=[], help="TASK=FILE: an exported CSV of single-task runs "
+                        "of TASK")
     parser.add_argument("--tracking-uri", default=default_tracking_uri(), help="MLflow tracking URI")
     parser.add_argument("--out", default="multitask_curves.png", help="PNG, one panel per task")
     parser.add_argument("--csv", default=None, help="CSV of every logged eval (default: --out with .csv)")
@@ -344,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--label-single", default="single-task")
     args = parser.parse_args(argv)
     try:
-        tasks, curves = load_curves(args.tracking_uri, args.multi, args.single)
+        tasks, curves = load_curves(args.tracking_uri, args.multi, args.single, args.multi_csv, args.single_csv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

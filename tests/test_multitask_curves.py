@@ -213,3 +213,60 @@ def test_the_compared_step_is_where_the_first_kind_ends(script):
     assert script.compared_step([curve("multi", [0, 4000]), curve("single", [0, 3000])], None) == (3000, "single")
     assert script.compared_step([curve("multi", [0, 4000])], None) == (4000, "multi")  # no single-task run
     assert script.compared_step([curve("multi", [0, 4000])], 100.0) == (100.0, "--at")
+
+
+def exported(store, tmp_path, name: str, run_ids: list[str], metrics: list[str]) -> str:
+    """The runs exported by scripts/export_results.py, as docs/results/ keeps them."""
+    export = load_script("export_results.py").export
+    path = str(tmp_path / name)
+    export(path, run_ids, store["uri"], metrics)
+    return path
+
+
+def test_exported_csvs_give_the_table_of_the_store(script, store, tmp_path, capsys):
+    """Runs read back from export_results' CSVs (stores gone or several) compare exactly as from MLflow."""
+    singles = store["ids"]["single"]
+    _, _, from_store, err = run_script(script, capsys, store, tmp_path, "--multi", "mt-seed0", "mt-seed1",
+                                       "--single", *all_singles(store))
+    multi_csv = exported(store, tmp_path, "multi.csv", store["ids"]["multi"],
+                         [f"eval/{task_metric_name(task)}/return" for task in TASKS] + ["eval/return"])
+    single_csvs = [f"{TASKS[k]}=" + exported(store, tmp_path, f"single{k}.csv", singles[k], ["eval/return"])
+                   for k in (0, 1)]
+    code, _, from_csv, err = run_script(script, capsys, {"uri": "sqlite:///nowhere.db"}, tmp_path,
+                                        "--multi-csv", multi_csv, "--single-csv", *single_csvs)
+    assert code == 0, err
+    # The exported runs' tasks are the metrics' segments; every figure is the store's.
+    assert from_csv["tasks"] == [task_metric_name(task) for task in TASKS]
+    for row_csv, row_store in zip(from_csv["per_task"], from_store["per_task"]):
+        assert row_csv["task"] == task_metric_name(row_store["task"])
+        assert unordered(row_csv) | {"task": ""} == unordered(row_store) | {"task": ""}  # a CSV lists runs by id
+    assert unordered(from_csv["overall"]) == unordered(from_store["overall"])
+    # Kinds from both sources: the multi-task runs from the store, task 1's single-task runs from a CSV.
+    code, _, mixed, err = run_script(script, capsys, store, tmp_path, "--multi", "mt-seed0", "mt-seed1",
+                                     "--single", *[run_id[:10] for run_id in singles[0]],
+                                     "--single-csv", "lit_dreamer_PointGoal-1-v0=" + single_csvs[1].split("=", 1)[1])
+    assert code == 0, err
+    assert [unordered(row) for row in mixed["per_task"]] == [unordered(row) for row in from_store["per_task"]]
+
+
+def unordered(row: dict) -> dict:
+    """A table row with each kind's values sorted: the same runs, whatever order they were read in."""
+    return row | {kind: row[kind] | {"values": sorted(row[kind]["values"])} for kind in ("multi", "single")
+                  if row.get(kind)}
+
+
+def test_bad_csv_inputs_exit_2_naming_the_problem(script, store, tmp_path, capsys):
+    single0 = exported(store, tmp_path, "single0.csv", store["ids"]["single"][0], ["eval/return"])
+    multi = exported(store, tmp_path, "multi.csv", store["ids"]["multi"],
+                     [f"eval/{task_metric_name(task)}/return" for task in TASKS])
+    for args, message in [
+        (["--multi-csv", single0], "has eval/<task>/return for 0 task(s)"),
+        (["--multi-csv", multi, "--single-csv", single0], "--single-csv takes TASK=FILE"),
+        (["--multi-csv", multi, "--single-csv", f"dmc/walker-walk={single0}"], "dmc/walker-walk is not a task"),
+        (["--multi-csv", multi, "--single-csv", f"{TASKS[0]}={tmp_path}/none.csv"], "no such CSV file"),
+        (["--multi-csv", multi, "--multi", "mt-seed0"], "one of them"),
+        (["--multi-csv", multi, "--single-csv", f"{TASKS[0]}={single0}", f"{TASKS[0]}={single0}"], "named twice"),
+        (["--single", "single0-seed0"], "one of them"),
+    ]:
+        code, _, _, err = run_script(script, capsys, store, tmp_path, *args)
+        assert code == 2 and message in err, (args, err)
