@@ -44,15 +44,15 @@ def stream(replay: Replay, env: int, keys: list[str]) -> dict[str, torch.Tensor]
 
 @torch.no_grad()
 def observe_stream(wm, data: dict[str, torch.Tensor]) -> tuple[State, torch.Tensor]:
-    """Posterior states (T,) of one stream and the KL of each step."""
-    state, deters, stochs, kls = None, [], [], []
+    """Posterior states (T,) of one stream, with their logits, and the KL of each step."""
+    state, deters, stochs, logits, kls = None, [], [], [], []
     for start in range(0, len(data["is_first"]), CHUNK):
         chunk = {k: v[start:start + CHUNK][None] for k, v in data.items()}
         post, prior_logits = wm.rssm.observe(wm.encode(chunk), chunk["action"].float(), chunk["is_first"], state)
         kls.append(kl_divergence(wm.rssm.dist(post.logits), wm.rssm.dist(prior_logits))[0])
-        deters.append(post.deter[0]), stochs.append(post.stoch[0])
+        deters.append(post.deter[0]), stochs.append(post.stoch[0]), logits.append(post.logits[0])
         state = State(post.deter[:, -1], post.stoch[:, -1])
-    return State(torch.cat(deters), torch.cat(stochs)), torch.cat(kls)
+    return State(torch.cat(deters), torch.cat(stochs), torch.cat(logits)), torch.cat(kls)
 
 
 def vector_targets(wm, data: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -37,9 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from diagnose_grid import CARRIED, VIEW
-from diagnose_world_model import CHUNK, checkpoint_replay, stream
+from diagnose_world_model import checkpoint_replay, observe_stream, stream
 from lit_dreamer.evaluation import load_module
-from lit_dreamer.rssm import State
 
 INPUTS = {"deter": ("deter",), "sample": ("sample",), "probs": ("probs",), "heads": ("deter", "sample"),
           "deter_probs": ("deter", "probs"), "decoded_grid": ("decoded_grid",), "decoded_cell": ("decoded_cell",),
@@ -60,8 +59,8 @@ def terminal_rows(module, replay, key: str = "grid") -> dict[str, Tensor]:
         at = torch.nonzero(data["is_terminal"].bool())[:, 0]
         if not len(at):
             continue
-        deter, sample, logits = posterior(wm, data)
-        feat = State(deter, sample).feat()
+        post, _ = observe_stream(wm, data)
+        deter, sample, logits, feat = post.deter, post.stoch, post.logits, post.feat()
         decoded = wm.decode(feat[at][None])[key].mean()[0]
         grid = data[key][at].float()
         per_cell = grid.shape[-1] // VIEW ** 2
@@ -75,17 +74,6 @@ def terminal_rows(module, replay, key: str = "grid") -> dict[str, Tensor]:
     if not rows:
         return {}
     return {name: torch.cat(values) for name, values in rows.items()}
-
-
-def posterior(wm, data: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """One env stream's posterior deter (T, D), sampled stoch (T, S, C) and logits (T, S, C), in chunks."""
-    state, parts = None, []
-    for start in range(0, len(data["is_first"]), CHUNK):
-        chunk = {k: v[start:start + CHUNK][None] for k, v in data.items()}
-        post, _ = wm.rssm.observe(wm.encode(chunk), chunk["action"].float(), chunk["is_first"], state)
-        parts.append((post.deter[0], post.stoch[0], post.logits[0]))
-        state = State(post.deter[:, -1], post.stoch[:, -1])
-    return tuple(torch.cat(part) for part in zip(*parts))
 
 
 def cell(grid: Tensor, per_cell: int) -> Tensor:
